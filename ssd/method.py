@@ -1,0 +1,320 @@
+"""The method's numbers and the one sampling loop, in numpy (SPEC §2-§6).
+
+Everything here is computed once, in float64, from the noise schedule ``abar`` and the
+resolution schedule ``sizes`` (r(t) for every t). The trainer, the torch reference sampler,
+the exporter's checks and the torch-free runtime all import this module; torch code turns
+the arrays into tensors once. Nothing here imports torch.
+
+Shapes: images are ``[N, C, H, W]`` with square ``H == W``; a 1-D resize matrix ``A`` that
+halves size ``m`` is ``[m/2, m]`` and acts as ``R x = A x A^T`` on the last two axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .config import ConfigError, SSDConfig
+
+
+# --------------------------------------------------------------------------- schedules
+def linear_abar(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """DDPM's linear beta schedule as ``abar_t = prod_{i<=t} (1 - beta_i)``, float64 [T]."""
+    betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+
+def resolution_levels(timesteps: int, levels: int, schedule: str, gamma: float) -> np.ndarray:
+    """k(t): how many halvings below full size the state x_t lives at, int64 [T]."""
+    tau = np.arange(timesteps, dtype=np.float64) / (timesteps - 1)
+    if schedule == "convex":
+        f = 1.0 - (1.0 - tau) ** gamma
+    elif schedule == "equal":
+        f = tau
+    else:
+        raise ConfigError(f"unknown resolution schedule {schedule!r}; expected convex or equal")
+    return np.minimum(np.floor(levels * f), levels - 1).astype(np.int64)
+
+
+def halving_matrix(size: int) -> np.ndarray:
+    """The 1-D matrix ``[size/2, size]`` of torch's 2x bilinear antialiased downsample.
+
+    Reproduces ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``
+    (ATen's ``_compute_indices_min_size_weights_aa``): a triangle filter stretched by the
+    scale, taps [1,3,3,1]/8 inside, renormalised where it runs off the border.
+    """
+    if size < 2 or size % 2:
+        raise ValueError(f"cannot halve size {size}")
+    out, scale = size // 2, 2.0
+    support = 1.0 * scale  # bilinear support (1) times the scale
+    matrix = np.zeros((out, size), dtype=np.float64)
+    for i in range(out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size)
+        taps = np.arange(lo, hi)
+        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) / scale))
+        matrix[i, lo:hi] = weights / weights.sum()
+    return matrix
+
+
+def route_name(in_size: int, out_size: int) -> str:
+    """Name of the network route from ``in_size`` to ``out_size`` (``keep_32``, ``up_16_32``)."""
+    if out_size == in_size:
+        return f"keep_{in_size}"
+    if out_size == 2 * in_size:
+        return f"up_{in_size}_{out_size}"
+    raise ValueError(f"no route from size {in_size} to {out_size}")
+
+
+# --------------------------------------------------------------------------- sampling plan
+@dataclass(frozen=True)
+class Step:
+    """One reverse step from kept timestep ``t`` to the next kept ``s`` (``s = -1``: final).
+
+    The update (SPEC §5), with ``mu = a_s * x0_pred`` and ``z`` white noise at ``out_size``:
+    - same size:  ``x_s = c_x0 * x0_pred + c_xt * x_t + noise_std * z``
+    - size x2:    ``x_s = mu + k_res * R^T (x_t - k_fwd * R mu) + sigma_s * U (S * (U^T z U)) U^T``
+    - final:      ``x_s = x0_pred``
+    """
+
+    index: int
+    t: int
+    s: int
+    in_size: int
+    out_size: int
+    a_s: float = 0.0
+    c_x0: float = 0.0
+    c_xt: float = 0.0
+    noise_std: float = 0.0
+    k_res: float = 0.0
+    k_fwd: float = 0.0
+    sigma_s: float = 0.0
+    halve: Any = None  # A [in, out]: R for this step (size-increasing steps only)
+    eigvecs: Any = None  # U [out, out]: eigenvectors of A^T A
+    noise_scale: Any = None  # S [out, out]: sqrt(1 - rho * alpha * l_i * l_j)
+
+    @property
+    def route(self) -> str:
+        return route_name(self.in_size, self.out_size)
+
+    @property
+    def is_final(self) -> bool:
+        return self.s < 0
+
+    @property
+    def changes_size(self) -> bool:
+        return self.out_size != self.in_size
+
+    def map_arrays(self, convert: Callable[[np.ndarray], Any]) -> "Step":
+        """A copy whose matrices went through ``convert`` (e.g. to torch tensors on a GPU)."""
+        arrays = {
+            name: convert(getattr(self, name))
+            for name in ("halve", "eigvecs", "noise_scale")
+            if getattr(self, name) is not None
+        }
+        return dataclasses.replace(self, **arrays)
+
+
+def p_step(step: Step, x_t, x0_pred, z):
+    """Draw ``x_s`` from the posterior ``q(x_s | x_t, x0 = x0_pred)`` of SPEC §5.
+
+    Works on numpy arrays and torch tensors alike (only ``@``, ``*``, ``+``, ``.mT``);
+    ``x0_pred`` must already be clamped; ``z`` is white noise ``[N, C, out, out]``.
+    """
+    if step.is_final:
+        return x0_pred
+    if not step.changes_size:
+        return step.c_x0 * x0_pred + step.c_xt * x_t + step.noise_std * z
+    A, U = step.halve, step.eigvecs
+    mu = step.a_s * x0_pred
+    residual = x_t - step.k_fwd * (A @ mu @ A.mT)
+    mean = mu + step.k_res * (A.mT @ residual @ A)
+    noise = U @ (step.noise_scale * (U.mT @ z @ U)) @ U.mT
+    return mean + step.sigma_s * noise
+
+
+class ScaleSpace:
+    """The scale-space process: noise schedule, resolution schedule and resize operators.
+
+    Built from arrays so that the runtime can rebuild it from a bundle without trusting any
+    formula: ``abar`` float64 [T], ``sizes`` int [T] (r(t)), and optionally the 1-D halving
+    matrices keyed by the size they halve.
+    """
+
+    def __init__(self, abar, sizes, halving: dict[int, np.ndarray] | None = None):
+        self.abar = np.asarray(abar, dtype=np.float64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        if self.abar.ndim != 1 or self.abar.shape != self.sizes.shape:
+            raise ConfigError(f"abar {self.abar.shape} and sizes {self.sizes.shape} must be [T]")
+        if not (np.all(np.diff(self.abar) < 0) and 0 < self.abar[-1] and self.abar[0] < 1):
+            raise ConfigError("abar must decrease strictly inside (0, 1)")
+        if np.any(np.diff(self.sizes) > 0) or np.any(self.sizes[:-1] > 2 * self.sizes[1:]):
+            raise ConfigError("r(t) must shrink with t, by at most one halving per step")
+        self.timesteps = len(self.abar)
+        self.image_size = int(self.sizes[0])
+        self.ladder = tuple(int(r) for r in sorted(set(self.sizes.tolist())))
+        # A change step t has r(t-1) > r(t): input at r(t), output at 2 r(t).
+        self.change_steps = np.flatnonzero(self.sizes[:-1] > self.sizes[1:]) + 1
+        self.halving = {m: np.asarray(a, np.float64) for m, a in (halving or {}).items()}
+        for m in self.ladder[1:]:
+            self.halving.setdefault(m, halving_matrix(m))
+        self._eig = {m: np.linalg.eigh(self.halving[m].T @ self.halving[m]) for m in self.ladder[1:]}
+
+    @classmethod
+    def from_config(cls, config: SSDConfig) -> "ScaleSpace":
+        d = config.diffusion
+        abar = linear_abar(d.timesteps, d.beta_start, d.beta_end)
+        levels = resolution_levels(d.timesteps, d.levels, d.resolution_schedule, d.gamma)
+        return cls(abar, config.model.image_size >> levels)
+
+    # ---------------------------------------------------------------- operators
+    def level_of(self, t: int) -> int:
+        """How many halvings below full size x_t lives."""
+        return int(round(math.log2(self.image_size / self.sizes[t])))
+
+    def downsample(self, x: np.ndarray, to_size: int) -> np.ndarray:
+        """``R_{m -> to_size} x`` as a composition of 2x halvings; ``x`` is [..., m, m]."""
+        while x.shape[-1] > to_size:
+            A = self.halving[x.shape[-1]]
+            x = A @ x @ A.T
+        if x.shape[-1] != to_size:
+            raise ValueError(f"cannot downsample size {x.shape[-1]} to {to_size}")
+        return x
+
+    def adjoint(self, y: np.ndarray, to_size: int) -> np.ndarray:
+        """``R^T y``: the adjoint of :meth:`downsample` from ``to_size`` down to y's size."""
+        while y.shape[-1] < to_size:
+            A = self.halving[2 * y.shape[-1]]
+            y = A.T @ y @ A
+        return y
+
+    def q_sample(self, x0: np.ndarray, t: int, eps: np.ndarray) -> np.ndarray:
+        """Forward marginal ``x_t = a_t R_{full->r(t)} x0 + sigma_t eps`` (SPEC §4)."""
+        abar = self.abar[t]
+        return np.sqrt(abar) * self.downsample(x0, int(self.sizes[t])) + np.sqrt(1 - abar) * eps
+
+    # ---------------------------------------------------------------- training
+    def loss_weight(self, t) -> np.ndarray:
+        """Min-SNR-5 weight ``min(abar_t / (1 - abar_t), 5)`` (SPEC §6)."""
+        abar = self.abar[np.asarray(t)]
+        return np.minimum(abar / (1.0 - abar), 5.0)
+
+    def sample_timesteps(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        """The batch timestep rule of SPEC §6: one batch shares input and output sizes.
+
+        Draw one t uniformly; a change step is used by the whole batch, otherwise every
+        element draws its own t among the non-change steps of t's level.
+        """
+        t = int(rng.integers(self.timesteps))
+        if t in self.change_steps:
+            return np.full(batch, t, dtype=np.int64)
+        same_level = np.flatnonzero(self.sizes == self.sizes[t])
+        candidates = np.setdiff1d(same_level, self.change_steps)
+        return rng.choice(candidates, size=batch).astype(np.int64)
+
+    def target_size(self, t: int) -> int:
+        """Size of the network's output at step t: r(t-1), with r(-1) = r(0)."""
+        return int(self.sizes[max(t - 1, 0)])
+
+    # ---------------------------------------------------------------- sampling
+    def timesteps_for(self, steps: int) -> np.ndarray:
+        """Kept timesteps, descending: ``steps`` of them, T-1 and every change step included.
+
+        An even grid over [0, T-1] in which the grid point nearest each required timestep is
+        replaced by it, so levels keep about their share of steps.
+        """
+        required = sorted({self.timesteps - 1, *self.change_steps.tolist()})
+        if not len(required) <= steps <= self.timesteps:
+            raise ConfigError(
+                f"steps={steps}; this model needs between {len(required)} (one per level) "
+                f"and {self.timesteps} (T)"
+            )
+        grid = np.round(np.linspace(0, self.timesteps - 1, steps)).astype(np.int64)
+        taken = np.zeros(steps, dtype=bool)
+        for t in required:
+            distance = np.where(taken, np.iinfo(np.int64).max, np.abs(grid - t))
+            index = int(np.argmin(distance))
+            grid[index], taken[index] = t, True
+        kept = np.unique(grid)[::-1]
+        assert len(kept) == steps, (steps, kept)
+        return kept
+
+    def plan(self, steps: int | None = None) -> list[Step]:
+        """Per-step coefficients for sampling with ``steps`` network calls (default T)."""
+        kept = self.timesteps_for(steps or self.timesteps)
+        following = np.append(kept[1:], -1)
+        return [self._step(i, int(t), int(s)) for i, (t, s) in enumerate(zip(kept, following))]
+
+    def _step(self, index: int, t: int, s: int) -> Step:
+        in_size = int(self.sizes[t])
+        out_size = int(self.sizes[s]) if s >= 0 else self.target_size(t)
+        if s < 0:
+            return Step(index, t, s, in_size, out_size)
+        abar_t, abar_s = self.abar[t], self.abar[s]
+        alpha = abar_t / abar_s  # the step's alpha over a respaced gap (SPEC §5)
+        var_t, var_s = 1.0 - abar_t, 1.0 - abar_s
+        rho = var_s / var_t
+        a_s = math.sqrt(abar_s)
+        if in_size == out_size:
+            return Step(
+                index, t, s, in_size, out_size,
+                a_s=a_s,
+                c_x0=a_s * (1.0 - alpha) / var_t,
+                c_xt=math.sqrt(alpha) * var_s / var_t,
+                noise_std=math.sqrt(var_s * (1.0 - alpha) / var_t),
+            )
+        eigvals, eigvecs = self._eig[out_size]
+        scale = np.sqrt(1.0 - rho * alpha * np.outer(eigvals.clip(0), eigvals.clip(0)))
+        return Step(
+            index, t, s, in_size, out_size,
+            a_s=a_s,
+            k_res=rho * math.sqrt(alpha),
+            k_fwd=math.sqrt(alpha),
+            sigma_s=math.sqrt(var_s),
+            halve=self.halving[out_size],
+            eigvecs=eigvecs,
+            noise_scale=scale,
+        )
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class SampleState:
+    """What the loop yields after each step: the new state and the clean prediction."""
+
+    step: Step
+    x: Any  # x_s [N, C, out, out]
+    x0_pred: Any  # clamped clean prediction [N, C, out, out]
+
+
+def initial_noise(rng: np.random.Generator, n: int, channels: int, size: int) -> np.ndarray:
+    """x_{T-1}: white noise at the smallest size, float32 [n, channels, size, size]."""
+    return rng.standard_normal((n, channels, size, size), dtype=np.float32)
+
+
+def sample_loop(
+    plan: list[Step],
+    denoise: Callable[[Step, Any], Any],
+    x: Any,
+    rng: np.random.Generator,
+    to_array: Callable[[np.ndarray], Any] = np.asarray,
+) -> Iterator[SampleState]:
+    """The one reverse-process loop, shared by the torch sampler and the runtime.
+
+    ``denoise(step, x_t) -> x0_pred`` runs the step's route; ``x`` is the initial noise
+    already in the backend's array type; ``to_array`` moves numpy noise there. The seeded
+    numpy ``rng`` is the only noise source, drawn in a fixed order, so two backends fed the
+    same seed see the same noise. ``plan`` steps must already hold ``to_array``'d matrices.
+    """
+    for step in plan:
+        x0_pred = denoise(step, x).clip(-1.0, 1.0)  # the prior lives in [-1, 1]
+        z = None
+        if not step.is_final:
+            shape = (x.shape[0], x.shape[1], step.out_size, step.out_size)
+            z = to_array(rng.standard_normal(shape, dtype=np.float32))
+        x = p_step(step, x, x0_pred, z)
+        yield SampleState(step, x, x0_pred)

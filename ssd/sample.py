@@ -1,0 +1,71 @@
+"""The PyTorch reference sampler: ``ssd.method.sample_loop`` with a torch network.
+
+Noise comes from a seeded numpy generator (``np.random.default_rng(seed)``), so the runtime
+and this sampler can be fed identical noise and compared image for image.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .config import SSDConfig
+from .method import SampleState, ScaleSpace, Step, initial_noise, sample_loop
+
+
+def to_uint8(images) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] (numpy or torch) -> uint8 [N, H, W, C]."""
+    images = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
+    scaled = np.rint((images.clip(-1, 1) + 1.0) * 127.5)
+    return scaled.astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def sample_states(
+    model: torch.nn.Module,
+    space: ScaleSpace,
+    n: int,
+    steps: int | None,
+    rng: np.random.Generator,
+    device="cpu",
+    channels: int = 3,
+) -> Iterator[SampleState]:
+    """Yield the state after every reverse step for ``n`` samples (one batch)."""
+    device = torch.device(device)
+    to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
+    plan = [step.map_arrays(to_tensor) for step in space.plan(steps)]
+    t_batch = {step.t: torch.full((n,), float(step.t), device=device) for step in plan}
+
+    def denoise(step: Step, x_t: torch.Tensor) -> torch.Tensor:
+        return model(x_t, t_batch[step.t], step.out_size).float()
+
+    x = to_tensor(initial_noise(rng, n, channels, plan[0].in_size))
+    yield from sample_loop(plan, denoise, x, rng, to_tensor)
+
+
+def sample_images(
+    model: torch.nn.Module,
+    config: SSDConfig,
+    n: int,
+    steps: int | None = None,
+    seed: int = 0,
+    device="cpu",
+    batch: int | None = None,
+    callback: Callable[[SampleState], None] | None = None,
+) -> np.ndarray:
+    """Sample ``n`` images, ``batch`` at a time, as uint8 [n, H, W, 3].
+
+    One generator seeded with ``seed`` feeds every batch in order, the runtime's rule too.
+    """
+    space = ScaleSpace.from_config(config)
+    rng = np.random.default_rng(seed)
+    batch = batch or n
+    images = []
+    for start in range(0, n, batch):
+        state = None
+        for state in sample_states(model, space, min(batch, n - start), steps, rng, device):
+            if callback is not None:
+                callback(state)
+        images.append(to_uint8(state.x))
+    return np.concatenate(images)
