@@ -17,7 +17,7 @@ setup(
         "ssd_runtime": "runtime",
     },
     package_data={"ssd_export": ["*.json"]},
-    install_requires=["numpy>=1.24", "onnxruntime>=1.17", "click>=8.1", "Pillow>=10", "tqdm>=4.66"],
+    install_requires=["numpy>=2.0", "onnxruntime>=1.17", "click>=8.1", "Pillow>=10", "tqdm>=4.66"],
     extras_require={
         "train": [TORCH, "safetensors>=0.4"],
         "export": [TORCH, "safetensors>=0.4", "onnx>=1.16", "onnxscript>=0.1", "jsonschema>=4"],

@@ -1,0 +1,13 @@
+"""ssd_runtime: torch-free multi-resolution SSD sampling over an exported bundle.
+
+Imports numpy and one backend (ONNX Runtime by default); never torch, unless the
+TorchScript backend is asked for.
+"""
+from ssd.bundle import BundleError, load_bundle
+from ssd.errors import UserError
+
+from .backends import BACKENDS, Backend, BackendError, make_backend
+from .sampler import Sampler, sample
+
+__all__ = ["Sampler", "sample", "load_bundle", "make_backend", "Backend", "BACKENDS",
+           "BackendError", "BundleError", "UserError"]

@@ -11,14 +11,8 @@ import numpy as np
 import torch
 
 from .config import SSDConfig
+from .images import to_uint8
 from .method import SampleState, ScaleSpace, Step, initial_noise, sample_loop
-
-
-def to_uint8(images) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] (numpy or torch) -> uint8 [N, H, W, C]."""
-    images = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
-    scaled = np.rint((images.clip(-1, 1) + 1.0) * 127.5)
-    return scaled.astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 @torch.no_grad()
@@ -67,5 +61,5 @@ def sample_images(
         for state in sample_states(model, space, min(batch, n - start), steps, rng, device):
             if callback is not None:
                 callback(state)
-        images.append(to_uint8(state.x))
+        images.append(to_uint8(state.x.cpu()))
     return np.concatenate(images)

@@ -1,0 +1,61 @@
+"""User-facing errors and the CLI wrapper that prints them as one line (torch-free).
+
+Anything a user can cause (bad paths, corrupt files, impossible options, a missing extra)
+raises a ``UserError`` subclass; every CLI entry point is wrapped in ``cli_errors`` so it
+prints ``error: <message>`` on one line and exits non-zero instead of a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """An error the user can fix; its message is one line that names the bad value."""
+
+    exit_code = 1
+
+
+class MissingExtraError(UserError):
+    """An optional dependency group is not installed."""
+
+    exit_code = 2
+
+    def __init__(self, command: str, extra: str, module: str):
+        super().__init__(
+            f"{command} needs the '{extra}' extra ({module} is not installed): "
+            f"pip install -e '.[{extra}]'"
+        )
+
+
+def require(module: str, command: str, extra: str):
+    """Import ``module`` or raise ``MissingExtraError`` naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(command, extra, module) from None
+
+
+def cli_errors(main):
+    """Run a CLI ``main``; print user errors and OS errors as one line, exit non-zero."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            _fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except OSError as err:  # disk full, permissions: name the file, not the stack
+            where = f" ({err.filename})" if err.filename else ""
+            _fail(f"{err.strerror or err}{where}", 1)
+
+    return wrapper
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    sys.exit(code)
