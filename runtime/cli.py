@@ -5,10 +5,9 @@ import os
 from pathlib import Path
 
 import click
-import numpy as np
 
-from ssd.errors import UserError, cli_errors
-from ssd.images import make_grid, save_png
+from ssd.errors import OutputError, cli_errors, run_cli
+from ssd.images import make_grid, save_png, write_samples
 
 from .backends import BACKENDS, DEVICES
 from .sampler import Sampler
@@ -24,7 +23,7 @@ def prepare_output(out: Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot write to output folder {out}: {err.strerror or err}") from None
+        raise OutputError(f"cannot write to output folder {out}: {err.strerror or err}") from None
     return out
 
 
@@ -41,14 +40,7 @@ def progress_bar(total_steps: int, batches: int):
     return bar, on_step
 
 
-def write_samples(out: Path, images: np.ndarray, params: dict, first_index: int = 0) -> None:
-    """One PNG per sample (parameters in text chunks) and a grid of them all."""
-    for i, image in enumerate(images):
-        save_png(out / f"sample_{first_index + i:05d}.png", image, {**params, "index": first_index + i})
-    save_png(out / "grid.png", make_grid(images), params)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("ssd-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--steps", type=int, default=None, help="Network calls (levels..T); default T.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
@@ -61,7 +53,7 @@ def write_samples(out: Path, images: np.ndarray, params: dict, first_index: int 
 @click.option("--preview", is_flag=True, help="Also write the clean prediction at each resolution.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all).")
 @cli_errors
-def main(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads):
+def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads):
     """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`)."""
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -80,6 +72,11 @@ def main(bundle, steps, out, n, batch, seed, backend, device, precision, preview
         images = sampler.sample(n, seed=seed, steps=steps, batch=batch, callback=on_step, preview=on_preview)
     write_samples(out, images, params)
     click.echo(f"wrote {len(images)} samples and grid.png to {out}")
+
+
+def main(args=None):
+    """Entry point of ``ssd-run``."""
+    run_cli(run_command, args, prog_name="ssd-run")
 
 
 if __name__ == "__main__":

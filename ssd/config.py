@@ -58,6 +58,12 @@ class ModelConfig:
                     f"base_channels*mult={self.base_channels * mult} is not divisible by "
                     f"norm_groups={self.norm_groups}"
                 )
+        deepest = self.base_channels * self.channel_mult[-1]  # the middle block's attention
+        if deepest % self.num_heads:
+            raise ConfigError(
+                f"{deepest} channels in the middle block are not divisible by "
+                f"num_heads={self.num_heads}"
+            )
         for res in self.attention_resolutions:
             if res not in self.native_sizes:
                 raise ConfigError(

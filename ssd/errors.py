@@ -16,6 +16,10 @@ class UserError(Exception):
     exit_code = 1
 
 
+class OutputError(UserError):
+    """An output folder or file cannot be created or written (permissions, disk full)."""
+
+
 class MissingExtraError(UserError):
     """An optional dependency group is not installed."""
 
@@ -59,3 +63,21 @@ def cli_errors(main):
 def _fail(message: str, code: int):
     print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
     sys.exit(code)
+
+
+def run_cli(command, args=None, prog_name: str | None = None):
+    """Run a click ``command`` so that its usage errors are one line too (exit 2).
+
+    For console-script entry points: ``def main(): run_cli(command)``; the command's own
+    body should still be wrapped in :func:`cli_errors`.
+    """
+    import click
+
+    try:
+        code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)

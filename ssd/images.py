@@ -45,3 +45,16 @@ def save_png(path, image: np.ndarray, text: dict | None = None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_samples(out: Path, images: np.ndarray, params: dict) -> Path:
+    """One PNG per sample (parameters as text chunks) and ``grid.png``; returns the grid path."""
+    from .errors import OutputError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            save_png(out / f"sample_{i:05d}.png", image, {**params, "index": i})
+        return save_png(out / "grid.png", make_grid(images), params)
+    except OSError as err:
+        raise OutputError(f"cannot write samples to {out}: {err.strerror or err}") from None

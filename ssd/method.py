@@ -70,6 +70,20 @@ def route_name(in_size: int, out_size: int) -> str:
     raise ValueError(f"no route from size {in_size} to {out_size}")
 
 
+def parse_route(name: str) -> tuple[int, int]:
+    """``"keep_16"`` -> ``(16, 16)``; ``"up_8_16"`` -> ``(8, 16)``."""
+    kind, *sizes = name.split("_")
+    try:
+        sizes = [int(s) for s in sizes]
+    except ValueError:
+        sizes = []
+    if kind == "keep" and len(sizes) == 1:
+        return sizes[0], sizes[0]
+    if kind == "up" and len(sizes) == 2 and sizes[1] == 2 * sizes[0]:
+        return sizes[0], sizes[1]
+    raise ValueError(f"malformed route name {name!r}; expected keep_R or up_R_2R")
+
+
 # --------------------------------------------------------------------------- sampling plan
 @dataclass(frozen=True)
 class Step:

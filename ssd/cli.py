@@ -1,0 +1,142 @@
+"""``ssd-train`` and ``ssd-sample``: thin click wrappers over importable steps.
+
+Torch is imported only inside the commands, so a missing 'train' extra is one line, like
+every other user-caused error: ``error: ...`` on stderr and a non-zero exit code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .config import MODEL_PRESETS
+from .errors import UserError, cli_errors, require, run_cli
+from .images import write_samples
+
+# The defaults of ssd.train.TrainConfig, repeated for --help (that module needs torch);
+# tests/test_cli_errors.py checks that they agree. Options not given on the command line
+# are not passed on, so a resumed run keeps its checkpoint's values.
+TRAIN_DEFAULTS = {
+    "data": "fashion-mnist", "preset": "tiny32", "levels": None, "steps": 10_000,
+    "batch_size": 64, "lr": 1e-4, "weight_decay": 0.0, "ema_decay": 0.9999, "grad_clip": None,
+    "save_every": 1000, "sample_every": 1000, "sample_steps": 50, "seed": 0, "device": "auto",
+    "keep": 3,
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _option(name: str, kind, help_text: str):
+    """A train option whose default (shown in --help) is TrainConfig's."""
+    default = TRAIN_DEFAULTS[name]
+    shown = True if default is not None else ("the preset's" if name == "levels" else "off")
+    flag = "--" + name.replace("_", "-")
+    return click.option(flag, name, type=kind, default=default, show_default=shown, help=help_text)
+
+
+def given_options(ctx: click.Context, options: dict) -> dict:
+    """The options the user actually passed (not click's defaults)."""
+    return {
+        name: value for name, value in options.items()
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    }
+
+
+def _need_train_extra(tool: str) -> None:
+    for module in ("torch", "safetensors"):
+        require(module, tool, "train")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@_option("data", str, "fashion-mnist (built in), fixture (test images) or an image folder.")
+@_option("preset", click.Choice(sorted(MODEL_PRESETS)), "Network preset.")
+@_option("levels", click.IntRange(min=1), "Resolution levels n (1 = DDPM-x0).")
+@_option("steps", click.IntRange(min=1), "Train until this step.")
+@_option("batch_size", click.IntRange(min=1), "Images per step.")
+@_option("lr", float, "AdamW learning rate.")
+@_option("weight_decay", float, "AdamW weight decay.")
+@_option("ema_decay", float, "EMA decay (0.999 suits short demos).")
+@_option("grad_clip", float, "Max gradient norm.")
+@_option("save_every", click.IntRange(min=1), "Checkpoint every N steps (and at the end).")
+@_option("sample_every", click.IntRange(min=0), "Sample grid every N steps (0 = never).")
+@_option("sample_steps", click.IntRange(min=1), "Network calls per sample grid.")
+@_option("seed", click.IntRange(min=0), "Seed of every random draw.")
+@_option("device", click.Choice(DEVICES), "auto = CUDA when available.")
+@_option("keep", click.IntRange(min=1), "Checkpoints kept.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/default"), show_default=True,
+              help="Run folder (checkpoints/, samples/).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.pass_context
+@cli_errors
+def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, **options):
+    """Train an SSD model; with --resume, continue bit for bit where the run stopped."""
+    _need_train_extra("ssd-train")
+    from .train import start_run
+
+    trainer = start_run(out, given_options(ctx, options), resume)
+    cfg = trainer.cfg
+    click.echo(
+        f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L at step {trainer.step} on "
+        f"{trainer.dataset.source} ({len(trainer.dataset)} images), {trainer.device}, into {out}"
+    )
+    if trainer.step >= cfg.steps:
+        click.echo(f"nothing to do: the run is at step {trainer.step} >= --steps {cfg.steps}")
+        return
+    try:
+        trainer.train(progress=progress)
+    except KeyboardInterrupt:
+        raise interrupted(out, trainer.step) from None
+    click.echo(f"done: step {trainer.step}, checkpoints in {out / 'checkpoints'}")
+
+
+def interrupted(out: Path, step: int) -> UserError:
+    """Ctrl-C during training: say what is kept and how to go on (exit 130)."""
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(out)
+    kept = f"the checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
+    err = UserError(f"interrupted at step {step}; {kept}; continue with: ssd-train --out {out} --resume")
+    err.exit_code = 130
+    return err
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="Network calls (levels..T).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Samples per batch (default: all).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--raw", is_flag=True, help="Use the raw weights instead of their EMA.")
+@cli_errors
+def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed: int, device: str, raw: bool):
+    """Sample images from a training CHECKPOINT (a checkpoint folder or a run folder)."""
+    _need_train_extra("ssd-sample")
+    from .checkpoint import load_model
+    from .method import ScaleSpace
+    from .sample import sample_images
+    from .train import resolve_device
+
+    device = resolve_device(device)
+    config, model = load_model(checkpoint, ema=not raw, device=device)
+    ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
+    images = sample_images(model, config, n, steps, seed=seed, device=device, batch=batch)
+    params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema"}
+    grid = write_samples(out, images, params)
+    click.echo(f"wrote {len(images)} samples and {grid.name} to {out}")
+
+
+def train_main(args=None):
+    """Entry point of ``ssd-train``."""
+    run_cli(train_command, args, prog_name="ssd-train")
+
+
+def sample_main(args=None):
+    """Entry point of ``ssd-sample``."""
+    run_cli(sample_command, args, prog_name="ssd-sample")
+
+
+if __name__ == "__main__":
+    train_main()
