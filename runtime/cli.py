@@ -60,7 +60,7 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
     bundle = bundle or DEFAULT_BUNDLE
     out = prepare_output(out)
     sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision)
-    batch = sampler._check_batch(n, batch)
+    batch = sampler.check_batch(n, batch)
     steps = steps or sampler.bundle.space.timesteps
     params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend,
               "precision": precision, "bundle_sha256": sampler.bundle.digest}

@@ -73,16 +73,22 @@ class Sampler:
         A single numpy generator seeded with ``seed`` feeds all batches in order, so a seed
         and batch size give the same images on every backend (up to float tolerance).
         """
-        batch = self._check_batch(n, batch)
+        return to_uint8(self.sample_float(n, seed, steps, batch, callback, preview))
+
+    def sample_float(self, n: int, seed: int = 0, steps: int | None = None,
+                     batch: int | None = None, callback: StepCallback | None = None,
+                     preview: PreviewCallback | None = None) -> np.ndarray:
+        """Like :meth:`sample`, but the raw float32 images [n, 3, H, W] in [-1, 1]."""
+        batch = self.check_batch(n, batch)
         plan = self.plan(steps)  # raises ConfigError for impossible step counts
         rng = np.random.default_rng(seed)
-        images = []
-        for start in range(0, n, batch):
-            final = self._sample_batch(plan, batch, rng, callback, preview)
-            images.append(to_uint8(final)[: n - start])
+        images = [
+            self._sample_batch(plan, batch, rng, callback, preview)[: n - start]
+            for start in range(0, n, batch)
+        ]
         return np.concatenate(images)
 
-    def _check_batch(self, n: int, batch: int | None) -> int:
+    def check_batch(self, n: int, batch: int | None) -> int:
         low, high = self.batch_range
         if n < 1:
             raise ConfigError(f"n={n}; need at least 1 sample")

@@ -102,18 +102,25 @@ class Bundle:
         files = self.routes[route]["files"]
         if backend_format not in files:
             have = sorted({f for r in self.manifest["routes"] for f in r["files"]})
+            flags = "--engine onnx --precision fp16" if backend_format == "onnx-fp16" else f"--engine {backend_format}"
             raise BundleError(
                 f"bundle {self.path} has no {backend_format!r} files; it has {have} "
-                f"(re-export with --engine {backend_format.split('-')[0]})"
+                f"(re-export with {flags})"
             )
-        return self.path / files[backend_format]["path"]
+        return self._inside(files[backend_format]["path"])
+
+    def _inside(self, relative: str) -> Path:
+        """A path the manifest names, refused if it points outside the bundle folder."""
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise BundleError(f"{self.path / MANIFEST} names a file outside the bundle: {relative!r}")
+        return self.path / relative
 
     def verify_files(self, backend_format: str) -> None:
         """Check size and sha256 of every file a backend format uses, shared ones included."""
         entries = [r["files"][backend_format] for r in self.manifest["routes"] if backend_format in r["files"]]
         entries += [e for e in self.manifest.get("shared_files", {}).get(backend_format, [])]
         for entry in entries:
-            path = self.path / entry["path"]
+            path = self._inside(entry["path"])
             if not path.is_file():
                 raise BundleError(f"bundle file missing: {path}")
             if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:

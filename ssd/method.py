@@ -268,7 +268,7 @@ class ScaleSpace:
         out_size = int(self.sizes[s]) if s >= 0 else self.target_size(t)
         if s < 0:
             return Step(index, t, s, in_size, out_size)
-        abar_t, abar_s = self.abar[t], self.abar[s]
+        abar_t, abar_s = float(self.abar[t]), float(self.abar[s])  # python floats keep float32 arrays float32
         alpha = abar_t / abar_s  # the step's alpha over a respaced gap (SPEC §5)
         var_t, var_s = 1.0 - abar_t, 1.0 - abar_s
         rho = var_s / var_t

@@ -1,0 +1,175 @@
+"""Runtime speed, measured side by side in one run (not a test):
+
+1. SSD-nL vs its 1-level twin (DDPM-x0, same width), same backend, T steps: wall-time
+   ratio next to the MAC ratio.
+2. The runtime (ONNX Runtime) vs the PyTorch eager reference sampler, same model and steps.
+3. Time spent outside the network calls (loop, coefficients, noise, resizes).
+4. Cold start (import, load bundle, first step) and peak memory, runtime vs torch sampler.
+
+Models have random weights (timing does not depend on training). Each timed quantity is
+the median of ``--repeats`` runs, interleaved.
+
+    python benchmarks/runtime_speed.py --preset cpu64 --levels 4 --steps 1000 --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_speed import machine_name  # noqa: E402
+
+from ssd.checkpoint import save_checkpoint  # noqa: E402
+from ssd.config import make_config  # noqa: E402
+from ssd.flops import sampling_mac_ratio  # noqa: E402
+from ssd.sample import sample_images  # noqa: E402
+from ssd.unet import FlexiUNet  # noqa: E402
+from ssd_runtime import Sampler  # noqa: E402
+
+
+def random_model(config, seed=0) -> FlexiUNet:
+    """A Flexi-UNet whose every weight (zero-initialised ones too) is random."""
+    torch.manual_seed(seed)
+    model = FlexiUNet(config.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def export_bundle(config, model, folder: Path) -> Path:
+    """Checkpoint ``model`` and export it with ``ssd-export`` (ONNX + TorchScript)."""
+    run = folder / "run"
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(run, 0, config, {}, model, model, optimizer, rng={})
+    bundle = folder / "bundle"
+    subprocess.run([str(Path(sys.executable).parent / "ssd-export"), str(run), "--out", str(bundle),
+                    "--engine", "onnx", "--engine", "torchscript", "--batch", "1:16"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return bundle
+
+
+class TimedSampler:
+    """A runtime Sampler whose backend accumulates the seconds spent in network calls."""
+
+    def __init__(self, bundle: Path):
+        self.sampler = Sampler.from_bundle(bundle)
+        self.network_seconds = 0.0
+        run = self.sampler.backend.run
+
+        def timed_run(route, x, t):
+            start = time.perf_counter()
+            out = run(route, x, t)
+            self.network_seconds += time.perf_counter() - start
+            return out
+
+        self.sampler.backend.run = timed_run
+
+    def time(self, n, steps) -> tuple[float, float]:
+        """(wall seconds, fraction of it outside network calls) of one sampling run."""
+        self.network_seconds = 0.0
+        start = time.perf_counter()
+        self.sampler.sample(n, seed=0, steps=steps, batch=n)
+        wall = time.perf_counter() - start
+        return wall, 1.0 - self.network_seconds / wall
+
+
+COLD_RUNTIME = """
+import time, resource; start = time.perf_counter()
+from ssd_runtime import Sampler
+s = Sampler.from_bundle({bundle!r}, warmup=False); s.sample(1, steps={levels})
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+COLD_TORCH = """
+import time, resource; start = time.perf_counter()
+from ssd.checkpoint import load_model; from ssd.sample import sample_images
+config, model = load_model({run!r}); sample_images(model, config, 1, steps={levels})
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def cold_start(code: str) -> tuple[float, float]:
+    """(seconds, peak MiB) of a fresh interpreter running ``code``."""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    seconds, kib = out.stdout.split()
+    return float(seconds), float(kib) / 1024
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="cpu64")
+    parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    ssd_config = make_config(args.preset, levels=args.levels)
+    ddpm_config = make_config(args.preset, levels=1)
+    work = Path(tempfile.mkdtemp(prefix="ssd-bench-"))
+    models = {"ssd": random_model(ssd_config), "ddpm": random_model(ddpm_config)}
+    configs = {"ssd": ssd_config, "ddpm": ddpm_config}
+    bundles = {k: export_bundle(configs[k], models[k], work / k) for k in models}
+    samplers = {k: TimedSampler(b) for k, b in bundles.items()}
+
+    runs = {key: [] for key in ("ssd", "ddpm", "torch_ssd")}
+    outside = []
+    for _ in range(args.repeats):
+        for key in ("ssd", "ddpm"):
+            wall, frac = samplers[key].time(args.batch, args.steps)
+            runs[key].append(wall)
+            if key == "ssd":
+                outside.append(frac)
+        start = time.perf_counter()
+        sample_images(models["ssd"], ssd_config, args.batch, steps=args.steps, seed=0)
+        runs["torch_ssd"].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    cold = {
+        "runtime": cold_start(COLD_RUNTIME.format(bundle=str(bundles["ssd"]), levels=args.levels)),
+        "torch": cold_start(COLD_TORCH.format(run=str(work / "ssd" / "run"), levels=args.levels)),
+    }
+    mac_ratio = sampling_mac_ratio(ssd_config, args.steps)
+    figures = {
+        "machine": machine_name(), "preset": args.preset, "levels": args.levels,
+        "steps": args.steps, "batch": args.batch, "median_seconds": median,
+        "wall_ratio": median["ddpm"] / median["ssd"], "mac_ratio": mac_ratio,
+        "runtime_vs_torch": median["torch_ssd"] / median["ssd"],
+        "outside_network": statistics.median(outside), "cold_start": cold,
+    }
+    print_table(figures, args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+def print_table(f: dict, args) -> None:
+    m = f["median_seconds"]
+    print(f"Runtime speed: preset {args.preset}, {args.steps} steps, batch {args.batch}, "
+          f"medians of {args.repeats} interleaved runs")
+    print(f"Machine: {f['machine']}\n")
+    print("| measurement | value |\n|---|---|")
+    print(f"| DDPM-1L, ONNX Runtime | {m['ddpm']:.2f} s |")
+    print(f"| SSD-{args.levels}L, ONNX Runtime | {m['ssd']:.2f} s |")
+    print(f"| SSD-{args.levels}L, PyTorch eager reference sampler | {m['torch_ssd']:.2f} s |")
+    print(f"| wall-time ratio DDPM / SSD | {f['wall_ratio']:.2f}x |")
+    print(f"| MAC ratio DDPM / SSD | {f['mac_ratio']:.2f}x |")
+    print(f"| wall ratio / MAC ratio | {100 * f['wall_ratio'] / f['mac_ratio']:.0f}% |")
+    print(f"| runtime vs PyTorch eager (same model, steps) | {f['runtime_vs_torch']:.2f}x faster |")
+    print(f"| time outside network calls (SSD, runtime) | {100 * f['outside_network']:.1f}% |")
+    (rt, rt_mem), (pt, pt_mem) = f["cold_start"]["runtime"], f["cold_start"]["torch"]
+    print(f"| cold start to first sample ({args.levels} steps): runtime / torch | {rt:.2f} s / {pt:.2f} s |")
+    print(f"| peak memory: runtime / torch | {rt_mem:.0f} MiB / {pt_mem:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,89 @@
+"""``ssd-export``: a training checkpoint -> a verified, self-describing bundle (SPEC §9).
+
+    ssd-export runs/demo --out bundles/default --engine onnx --engine torchscript --batch 1:64
+
+Every user-caused failure is one line ``error: ...`` and a non-zero exit; heavy imports
+(torch, onnx) happen only after the options were checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ssd.errors import cli_errors, require, run_cli
+
+from .options import DEFAULT_BATCH, ENGINES, PRECISIONS, ExportOptions
+
+DEFAULT_OUT = Path("bundles/default")
+
+
+def require_extras(options: ExportOptions) -> None:
+    """Fail in one line, naming the 'export' extra, if a module this export needs is missing."""
+    modules = ["torch", "safetensors", "jsonschema"]
+    if "onnx" in options.engines:
+        modules += ["onnx", "onnxscript"]
+    if options.verify or "onnx" in options.engines:
+        modules += ["onnxruntime"]
+    for module in modules:
+        require(module, "ssd-export", "export")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Bundle folder to write (built beside it, renamed into place at the end).")
+@click.option("--engine", "engines", type=click.Choice(ENGINES), multiple=True,
+              help="Formats to export; repeat for several. [default: onnx]")
+@click.option("--batch", default=DEFAULT_BATCH, show_default=True,
+              help="N for a fixed batch, MIN:MAX for a dynamic batch axis.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="fp16 adds an fp16 ONNX variant (fp32 I/O) for GPU backends.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every route against PyTorch and sample end to end.")
+@click.option("--ema/--raw", default=True, show_default=True, help="Export the EMA or the raw weights.")
+@click.option("--force", is_flag=True, help="Rebuild even if up to date; replace whatever is in --out.")
+@cli_errors
+def export_command(checkpoint: Path, out: Path, engines, batch: str, precision: str, verify: bool,
+                   ema: bool, force: bool):
+    """Export a training CHECKPOINT (checkpoint or run folder) as a bundle of per-route graphs."""
+    options = ExportOptions.from_cli(engines, batch, precision, verify, ema)
+    require_extras(options)
+    from .bundle_writer import Staging, inspect_target
+    from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
+
+    source = find_source(checkpoint, options.weights)
+    target = inspect_target(out, source.config, source.run, export_fingerprint(source, options), force)
+    if target.state == "up-to-date":
+        click.echo(f"{out} is up to date (same checkpoint, options and tools); --force rebuilds it")
+        return
+    with Staging(out) as stage:  # an unwritable --out fails here, before any work
+        model = load_weights(source)
+        manifest = build_bundle(model, source, options, stage.path, click.echo)
+        stage.commit()
+    click.echo(summary(out, manifest, target.note))
+
+
+def summary(out: Path, manifest: dict, note: str) -> str:
+    """One line per format: files, bundle size against self-contained files; then the verdict."""
+    lines = []
+    for fmt, size in manifest["sizes"].items():
+        line = f"{fmt}: {size['total_bytes'] / 1e6:.2f} MB"
+        if "naive_bytes" in size:
+            saved = 1 - size["total_bytes"] / size["naive_bytes"]
+            line += (f" (graphs {size['route_files_bytes'] / 1e6:.2f} MB + shared weights "
+                     f"{size['weights_bytes'] / 1e6:.2f} MB; self-contained files would be "
+                     f"{size['naive_bytes'] / 1e6:.2f} MB, {saved:.0%} saved)")
+        lines.append(line)
+    verified = "verified" if manifest["options"]["verify"] else "not verified (--no-verify)"
+    lines.append(f"wrote {len(manifest['routes'])} routes to {out}, {verified}" + (f"; {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def main(args=None):
+    """Entry point of ``ssd-export``."""
+    run_cli(export_command, args, prog_name="ssd-export")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Numerical checks of an export: each written route file against the PyTorch route, then a
+short end-to-end sampling run through ``ssd_runtime`` (ONNX Runtime; TorchScript when only
+that was exported) against the torch sampler ``ssd.sample``.
+
+Errors are measured on ``x0_pred`` (which lives in about [-1, 1]): ``max_abs`` is the largest
+absolute difference, ``max_rel`` that divided by the reference's largest magnitude (an
+element-wise ratio would blow up where the prediction crosses zero). A route passes when
+``max_abs <= tolerance``:
+
+- ``onnx`` 1e-3 and ``torchscript`` 1e-4: float32 kernels differ only in summation order
+  (typically 1e-6 on small models, 1e-5 on the 64-px ADM model).
+- ``onnx-fp16`` 5e-2: float16 weights and activations (fp32 normalisation, softmax and
+  timestep path) leave ~3e-3 on small models; deeper models accumulate more. On CPU, ONNX
+  Runtime runs it with its float16 kernels where it has them; a session it cannot create is
+  recorded as skipped, not failed (the variant is meant for GPU backends).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ssd.errors import UserError
+
+TOLERANCES = {"onnx": 1e-3, "onnx-fp16": 5e-2, "torchscript": 1e-4}
+END_TO_END_TOLERANCE = 1e-3  # max |x_0| difference after sampling, float space
+END_TO_END_MAX_LEVELS = 1  # uint8 images may differ by one level at rounding edges
+SEED = 0
+
+
+class VerificationError(UserError):
+    """An exported route or the end-to-end run disagrees with PyTorch beyond tolerance."""
+
+
+def check_timesteps(space) -> list[int]:
+    """t = 0, T/2, T-1 and each change step with its neighbours (where the route changes)."""
+    last = space.timesteps - 1
+    values = {0, last // 2, last}
+    for t in space.change_steps.tolist():
+        values |= {t - 1, t, min(t + 1, last)}
+    return sorted(values)
+
+
+def batches(t_values: list[int], batch: tuple[int, int]) -> list[np.ndarray]:
+    """Split the check timesteps into batches the export accepts (cycling to fill a fixed one)."""
+    low, high = batch
+    size = min(max(len(t_values), low), high)
+    count = -(-len(t_values) // size)
+    cycled = np.resize(np.asarray(t_values, np.float32), count * size)
+    return [cycled[i * size:(i + 1) * size] for i in range(count)]
+
+
+def onnx_runner(path: Path):
+    """A CPU ONNX Runtime session for one route file: ``(x, t) -> x0_pred`` on numpy."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x, t: session.run(["x0_pred"], {"x": x, "t": t})[0]
+
+
+def torchscript_runner(path: Path):
+    import torch
+
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(x, t):
+        with torch.inference_mode():
+            return module(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+
+    return run
+
+
+RUNNERS = {"onnx": onnx_runner, "onnx-fp16": onnx_runner, "torchscript": torchscript_runner}
+
+
+def verify_route(route_module, contract: dict, files: dict[str, Path], t_values: list[int],
+                 batch: tuple[int, int], seed: int = SEED) -> dict[str, dict]:
+    """Compare each format's file for one route with the eager PyTorch route on seeded inputs."""
+    import torch
+
+    channels, size = contract["inputs"][0]["shape"][1], contract["in_size"]
+    rng = np.random.default_rng([seed, contract["in_size"], contract["out_size"]])
+    cases = [(rng.standard_normal((len(t), channels, size, size), dtype=np.float32), t)
+             for t in batches(t_values, batch)]
+    with torch.inference_mode():
+        refs = [route_module(torch.from_numpy(x), torch.from_numpy(t)).numpy() for x, t in cases]
+    results = {}
+    for fmt, path in files.items():
+        try:
+            run = RUNNERS[fmt](path)
+        except Exception as err:  # e.g. ORT on CPU without an fp16 kernel: not a failure
+            if fmt != "onnx-fp16":
+                raise
+            results[fmt] = {"skipped": f"ONNX Runtime CPU cannot run it: {str(err).splitlines()[0][:200]}"}
+            continue
+        errors = [_errors(run(x, t), ref) for (x, t), ref in zip(cases, refs)]
+        max_abs = max(e[0] for e in errors)
+        results[fmt] = {
+            "max_abs": max_abs,
+            "max_rel": max(e[1] for e in errors),
+            "tolerance": TOLERANCES[fmt],
+            "t_values": list(t_values),
+            "batch": len(cases[0][1]),
+            "passed": bool(max_abs <= TOLERANCES[fmt]),
+        }
+    return results
+
+
+def _errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    if out.shape != ref.shape:
+        raise VerificationError(f"exported route returned shape {out.shape}, PyTorch {ref.shape}")
+    max_abs = float(np.abs(out.astype(np.float64) - ref).max())
+    return max_abs, max_abs / max(float(np.abs(ref).max()), 1e-12)
+
+
+def failures(report: dict[str, dict[str, dict]]) -> list[str]:
+    """``route/format (max_abs > tolerance)`` for every failed check."""
+    return [
+        f"{route}/{fmt} (max_abs {r['max_abs']:.2e} > {r['tolerance']:.0e})"
+        for route, formats in report.items() for fmt, r in formats.items()
+        if "skipped" not in r and not r["passed"]
+    ]
+
+
+def format_table(report: dict[str, dict[str, dict]]) -> str:
+    """The per-route verification results as a markdown table."""
+    lines = ["| route | format | max abs | max rel | tolerance | result |", "|---|---|---|---|---|---|"]
+    for route, formats in report.items():
+        for fmt, r in formats.items():
+            if "skipped" in r:
+                lines.append(f"| {route} | {fmt} | - | - | - | skipped: {r['skipped']} |")
+                continue
+            verdict = "ok" if r["passed"] else "FAILED"
+            lines.append(f"| {route} | {fmt} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
+                         f"{r['tolerance']:.0e} | {verdict} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- end to end
+def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", seed: int = SEED) -> dict:
+    """Sample through the runtime (``backend``) and the torch sampler with the same seed.
+
+    For ``steps`` = the number of levels (one call per level) and 10, compares
+    ``Sampler.sample_float`` with ``ssd.sample.sample_states`` in float space, and the same
+    images as uint8 with ``ssd.sample.sample_images`` (rounding edges may differ by a level).
+    """
+    from ssd.images import to_uint8
+    from ssd.method import ScaleSpace
+    from ssd.sample import sample_images, sample_states
+    from ssd_runtime import Sampler
+
+    sampler = Sampler.from_bundle(bundle_path, backend=backend, warmup=False)
+    low, high = sampler.batch_range
+    n = min(max(2, low), high)
+    space = ScaleSpace.from_config(config)
+    levels = len(space.ladder)
+    runs = []
+    for steps in sorted({levels, min(max(10, levels), space.timesteps)}):
+        ours = sampler.sample_float(n, seed=seed, steps=steps, batch=n)
+        states = sample_states(model, space, n, steps, np.random.default_rng(seed), "cpu",
+                               config.model.in_channels)
+        ref = list(states)[-1].x.cpu().numpy()
+        ref_images = sample_images(model, config, n, steps, seed=seed, batch=n)
+        max_abs = float(np.abs(ours.astype(np.float64) - ref).max())
+        levels_diff = int(np.abs(to_uint8(ours).astype(np.int16) - ref_images).max())
+        runs.append({
+            "steps": steps, "max_abs": max_abs, "max_uint8_diff": levels_diff,
+            "passed": bool(max_abs <= END_TO_END_TOLERANCE and levels_diff <= END_TO_END_MAX_LEVELS),
+        })
+    return {"backend": backend, "format": sampler.backend.file_format, "n": n, "seed": seed,
+            "tolerance": END_TO_END_TOLERANCE, "max_uint8_levels": END_TO_END_MAX_LEVELS,
+            "runs": runs, "passed": all(r["passed"] for r in runs)}

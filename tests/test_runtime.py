@@ -1,0 +1,230 @@
+"""The torch-free runtime: parity with the PyTorch reference sampler, step plans, ssd-run,
+bad input, and the C++ embedding example (SPEC §5, §9)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssd.bundle import BundleError
+from ssd.checkpoint import load_model
+from ssd.config import ConfigError
+from ssd.sample import sample_states
+from ssd_runtime import Sampler
+from ssd_runtime.backends import BackendError
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, "-c", "from ssd_runtime.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, exported_bundle):
+    """Two bundles: a 3-level and a 1-level tiny32 model, ONNX + TorchScript, batch 1:4."""
+    root = tmp_path_factory.mktemp("runtime")
+    return {levels: exported_bundle(root / f"l{levels}", levels=levels, seed=levels,
+                                    engines=("onnx", "torchscript"), batch="1:4")
+            for levels in (3, 1)}
+
+
+def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarray:
+    """Final float images of the PyTorch reference sampler, noise from the same seed."""
+    config, model = load_model(run)
+    from ssd.method import ScaleSpace
+
+    states = sample_states(model, ScaleSpace.from_config(config), n, steps, np.random.default_rng(seed))
+    *_, last = states
+    return last.x.numpy()
+
+
+@pytest.mark.parametrize("levels, steps", [(3, None), (3, 25), (1, 25), (1, 4)])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_runtime_equals_torch_reference_with_same_noise(bundles, levels, steps, backend):
+    run, bundle = bundles[levels]
+    if steps is None and backend == "torchscript":
+        pytest.skip("full-T parity is checked once, with ONNX Runtime, to keep CI short")
+    ours = Sampler.from_bundle(bundle, backend=backend).sample_float(2, seed=11, steps=steps)
+    reference = torch_reference(run, 2, 11, steps)
+    np.testing.assert_allclose(ours, reference, atol=2e-3)
+    assert np.abs(ours).max() > 0.05  # not a trivially zero model
+
+
+def test_route_sequence_and_change_steps_follow_manifest(bundles):
+    sampler = Sampler.from_bundle(bundles[3][1])
+    manifest = json.loads((bundles[3][1] / "manifest.json").read_text())
+    change_steps = manifest["process"]["change_steps"]
+    sizes = manifest["process"]["sizes"]
+    for steps in (3, 7, 100, 1000):
+        plan = sampler.plan(steps)
+        assert len(plan) == steps and plan[0].t == len(sizes) - 1
+        ups = [(step.t, step.route) for step in plan if step.changes_size]
+        assert [t for t, _ in ups] == sorted(change_steps, reverse=True)
+        for step in plan:
+            assert step.route in sampler.bundle.routes
+            assert step.in_size == sizes[step.t]
+        assert plan[-1].is_final and plan[-1].out_size == sizes[0]
+
+
+@pytest.mark.parametrize("steps", [2, 1001])
+def test_impossible_step_counts_are_refused(bundles, steps):
+    with pytest.raises(ConfigError, match=f"steps={steps}"):
+        Sampler.from_bundle(bundles[3][1]).sample(1, steps=steps)
+
+
+def test_callback_previews_and_info(bundles):
+    sampler = Sampler.from_bundle(bundles[3][1])
+    calls, previews = [], []
+    images = sampler.sample(3, seed=1, steps=10, batch=2,
+                            callback=lambda *a: calls.append(a),
+                            preview=lambda res, im: previews.append((res, im.shape)))
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert len(calls) == 20 and calls[0] == (0, 10, 999, 8)
+    assert [res for res, _ in previews[:3]] == [16, 32, 32]
+    info = sampler.info()
+    assert info["ladder"] == [8, 16, 32] and info["backend"] == "onnxruntime"
+    assert info["providers"] == ["CPUExecutionProvider"] and len(info["routes"]) == 5
+
+
+def test_batches_share_one_generator_and_are_reproducible(bundles):
+    sampler = Sampler.from_bundle(bundles[3][1])
+    a = sampler.sample(4, seed=3, steps=5, batch=2)
+    b = sampler.sample(4, seed=3, steps=5, batch=2)
+    assert np.array_equal(a, b) and not np.array_equal(a[:2], a[2:])
+
+
+def test_ssd_run_writes_pngs_without_importing_torch(bundles, tmp_path):
+    out = tmp_path / "samples"
+    code = ("import sys; from ssd_runtime.cli import main\n"
+            "try: main()\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'runtime imported torch'\n")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(bundles[3][1]), "--steps", "6", "--n", "3",
+         "--batch", "2", "--out", str(out), "--preview"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["grid.png", "preview_0016.png", "preview_0032.png",
+                     "sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    text = Image.open(out / "sample_00001.png").text
+    assert text["seed"] == "0" and text["steps"] == "6" and text["backend"] == "onnxruntime"
+    assert len(text["bundle_sha256"]) == 64 and text["index"] == "1"
+
+
+def test_importing_runtime_does_not_import_torch():
+    code = "import sys, ssd_runtime; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ------------------------------------------------------------------ bad input
+def run_cli(*args, block: str | None = None):
+    """ssd-run in a fresh interpreter; ``block`` makes one module unimportable."""
+    prelude = f"import sys; sys.modules[{block!r}] = None; " if block else ""
+    code = prelude + "from ssd_runtime.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def assert_one_line_error(result, fragment: str):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def bundle_copy(bundles, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundles[3][1], copy)
+    return copy
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_missing_bundle(tmp_path):
+    assert_one_line_error(run_cli(tmp_path / "nope", "--out", tmp_path / "o"), "no bundle at")
+
+
+def test_unknown_format_version(bundle_copy, tmp_path):
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=99))
+    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o"), "format version 99")
+
+
+def test_tampered_file_fails_hash_check(bundle_copy, tmp_path):
+    route = next((bundle_copy / "onnx").glob("keep_8*.onnx"))
+    data = bytearray(route.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    route.write_bytes(bytes(data))
+    result = run_cli(bundle_copy, "--out", tmp_path / "o", "--steps", "3")
+    assert_one_line_error(result, "does not match its sha256")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.png"))
+
+
+def test_missing_route_file(bundle_copy, tmp_path):
+    next((bundle_copy / "onnx").glob("up_8_16*.onnx")).unlink()
+    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o"), "bundle file missing")
+
+
+def test_backend_not_installed(bundles, tmp_path):
+    result = run_cli(bundles[3][1], "--out", tmp_path / "o", block="onnxruntime")
+    assert_one_line_error(result, "not installed")
+    result = run_cli(bundles[3][1], "--out", tmp_path / "o", "--backend", "torchscript", block="torch")
+    assert_one_line_error(result, "needs torch")
+
+
+def test_gpu_device_without_gpu_is_refused(bundles):
+    with pytest.raises(BackendError, match="no CUDAExecutionProvider"):
+        Sampler.from_bundle(bundles[3][1], device="cuda")
+
+
+def test_unwritable_output_folder(bundles, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run_cli(bundles[3][1], "--out", blocker / "sub"), "cannot write to output folder")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--n", "0"), "n=0"), (("--batch", "9"), "batch=9"), (("--steps", "1"), "steps=1"),
+])
+def test_out_of_range_options(bundles, tmp_path, args, fragment):
+    out = tmp_path / "o"
+    assert_one_line_error(run_cli(bundles[3][1], "--out", out, *args), fragment)
+    assert not any(out.glob("*.png"))
+
+
+def test_wrong_backend_format_is_named(tmp_path, exported_bundle):
+    _, bundle = exported_bundle(tmp_path / "onnx-only", levels=2, seed=5, engines=("onnx",), batch="1:2")
+    with pytest.raises(BundleError, match="no 'torchscript' files"):
+        Sampler.from_bundle(bundle, backend="torchscript")
+
+
+# ------------------------------------------------------------------ embedding in C++
+def test_cpp_embedding_example_builds_and_writes_an_image(bundles, tmp_path):
+    if shutil.which("g++") is None or not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        pytest.skip("needs g++ and the Python headers")
+    example = ROOT / "examples" / "cpp_embed"
+    binary = tmp_path / "ssd_embed"
+    build = subprocess.run(["make", "-s", "-C", str(example), f"PYTHON={sys.executable}",
+                            f"OUT={binary}"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    image = tmp_path / "sample.ppm"
+    env = {**os.environ, "SSD_SITE_PACKAGES": sysconfig.get_paths()["purelib"]}
+    result = subprocess.run([str(binary), str(bundles[3][1]), str(image), "5", "0"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert image.read_bytes().startswith(b"P6\n32 32\n255\n")
+    assert len(image.read_bytes()) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
+    reference = Sampler.from_bundle(bundles[3][1]).sample(1, seed=0, steps=5)[0]
+    pixels = np.frombuffer(image.read_bytes()[-32 * 32 * 3:], np.uint8).reshape(32, 32, 3)
+    assert np.array_equal(pixels, reference)
