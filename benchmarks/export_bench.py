@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from ssd.config import SSDConfig, make_config
-from ssd.unet import FlexiUNet
 
 
 def cpu_name() -> str:
@@ -38,17 +37,12 @@ def cpu_name() -> str:
 
 
 def random_checkpoint(folder: Path, preset: str, levels: int | None, top: str) -> Path:
-    """A checkpoint with every parameter randomised (the output conv starts at zero)."""
-    from ssd.checkpoint import save_checkpoint
+    """A random-weight checkpoint of ``preset`` (see ``save_random_checkpoint``)."""
+    from ssd.checkpoint import save_random_checkpoint
 
     base = make_config(preset, levels)
     config = SSDConfig(dataclasses.replace(base.model, top_transition=top), base.diffusion)
-    torch.manual_seed(0)
-    model = FlexiUNet(config.model)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return save_checkpoint(folder, 0, config, {}, model, model, torch.optim.AdamW(model.parameters()), {})
+    return save_random_checkpoint(folder, config)
 
 
 def export_timed(checkpoint: Path, out: Path, batch: str) -> tuple[dict, float]:

@@ -23,34 +23,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import machine_name  # noqa: E402
 
-from ssd.checkpoint import save_checkpoint  # noqa: E402
+from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
 from ssd.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
 from ssd.sample import sample_images  # noqa: E402
-from ssd.unet import FlexiUNet  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 
 
-def random_model(config, seed=0) -> FlexiUNet:
-    """A Flexi-UNet whose every weight (zero-initialised ones too) is random."""
-    torch.manual_seed(seed)
-    model = FlexiUNet(config.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
-
-
-def export_bundle(config, model, folder: Path) -> Path:
-    """Checkpoint ``model`` and export it with ``ssd-export`` (ONNX + TorchScript)."""
+def export_bundle(config, folder: Path, seed: int = 0) -> Path:
+    """A random-weight checkpoint exported with ``ssd-export`` (ONNX + TorchScript)."""
     run = folder / "run"
-    optimizer = torch.optim.AdamW(model.parameters())
-    save_checkpoint(run, 0, config, {}, model, model, optimizer, rng={})
+    save_random_checkpoint(run, config, seed)
     bundle = folder / "bundle"
     subprocess.run([str(Path(sys.executable).parent / "ssd-export"), str(run), "--out", str(bundle),
                     "--engine", "onnx", "--engine", "torchscript", "--batch", "1:16"],
@@ -84,21 +71,33 @@ class TimedSampler:
 
 
 COLD_RUNTIME = """
-import time, resource; start = time.perf_counter()
+import time; start = time.perf_counter()
+{peak}
 from ssd_runtime import Sampler
 s = Sampler.from_bundle({bundle!r}, warmup=False); s.sample(1, steps={levels})
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - start, peak_kib())
 """
 COLD_TORCH = """
-import time, resource; start = time.perf_counter()
+import time; start = time.perf_counter()
+{peak}
 from ssd.checkpoint import load_model; from ssd.sample import sample_images
 config, model = load_model({run!r}); sample_images(model, config, 1, steps={levels})
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - start, peak_kib())
+"""
+
+
+# VmHWM is this process's own peak RSS; ru_maxrss would carry the forking parent's over exec.
+PEAK_KIB = """
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 """
 
 
 def cold_start(code: str) -> tuple[float, float]:
     """(seconds, peak MiB) of a fresh interpreter running ``code``."""
+    code = code.replace("{peak}", PEAK_KIB)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     seconds, kib = out.stdout.split()
     return float(seconds), float(kib) / 1024
@@ -117,9 +116,9 @@ def main(argv=None):
     ssd_config = make_config(args.preset, levels=args.levels)
     ddpm_config = make_config(args.preset, levels=1)
     work = Path(tempfile.mkdtemp(prefix="ssd-bench-"))
-    models = {"ssd": random_model(ssd_config), "ddpm": random_model(ddpm_config)}
     configs = {"ssd": ssd_config, "ddpm": ddpm_config}
-    bundles = {k: export_bundle(configs[k], models[k], work / k) for k in models}
+    bundles = {k: export_bundle(configs[k], work / k) for k in configs}
+    ssd_model = load_model(work / "ssd" / "run")[1]
     samplers = {k: TimedSampler(b) for k, b in bundles.items()}
 
     runs = {key: [] for key in ("ssd", "ddpm", "torch_ssd")}
@@ -131,12 +130,12 @@ def main(argv=None):
             if key == "ssd":
                 outside.append(frac)
         start = time.perf_counter()
-        sample_images(models["ssd"], ssd_config, args.batch, steps=args.steps, seed=0)
+        sample_images(ssd_model, ssd_config, args.batch, steps=args.steps, seed=0)
         runs["torch_ssd"].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in runs.items()}
     cold = {
-        "runtime": cold_start(COLD_RUNTIME.format(bundle=str(bundles["ssd"]), levels=args.levels)),
-        "torch": cold_start(COLD_TORCH.format(run=str(work / "ssd" / "run"), levels=args.levels)),
+        "runtime": cold_start(COLD_RUNTIME.format(peak="{peak}", bundle=str(bundles["ssd"]), levels=args.levels)),
+        "torch": cold_start(COLD_TORCH.format(peak="{peak}", run=str(work / "ssd" / "run"), levels=args.levels)),
     }
     mac_ratio = sampling_mac_ratio(ssd_config, args.steps)
     figures = {

@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import SSDConfig
 from .errors import UserError
+from .files import read_versioned_json
 from .method import ScaleSpace, route_name
 
 FORMAT = "ssd-bundle"
@@ -134,18 +135,7 @@ def read_manifest(path: Path) -> dict:
         raise BundleError(f"no bundle at {path} (expected a folder with {MANIFEST})")
     if not manifest_path.is_file():
         raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{manifest_path} is unreadable: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path} is not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path} has format version {manifest.get('format_version')!r}; "
-            f"this ssd reads version {FORMAT_VERSION}"
-        )
-    return manifest
+    return read_versioned_json(manifest_path, FORMAT, FORMAT_VERSION, BundleError, "manifest")
 
 
 def load_bundle(path) -> Bundle:

@@ -31,6 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import ConfigError, SSDConfig
+from .files import read_versioned_json
 from .errors import OutputError, UserError
 
 FORMAT = "ssd-checkpoint"
@@ -222,18 +223,7 @@ def resolve_checkpoint(path) -> Path:
 
 # --------------------------------------------------------------------------- reading
 def _read_state(path: Path) -> dict:
-    try:
-        state = json.loads((path / STATE_FILE).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path / STATE_FILE} is unreadable: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path / STATE_FILE} is not an {FORMAT} state file")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {state.get('format_version')!r}; "
-            f"this ssd reads version {FORMAT_VERSION}"
-        )
-    return state
+    return read_versioned_json(path / STATE_FILE, FORMAT, FORMAT_VERSION, CheckpointError, "checkpoint state")
 
 
 def _read_tensors(path: Path, entry: dict) -> dict[str, torch.Tensor]:
@@ -295,3 +285,20 @@ def load_model(path, ema: bool = True, device="cpu"):
     part = "ema" if ema else "model"
     load_state(model, checkpoint.tensors[part], f"{part} weights", checkpoint.path)
     return checkpoint.config, model.to(device).eval()
+
+
+def save_random_checkpoint(run_dir, config: SSDConfig, seed: int = 0, scale: float = 0.05) -> Path:
+    """A checkpoint whose every weight is perturbed at random, for tests and benchmarks.
+
+    The UNet zero-initialises its output convs, so an untrained model predicts zeros and
+    would make any export or parity check pass trivially. EMA = raw weights.
+    """
+    from .unet import FlexiUNet
+
+    torch.manual_seed(seed)
+    model = FlexiUNet(config.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn_like(param))
+    optimizer = torch.optim.AdamW(model.parameters())
+    return save_checkpoint(run_dir, 0, config, {}, model, model, optimizer, {})

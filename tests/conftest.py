@@ -5,26 +5,16 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 
 def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", top: str | None = None) -> Path:
-    """A checkpoint whose every parameter is random (the UNet zero-initialises its output
-    convs, which would make any comparison trivially pass); EMA = raw weights."""
-    from ssd.checkpoint import save_checkpoint
+    """A random-weight checkpoint of ``preset`` with ``levels`` levels (and top transition)."""
+    from ssd.checkpoint import save_random_checkpoint
     from ssd.config import SSDConfig, make_config
-    from ssd.unet import FlexiUNet
 
     base = make_config(preset, levels)
     model_config = dataclasses.replace(base.model, top_transition=top) if top else base.model
-    config = SSDConfig(model_config, base.diffusion)
-    torch.manual_seed(seed)
-    model = FlexiUNet(config.model)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    optimizer = torch.optim.AdamW(model.parameters())
-    return save_checkpoint(run, 5, config, {}, model, model, optimizer, {})
+    return save_random_checkpoint(run, SSDConfig(model_config, base.diffusion), seed)
 
 
 @pytest.fixture(scope="session")

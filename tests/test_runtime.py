@@ -44,7 +44,7 @@ def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarr
     return last.x.numpy()
 
 
-@pytest.mark.parametrize("levels, steps", [(3, None), (3, 25), (1, 25), (1, 4)])
+@pytest.mark.parametrize("levels, steps", [(3, None), (3, 25), (1, None), (1, 25), (1, 4)])
 @pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
 def test_runtime_equals_torch_reference_with_same_noise(bundles, levels, steps, backend):
     run, bundle = bundles[levels]
