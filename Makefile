@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned so installs stay small; GPU users install their own torch first.
 TORCH_PIN ?= torch==2.13.0
 
-# About 15 minutes on a 2-core CPU (95 images/s); raise DEMO_STEPS for better samples.
+# 15-20 minutes on a 2-core CPU (77-95 images/s); raise DEMO_STEPS for better samples.
 DEMO_PRESET ?= small32
 DEMO_STEPS ?= 2500
 DEMO_TRAIN_FLAGS ?= --batch-size 32 --lr 3e-4 --ema-decay 0.999 --save-every 250 --sample-every 500

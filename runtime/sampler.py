@@ -20,7 +20,7 @@ from .backends import Backend, make_backend
 
 # callback(step_index, total_steps, t, resolution) after every network call
 StepCallback = Callable[[int, int, int, int], None]
-# preview(resolution, images uint8 [N, r, r, 3]) at each resolution change and at the end
+# preview(resolution, images uint8 [N, r, r, 3]): the clean prediction at each resolution change
 PreviewCallback = Callable[[int, np.ndarray], None]
 
 
@@ -109,7 +109,7 @@ class Sampler:
             step = state.step
             if callback is not None:
                 callback(step.index, len(plan), step.t, step.in_size)
-            if preview is not None and (step.changes_size or step.is_final):
+            if preview is not None and step.changes_size:
                 preview(step.out_size, to_uint8(backend.to_numpy(state.x0_pred)))
         return backend.to_numpy(state.x)
 

@@ -86,7 +86,7 @@ def test_callback_previews_and_info(bundles):
                             preview=lambda res, im: previews.append((res, im.shape)))
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
     assert len(calls) == 20 and calls[0] == (0, 10, 999, 8)
-    assert [res for res, _ in previews[:3]] == [16, 32, 32]
+    assert [res for res, _ in previews] == [16, 32, 16, 32]  # two batches, two changes each
     info = sampler.info()
     assert info["ladder"] == [8, 16, 32] and info["backend"] == "onnxruntime"
     assert info["providers"] == ["CPUExecutionProvider"] and len(info["routes"]) == 5
