@@ -8,6 +8,7 @@ them, never at module import.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,8 @@ class TorchScriptBackend(Backend):
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
         super().__init__(bundle, device)
-        try:
-            import torch
+        try:  # imported here only: the runtime never imports torch unless asked to
+            torch = importlib.import_module("torch")
         except ImportError:
             raise BackendError("backend 'torchscript' needs torch: pip install torch") from None
         if device == "tensorrt" or (device == "cuda" and not torch.cuda.is_available()):
