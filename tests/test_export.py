@@ -221,7 +221,7 @@ def test_manifest_validates_against_the_schema(bundle):
     jsonschema.Draft202012Validator(schema).validate(bundle.manifest)
     manifest = bundle.manifest
     assert manifest["created_by"]["opset"] == OPSET and manifest["engines"] == {}
-    assert manifest["source"]["step"] == 5 and manifest["source"]["weights"] == "ema"
+    assert manifest["source"]["step"] == 0 and manifest["source"]["weights"] == "ema"
     for route in manifest["routes"]:
         for fmt in route["files"]:
             check = route["verification"][fmt]
