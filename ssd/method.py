@@ -186,10 +186,6 @@ class ScaleSpace:
         return cls(abar, config.model.image_size >> levels)
 
     # ---------------------------------------------------------------- operators
-    def level_of(self, t: int) -> int:
-        """How many halvings below full size x_t lives."""
-        return int(round(math.log2(self.image_size / self.sizes[t])))
-
     def downsample(self, x: np.ndarray, to_size: int) -> np.ndarray:
         """``R_{m -> to_size} x`` as a composition of 2x halvings; ``x`` is [..., m, m]."""
         while x.shape[-1] > to_size:
