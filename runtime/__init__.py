@@ -7,7 +7,7 @@ from ssd.bundle import BundleError, load_bundle
 from ssd.errors import UserError
 
 from .backends import BACKENDS, Backend, BackendError, make_backend
-from .sampler import Sampler, sample
+from .sampler import Sampler
 
-__all__ = ["Sampler", "sample", "load_bundle", "make_backend", "Backend", "BACKENDS",
+__all__ = ["Sampler", "load_bundle", "make_backend", "Backend", "BACKENDS",
            "BackendError", "BundleError", "UserError"]

@@ -62,12 +62,13 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
     sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision)
     batch = sampler.check_batch(n, batch)
     steps = steps or sampler.bundle.space.timesteps
+    sampler.bundle.space.timesteps_for(steps)  # refuse impossible step counts before the bar
     params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend,
               "precision": precision, "bundle_sha256": sampler.bundle.digest}
     on_preview = None
     if preview:
         on_preview = lambda res, images: save_png(out / f"preview_{res:04d}.png", make_grid(images), params)
-    bar, on_step = progress_bar(len(sampler.plan(steps)), -(-n // batch))
+    bar, on_step = progress_bar(steps, -(-n // batch))
     with bar:
         images = sampler.sample(n, seed=seed, steps=steps, batch=batch, callback=on_step, preview=on_preview)
     write_samples(out, images, params)

@@ -82,8 +82,9 @@ class Sampler:
         batch = self.check_batch(n, batch)
         plan = self.plan(steps)  # raises ConfigError for impossible step counts
         rng = np.random.default_rng(seed)
+        t_inputs = {step.t: self.backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
         images = [
-            self._sample_batch(plan, batch, rng, callback, preview)[: n - start]
+            self._sample_batch(plan, t_inputs, batch, rng, callback, preview)[: n - start]
             for start in range(0, n, batch)
         ]
         return np.concatenate(images)
@@ -97,10 +98,12 @@ class Sampler:
             raise ConfigError(f"batch={batch} is outside the bundle's batch range {low}..{high}")
         return batch
 
-    def _sample_batch(self, plan, batch, rng, callback, preview) -> np.ndarray:
-        """One batch through the loop; a fixed-batch engine still gets full batches."""
+    def _sample_batch(self, plan, t_inputs, batch, rng, callback, preview) -> np.ndarray:
+        """One batch through the loop; a fixed-batch engine still gets full batches.
+
+        ``t_inputs[t]`` holds the timestep input [batch] of every step, built once per call.
+        """
         backend = self.backend
-        t_inputs = {step.t: backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
         channels = self.bundle.config.model.in_channels
         x = backend.to_array(initial_noise(rng, batch, channels, plan[0].in_size))
         denoise = lambda step, x_t: backend.run(step.route, x_t, t_inputs[step.t])
@@ -114,10 +117,4 @@ class Sampler:
         return backend.to_numpy(state.x)
 
 
-def sample(bundle_path, n: int = 1, **kwargs) -> np.ndarray:
-    """Convenience: load a bundle with the default backend and sample ``n`` images."""
-    backend_options = {k: kwargs.pop(k) for k in ("backend", "device", "precision") if k in kwargs}
-    return Sampler.from_bundle(bundle_path, **backend_options).sample(n, **kwargs)
-
-
-__all__ = ["Sampler", "sample", "to_uint8", "UserError"]
+__all__ = ["Sampler", "to_uint8", "UserError"]

@@ -110,10 +110,10 @@ class Step:
     halve: Any = None  # A [in, out]: R for this step (size-increasing steps only)
     eigvecs: Any = None  # U [out, out]: eigenvectors of A^T A
     noise_scale: Any = None  # S [out, out]: sqrt(1 - rho * alpha * l_i * l_j)
+    route: str = dataclasses.field(init=False)  # named once, not per call in the hot loop
 
-    @property
-    def route(self) -> str:
-        return route_name(self.in_size, self.out_size)
+    def __post_init__(self):
+        object.__setattr__(self, "route", route_name(self.in_size, self.out_size))
 
     @property
     def is_final(self) -> bool:
