@@ -2,6 +2,7 @@
 bad input, and the C++ embedding example (SPEC §5, §9)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -34,8 +35,10 @@ def bundles(tmp_path_factory, exported_bundle):
             for levels in (3, 1)}
 
 
+@functools.lru_cache(maxsize=None)
 def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarray:
-    """Final float images of the PyTorch reference sampler, noise from the same seed."""
+    """Final float images of the PyTorch reference sampler, noise from the same seed
+    (computed once per case and shared by the backends' tests)."""
     config, model = load_model(run)
     from ssd.method import ScaleSpace
 
@@ -48,8 +51,6 @@ def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarr
 @pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
 def test_runtime_equals_torch_reference_with_same_noise(bundles, levels, steps, backend):
     run, bundle = bundles[levels]
-    if steps is None and backend == "torchscript":
-        pytest.skip("full-T parity is checked once, with ONNX Runtime, to keep CI short")
     ours = Sampler.from_bundle(bundle, backend=backend).sample_float(2, seed=11, steps=steps)
     reference = torch_reference(run, 2, 11, steps)
     np.testing.assert_allclose(ours, reference, atol=2e-3)
