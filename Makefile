@@ -15,11 +15,11 @@ DEMO_BUNDLE ?= bundles/default
 
 .PHONY: demo test test-all bench clean-demo
 
-$(BIN)/.installed: setup.py
+$(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e '.[train,export,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,train,export,dev]'
 	touch $@
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

@@ -4,5 +4,5 @@ Modules, in the order the export runs them: ``options`` (checked CLI options), `
 (the steps), ``onnx_export`` (per-route ONNX and its fp16 variant), ``weights`` (one shared,
 deduplicated external-data file per format), ``torchscript_export``, ``verify`` (against
 PyTorch, then end to end through ``ssd_runtime``), ``bundle_writer`` (target checks,
-staging folder, manifest + ``manifest.schema.json``), ``cli``.
+staging folder, the manifest checked by its typed definition), ``cli``.
 """

@@ -1,5 +1,6 @@
 """Writing a bundle folder safely: target checks, a staging folder renamed into place, file
-entries, the manifest (checked against ``manifest.schema.json``) and its fingerprint.
+entries, the manifest (checked by parsing it with its one typed definition,
+``ssd.bundle.Manifest``) and its fingerprint.
 
 A bundle is built in ``.<name>.partial-<pid>`` next to the target and renamed into place
 only after every file was written, checked and verified, so a failed export never leaves a
@@ -16,11 +17,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, load_bundle, read_manifest, sha256_file, write_json_atomic
-from ssd.config import ConfigError, SSDConfig
+from ssd.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, Manifest, load_bundle, sha256_file
+from ssd.config import SSDConfig
 from ssd.errors import OutputError, UserError
-
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+from ssd.files import overlapping, write_json_atomic
+from ssd.schema import ConfigError, parse
 
 
 class TargetError(UserError):
@@ -49,10 +50,19 @@ class Target:
     note: str = ""
 
 
+def check_apart(out: Path, sources: list[Path]) -> None:
+    """Refuse an ``--out`` that is, contains or lies inside what is exported (a replaced
+    folder would take the source with it), with or without ``--force``."""
+    for source in sources:
+        if overlapping(out, source):
+            raise TargetError(f"--out {out} overlaps the checkpoint being exported ({source}); "
+                              "choose a folder outside the run")
+
+
 def inspect_target(out: Path, config: SSDConfig, run: str, fingerprint_: str, force: bool) -> Target:
     """Decide what an export into ``out`` may do; refuse to clobber unrelated things unless forced."""
     out = Path(out)
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         return Target(out, "new")
     if not out.is_dir():
         if force:
@@ -62,45 +72,30 @@ def inspect_target(out: Path, config: SSDConfig, run: str, fingerprint_: str, fo
     if not names:
         return Target(out, "new")
     try:
-        manifest = read_manifest(out)
+        bundle = load_bundle(out)
     except BundleError as err:
         if force:
-            return Target(out, "replace", "replacing a folder that was not a bundle")
+            return Target(out, "replace", "replacing a folder that was not a readable bundle")
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        reason = "no manifest.json" if MANIFEST not in names else str(err)
-        raise TargetError(f"--out {out} exists and is not an ssd bundle ({reason}; it holds {shown}); "
+        reason = "no manifest.json" if MANIFEST not in names else str(err)[:200]
+        raise TargetError(f"--out {out} exists and is not a readable ssd bundle ({reason}; it holds {shown}); "
                           "pass --force to replace it, or choose another folder") from None
-    same_model = _same_model(manifest, config, run)
+    manifest = bundle.manifest
+    same_model = manifest.config == config and manifest.source.get("run") == run
     if not same_model and not force:
-        raise TargetError(f"--out {out} holds a bundle of another model ({_describe(manifest)}); "
-                          "pass --force to replace it, or choose another folder")
-    if not force and manifest.get("fingerprint") == fingerprint_ and _files_intact(out, manifest):
+        raise TargetError(f"--out {out} holds a bundle of another model (run {manifest.source.get('run', '?')}, "
+                          f"step {manifest.source.get('step', '?')}); pass --force to replace it, or choose another folder")
+    if not force and manifest.fingerprint == fingerprint_ and _files_intact(bundle):
         return Target(out, "up-to-date")
     return Target(out, "replace", "rebuilding" if same_model else "replacing another model's bundle")
 
 
-def _same_model(manifest: dict, config: SSDConfig, run: str) -> bool:
-    """Same network and process config, exported from the same training run."""
-    try:
-        theirs = SSDConfig.from_dict(manifest["config"])
-    except (ConfigError, KeyError, TypeError):
-        return False
-    return theirs == config and manifest.get("source", {}).get("run") == run
-
-
-def _describe(manifest: dict) -> str:
-    source = manifest.get("source", {})
-    return f"run {source.get('run', '?')}, step {source.get('step', '?')}"
-
-
-def _files_intact(out: Path, manifest: dict) -> bool:
+def _files_intact(bundle) -> bool:
     """Every file the manifest lists is there with its size and sha256."""
     try:
-        bundle = load_bundle(out)
-        formats = {fmt for route in manifest["routes"] for fmt in route["files"]}
-        for fmt in formats:
+        for fmt in bundle.formats():
             bundle.verify_files(fmt)
-    except (BundleError, KeyError, TypeError):
+    except BundleError:
         return False
     return True
 
@@ -113,6 +108,7 @@ class Staging:
         self.out = Path(os.path.abspath(out))
         self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self.committed = False
+        self.created = [p for p in self.out.parents if not p.exists()]  # removed again on failure
 
     def __enter__(self) -> "Staging":
         try:
@@ -147,6 +143,11 @@ class Staging:
     def __exit__(self, *exc) -> None:
         if not self.committed:
             _remove(self.path)
+            for folder in self.created:  # deepest first; only where still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _running(pid: int) -> bool:
@@ -167,17 +168,13 @@ def _remove(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the manifest
-def validate_manifest(manifest: dict) -> None:
-    """Check a manifest against ``manifest.schema.json`` (a failure is an exporter bug)."""
-    import jsonschema
-
-    schema = json.loads(SCHEMA_PATH.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    as_json = json.loads(json.dumps(manifest))  # what a reader sees: tuples become lists
-    error = jsonschema.exceptions.best_match(validator.iter_errors(as_json))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise AssertionError(f"manifest does not match {SCHEMA_PATH.name} at {where}: {error.message}")
+def validate_manifest(manifest: dict) -> Manifest:
+    """Parse a manifest about to be written with its typed definition (a failure is an
+    exporter bug, so it is an AssertionError naming the field)."""
+    try:
+        return parse(Manifest, json.loads(json.dumps(manifest)))  # what a reader will see
+    except ConfigError as err:
+        raise AssertionError(f"the exporter wrote an invalid manifest: {err}") from None
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

@@ -7,26 +7,40 @@ Every user-caused failure is one line ``error: ...`` and a non-zero exit; heavy 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 
-from ssd.errors import cli_errors, require, run_cli
+from ssd.errors import UserError, cli_errors, require, run_cli
 
 from .options import DEFAULT_BATCH, ENGINES, PRECISIONS, ExportOptions
 
 DEFAULT_OUT = Path("bundles/default")
 
 
+TORCH_MIN = "2.6"  # the first torch whose torch.onnx.export(dynamo=True) takes ``optimize``
+
+
+class TorchTooOldError(UserError):
+    exit_code = 2
+
+
 def require_extras(options: ExportOptions) -> None:
-    """Fail in one line, naming the 'export' extra, if a module this export needs is missing."""
-    modules = ["torch", "safetensors", "jsonschema"]
+    """Fail in one line, naming the 'export' extra, if a module this export needs is missing
+    or torch is older than the exporter needs."""
+    torch = require("torch", "ssd-export", "export")
+    found = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if found < tuple(int(part) for part in TORCH_MIN.split(".")):
+        raise TorchTooOldError(f"ssd-export needs torch>={TORCH_MIN} (found {torch.__version__}): "
+                               f"pip install 'torch>={TORCH_MIN}'")
+    modules = ["safetensors"]
     if "onnx" in options.engines:
         modules += ["onnx", "onnxscript"]
-    if options.verify or "onnx" in options.engines:
-        modules += ["onnxruntime"]
     for module in modules:
         require(module, "ssd-export", "export")
+    if options.verify or "onnx" in options.engines:  # the runtime checks the export end to end
+        require("onnxruntime", "ssd-export", "cpu")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,10 +63,11 @@ def export_command(checkpoint: Path, out: Path, engines, batch: str, precision: 
     """Export a training CHECKPOINT (checkpoint or run folder) as a bundle of per-route graphs."""
     options = ExportOptions.from_cli(engines, batch, precision, verify, ema)
     require_extras(options)
-    from .bundle_writer import Staging, inspect_target
+    from .bundle_writer import Staging, check_apart, inspect_target
     from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
 
     source = find_source(checkpoint, options.weights)
+    check_apart(out, [source.checkpoint, Path(source.run)])
     target = inspect_target(out, source.config, source.run, export_fingerprint(source, options), force)
     if target.state == "up-to-date":
         click.echo(f"{out} is up to date (same checkpoint, options and tools); --force rebuilds it")

@@ -41,21 +41,19 @@ class Source:
 
 def find_source(path, weights: str) -> Source:
     """Resolve and read a checkpoint's config and step and hash its files; loads no weights."""
-    from ssd.checkpoint import STATE_FILE, TENSOR_FILES, CheckpointError, read_checkpoint, resolve_checkpoint
+    from ssd.checkpoint import STATE_FILE, TENSOR_FILES, read_checkpoint, resolve_checkpoint
 
     folder = resolve_checkpoint(path)
     info = read_checkpoint(folder, parts=())
     weights_file = TENSOR_FILES["ema" if weights == "ema" else "model"]
-    try:
-        hashes = {name: sha256_file(folder / name) for name in (STATE_FILE, weights_file)}
-    except OSError as err:
-        raise CheckpointError(f"cannot read {err.filename}: {err.strerror or err}") from None
+    hashes = {STATE_FILE: sha256_file(folder / STATE_FILE), weights_file: info.state.files[weights_file].sha256}
     run = folder.parent.parent if folder.parent.name == "checkpoints" else folder
     return Source(folder, str(run.resolve()), info.step, info.config, weights, hashes)
 
 
 def load_weights(source: Source):
-    """The FlexiUNet with the chosen weights, in eval mode on the CPU."""
+    """The FlexiUNet with the chosen weights, in eval mode on the CPU (non-finite weights
+    are refused by ``load_model`` with one line)."""
     from ssd.checkpoint import load_model
 
     _, model = load_model(source.checkpoint, ema=source.weights == "ema", device="cpu")
@@ -99,6 +97,7 @@ class Written:
 
     paths: dict[str, dict[str, Path]]
     stores: dict  # format -> weights.SharedWeights
+    initializers: dict[str, dict[str, dict[str, int]]]  # route -> ONNX format -> name -> tensor index
 
 
 def export_files(model, contracts: dict[str, dict], options: ExportOptions, folder: Path,
@@ -112,6 +111,7 @@ def export_files(model, contracts: dict[str, dict], options: ExportOptions, fold
         (folder / fmt).mkdir()
     stores = {fmt: SharedWeights(folder / fmt / "weights.bin") for fmt in formats if fmt.startswith("onnx")}
     paths: dict[str, dict[str, Path]] = {name: {} for name in contracts}
+    initializers: dict[str, dict[str, dict[str, int]]] = {name: {} for name in contracts}
     for name, contract in contracts.items():
         route, started = model.route(name), time.perf_counter()
         if "onnx" in formats:
@@ -121,7 +121,7 @@ def export_files(model, contracts: dict[str, dict], options: ExportOptions, fold
                 variants["onnx-fp16"] = onnx_export.to_fp16(graph)
             for fmt, proto in variants.items():
                 paths[name][fmt] = folder / fmt / f"{name}.onnx"
-                save_route(proto, paths[name][fmt], stores[fmt])
+                initializers[name][fmt] = save_route(proto, paths[name][fmt], stores[fmt])
         if "torchscript" in formats:
             paths[name]["torchscript"] = folder / "torchscript" / f"{name}.pt"
             paths[name]["torchscript"].write_bytes(torchscript_export.export_route(route, contract, options.batch))
@@ -132,7 +132,7 @@ def export_files(model, contracts: dict[str, dict], options: ExportOptions, fold
         for fmt, path in paths[name].items():
             if fmt.startswith("onnx"):
                 onnx_export.check_file(path)
-    return Written(paths, stores)
+    return Written(paths, stores, initializers)
 
 
 def sizes_of(written: Written) -> dict:
@@ -163,7 +163,10 @@ def build_bundle(model, source: Source, options: ExportOptions, folder: Path, ec
     written = export_files(model, contracts, options, folder, echo)
     for name, contract in contracts.items():
         contract["files"] = {fmt: bundle_writer.file_entry(folder, p) for fmt, p in written.paths[name].items()}
-    shared = {fmt: [bundle_writer.file_entry(folder, store.path)] for fmt, store in written.stores.items()}
+        for fmt, indices in written.initializers[name].items():
+            contract["files"][fmt]["initializers"] = indices
+    shared = {fmt: {**bundle_writer.file_entry(folder, store.path), "tensors": store.tensors}
+              for fmt, store in written.stores.items()}
     manifest = bundle_writer.new_manifest(
         config, process_section(space), options.batch, list(contracts.values()), shared, created_by(),
         source.to_dict(), options.to_dict(), export_fingerprint(source, options), sizes_of(written))

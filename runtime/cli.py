@@ -1,30 +1,19 @@
 """``ssd-run``: sample PNGs from a bundle with the torch-free runtime."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from ssd.errors import OutputError, cli_errors, run_cli
-from ssd.images import make_grid, save_png, write_samples
+from ssd.config import MAX_BATCH
+from ssd.errors import cli_errors, run_cli
+from ssd.files import make_output_folder, removed_on_failure
+from ssd.images import SampleWriter, make_grid, save_png
 
 from .backends import BACKENDS, DEVICES
 from .sampler import Sampler
 
 DEFAULT_BUNDLE = Path("bundles/default")
-
-
-def prepare_output(out: Path) -> Path:
-    """Create the output folder and prove it is writable before any sampling starts."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ssd-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"cannot write to output folder {out}: {err.strerror or err}") from None
-    return out
 
 
 def progress_bar(total_steps: int, batches: int):
@@ -42,37 +31,43 @@ def progress_bar(total_steps: int, batches: int):
 
 @click.command("ssd-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@click.option("--steps", type=int, default=None, help="Network calls (levels..T); default T.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Network calls (levels..T); default T.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of samples.")
-@click.option("--batch", type=int, default=None, help="Samples per batch (within the bundle's range).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples.")
+@click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
+              help="Samples per batch (within the bundle's range).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Any non-negative integer.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--preview", is_flag=True, help="Also write the clean prediction at each resolution.")
-@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--low-memory", is_flag=True, help="ONNX Runtime shares one copy of the weights (slower on CPU).")
 @cli_errors
-def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads):
-    """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`)."""
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads, low_memory):
+    """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`).
+
+    PNGs are written as each batch finishes, so memory stays bounded by one batch."""
     bundle = bundle or DEFAULT_BUNDLE
-    out = prepare_output(out)
-    sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision)
+    sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
+                                  threads=threads, low_memory=low_memory)
     batch = sampler.check_batch(n, batch)
-    steps = steps or sampler.bundle.space.timesteps
-    sampler.bundle.space.timesteps_for(steps)  # refuse impossible step counts before the bar
+    steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
     params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend,
               "precision": precision, "bundle_sha256": sampler.bundle.digest}
-    on_preview = None
-    if preview:
-        on_preview = lambda res, images: save_png(out / f"preview_{res:04d}.png", make_grid(images), params)
-    bar, on_step = progress_bar(steps, -(-n // batch))
-    with bar:
-        images = sampler.sample(n, seed=seed, steps=steps, batch=batch, callback=on_step, preview=on_preview)
-    write_samples(out, images, params)
-    click.echo(f"wrote {len(images)} samples and grid.png to {out}")
+    with removed_on_failure(out):
+        writer = SampleWriter(make_output_folder(out), params)
+        on_preview = None
+        if preview:
+            on_preview = lambda res, images: save_png(out / f"preview_{res:04d}.png", make_grid(images), params)
+        bar, on_step = progress_bar(steps, -(-n // batch))
+        with bar:
+            for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
+                                               preview=on_preview):
+                writer.add(images)
+        writer.finish()
+    click.echo(f"wrote {writer.count} samples and grid.png to {out}")
 
 
 def main(args=None):

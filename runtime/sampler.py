@@ -2,19 +2,22 @@
 
     sampler = Sampler.from_bundle("bundles/default", backend="onnxruntime", device="cpu")
     images = sampler.sample(16, seed=0, steps=250)  # uint8 [16, H, W, 3]
+    for batch in sampler.iter_batches(30_000, seed=0, steps=250, batch=16):
+        ...  # uint8 [16, H, W, 3] as each batch finishes; memory bounded by one batch
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ssd.bundle import Bundle, load_bundle
-from ssd.config import ConfigError
+from ssd.config import check_seed
 from ssd.errors import UserError
 from ssd.images import to_uint8
 from ssd.method import SampleState, Step, initial_noise, sample_loop
+from ssd.schema import ConfigError
 
 from .backends import Backend, make_backend
 
@@ -33,10 +36,16 @@ class Sampler:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "onnxruntime", device: str = "cpu",
-                    precision: str = "fp32", warmup: bool = True) -> "Sampler":
-        """Load and validate a bundle, check file hashes, open one session per route."""
+                    precision: str = "fp32", warmup: bool = True, threads: int | None = None,
+                    low_memory: bool = False) -> "Sampler":
+        """Load and validate a bundle, check file hashes, open one session per route.
+
+        ``threads``: CPU threads of the backend (ONNX Runtime's intra-op pool; default all
+        cores). ``low_memory``: ONNX Runtime graphs share one copy of the weights, at some
+        cost in CPU speed.
+        """
         bundle = load_bundle(path)
-        sampler = cls(bundle, make_backend(bundle, backend, device, precision))
+        sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory))
         if warmup:
             sampler.backend.warmup(sampler.batch_range[0])
         return sampler
@@ -68,35 +77,57 @@ class Sampler:
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                callback: StepCallback | None = None,
                preview: PreviewCallback | None = None) -> np.ndarray:
-        """Sample ``n`` images as uint8 [n, H, W, 3]; memory is bounded by one batch.
+        """Sample ``n`` images as uint8 [n, H, W, 3], all in memory (see :meth:`iter_batches`).
 
         A single numpy generator seeded with ``seed`` feeds all batches in order, so a seed
         and batch size give the same images on every backend (up to float tolerance).
         """
-        return to_uint8(self.sample_float(n, seed, steps, batch, callback, preview))
+        return np.concatenate(list(self.iter_batches(n, seed, steps, batch, callback, preview)))
 
     def sample_float(self, n: int, seed: int = 0, steps: int | None = None,
                      batch: int | None = None, callback: StepCallback | None = None,
                      preview: PreviewCallback | None = None) -> np.ndarray:
         """Like :meth:`sample`, but the raw float32 images [n, 3, H, W] in [-1, 1]."""
+        return np.concatenate(list(self.iter_float_batches(n, seed, steps, batch, callback, preview)))
+
+    def iter_batches(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
+                     callback: StepCallback | None = None,
+                     preview: PreviewCallback | None = None) -> Iterator[np.ndarray]:
+        """Yield uint8 [b, H, W, 3] per batch as it finishes (the last may be smaller):
+        for streaming any ``n`` with memory bounded by one batch. Arguments are checked now,
+        not at the first ``next``."""
+        return map(to_uint8, self.iter_float_batches(n, seed, steps, batch, callback, preview))
+
+    def iter_float_batches(self, n: int, seed: int = 0, steps: int | None = None,
+                           batch: int | None = None, callback: StepCallback | None = None,
+                           preview: PreviewCallback | None = None) -> Iterator[np.ndarray]:
+        """Like :meth:`iter_batches`, with float32 [b, 3, H, W] images in [-1, 1]."""
         batch = self.check_batch(n, batch)
-        plan = self.plan(steps)  # raises ConfigError for impossible step counts
-        rng = np.random.default_rng(seed)
+        plan = self.plan(self.check_steps(steps))
+        rng = np.random.default_rng(check_seed(seed))
         t_inputs = {step.t: self.backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
-        images = [
-            self._sample_batch(plan, t_inputs, batch, rng, callback, preview)[: n - start]
-            for start in range(0, n, batch)
-        ]
-        return np.concatenate(images)
+        return (self._sample_batch(plan, t_inputs, batch, rng, callback, preview)[: n - start]
+                for start in range(0, n, batch))
 
     def check_batch(self, n: int, batch: int | None) -> int:
+        """The batch to use for ``n`` samples (default: as many as the bundle allows)."""
         low, high = self.batch_range
-        if n < 1:
-            raise ConfigError(f"n={n}; need at least 1 sample")
-        batch = batch or (high if low == high else min(n, high))
-        if not low <= batch <= high:
-            raise ConfigError(f"batch={batch} is outside the bundle's batch range {low}..{high}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n={n!r}; need at least 1 sample")
+        if batch is None:
+            batch = high if low == high else min(n, high)
+        if isinstance(batch, bool) or not isinstance(batch, int) or not low <= batch <= high:
+            raise ConfigError(f"batch={batch!r} is outside the bundle's batch range {low}..{high}")
         return batch
+
+    def check_steps(self, steps: int | None) -> int:
+        """The number of network calls (default T); refused outside levels..T."""
+        if steps is None:
+            return self.bundle.space.timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ConfigError(f"steps={steps!r}; expected an integer")
+        self.bundle.space.timesteps_for(steps)  # raises ConfigError naming the allowed range
+        return steps
 
     def _sample_batch(self, plan, t_inputs, batch, rng, callback, preview) -> np.ndarray:
         """One batch through the loop; a fixed-batch engine still gets full batches.

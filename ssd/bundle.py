@@ -1,7 +1,9 @@
 """The bundle contract (SPEC §9): what the exporter writes and the runtime reads.
 
-Torch-free (stdlib + numpy). Each route declares its I/O contract once here, in
-``route_contract``; the exporter, the engine builder and the runtime all read it.
+Torch-free (stdlib + numpy). The manifest format is defined once, here, as typed
+dataclasses (:class:`Manifest` and its parts): the exporter checks what it writes by parsing
+it with them, the runtime parses with them, and every number that sizes memory or time is
+bounded. Each route declares its I/O contract once, in ``route_contract``.
 
 Layout of a bundle folder::
 
@@ -9,39 +11,211 @@ Layout of a bundle folder::
     onnx/<route>.onnx        one graph per route (fp32); weights in onnx/weights.bin
     onnx-fp16/<route>.onnx   optional fp16 variant (fp32 I/O), weights in onnx-fp16/weights.bin
     torchscript/<route>.pt   optional TorchScript modules
+
+Every file a backend reads is listed with its size and sha256, and is read through
+:meth:`Bundle.read`: inside the bundle folder (symlinks leaving it, devices and FIFOs are
+refused), at most its listed size, hash checked. ONNX graphs get their external weights from
+memory (the manifest's tensor table), so ONNX Runtime opens no file itself.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .config import SSDConfig
+from .config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_LEVELS, MAX_TIMESTEPS, SSDConfig
 from .errors import UserError
-from .files import read_versioned_json
+from .files import (MAX_JSON_BYTES, check_format, inside, loads_json, read_capped, read_verified,
+                    sha256_file, write_json_atomic)
 from .method import ScaleSpace, route_name
+from .schema import ConfigError, Typed, parse, spec
 
 FORMAT = "ssd-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights tables for in-memory ONNX weights, one weights file per format
 MANIFEST = "manifest.json"
 INPUT_NAMES = ("x", "t")
 OUTPUT_NAME = "x0_pred"
 BACKEND_FORMATS = ("onnx", "onnx-fp16", "torchscript")
+ONNX_FORMATS = ("onnx", "onnx-fp16")
+MAX_ROUTES = 2 * MAX_LEVELS
+MAX_FILE_BYTES = 1 << 40
+MAX_TENSORS = 100_000
+SHA256 = "[0-9a-f]{64}"
+RELATIVE_PATH = r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*"
+WEIGHT_DTYPES = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1,
+                 "uint8": 1, "bool": 1}
+
+__all__ = ["BundleError", "Bundle", "Manifest", "load_bundle", "route_contract", "process_section",
+           "sha256_file", "write_json_atomic"]
 
 
 class BundleError(UserError):
     """A bundle is missing, corrupt, tampered with, or of another format version."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+# --------------------------------------------------------------------------- the format
+@dataclass(frozen=True)
+class FileEntry(Typed):
+    """A file of the bundle: its path relative to the bundle folder, size and sha256."""
+
+    path: str = spec(pattern=RELATIVE_PATH, max_len=512)
+    sha256: str = spec(pattern=SHA256)
+    bytes: int = spec(lo=0, hi=MAX_FILE_BYTES)
+
+    def check(self):
+        if ".." in self.path.split("/"):
+            raise ConfigError(f"path: {self.path!r} leaves the bundle folder")
+
+
+@dataclass(frozen=True)
+class RouteFile(FileEntry):
+    """A route's file for one format; ONNX graphs also map each external initializer to its
+    entry in the format's weights table."""
+
+    initializers: dict[str, int] = spec(default_factory=dict, lo=0, hi=MAX_TENSORS - 1,
+                                        max_items=MAX_TENSORS)
+
+
+@dataclass(frozen=True)
+class Tensor(Typed):
+    """One tensor stored in a weights file: ``length`` bytes at ``offset``."""
+
+    offset: int = spec(lo=0, hi=MAX_FILE_BYTES)
+    length: int = spec(lo=0, hi=MAX_FILE_BYTES)
+    dtype: str = spec(choices=tuple(WEIGHT_DTYPES))
+    shape: tuple[int, ...] = spec(lo=0, hi=MAX_FILE_BYTES, max_items=8)
+
+    def check(self):
+        if self.offset % WEIGHT_DTYPES[self.dtype]:
+            raise ConfigError(f"offset: {self.offset} is not aligned for {self.dtype}")
+        if math.prod(self.shape) * WEIGHT_DTYPES[self.dtype] != self.length:
+            raise ConfigError(f"length: {self.length} bytes do not hold a {self.dtype} {list(self.shape)}")
+
+
+@dataclass(frozen=True)
+class WeightsFile(FileEntry):
+    """The deduplicated weights every route of a format shares, and their table."""
+
+    tensors: tuple[Tensor, ...] = spec((), max_items=MAX_TENSORS)
+
+    def check(self):
+        super().check()
+        for i, tensor in enumerate(self.tensors):
+            if tensor.offset + tensor.length > self.bytes:
+                raise ConfigError(f"tensors[{i}]: bytes {tensor.offset}..{tensor.offset + tensor.length} "
+                                  f"lie beyond the file's {self.bytes}")
+
+
+@dataclass(frozen=True)
+class TensorIO(Typed):
+    """A route input or output: name, dtype and shape (an int, or "batch" for a dynamic axis)."""
+
+    name: str = spec(max_len=64)
+    dtype: str = spec(choices=("float32",))
+    shape: tuple[int | str, ...] = spec(lo=1, hi=max(MAX_BATCH, MAX_IMAGE_SIZE), pattern="batch", max_items=4)
+
+
+@dataclass(frozen=True)
+class Route(Typed):
+    """One network route (SPEC §7): ``keep_R`` or ``up_R_2R``, its I/O and files."""
+
+    name: str = spec(pattern=r"keep_[0-9]{1,4}|up_[0-9]{1,4}_[0-9]{1,4}")
+    kind: str = spec(choices=("keep", "up"))
+    in_size: int = spec(lo=1, hi=MAX_IMAGE_SIZE)
+    out_size: int = spec(lo=1, hi=MAX_IMAGE_SIZE)
+    inputs: tuple[TensorIO, ...] = spec(min_items=2, max_items=2)
+    outputs: tuple[TensorIO, ...] = spec(min_items=1, max_items=1)
+    files: dict[str, RouteFile] = spec(choices=BACKEND_FORMATS, max_items=len(BACKEND_FORMATS))
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    def check(self):
+        try:
+            expected = route_name(self.in_size, self.out_size)
+        except ValueError as err:
+            raise ConfigError(f"in_size: {err}") from None
+        if self.name != expected or self.kind != ("keep" if self.in_size == self.out_size else "up"):
+            raise ConfigError(f"name: {self.name!r} ({self.kind}) does not match sizes "
+                              f"{self.in_size} -> {self.out_size}")
+
+
+@dataclass(frozen=True)
+class Process(Typed):
+    """The process as arrays (SPEC §9), so the runtime depends on no formula agreeing."""
+
+    timesteps: int = spec(lo=2, hi=MAX_TIMESTEPS)
+    abar: tuple[float, ...] = spec(lo=0.0, hi=1.0, max_items=MAX_TIMESTEPS)
+    sizes: tuple[int, ...] = spec(lo=1, hi=MAX_IMAGE_SIZE, max_items=MAX_TIMESTEPS)
+    ladder: tuple[int, ...] = spec(lo=1, hi=MAX_IMAGE_SIZE, min_items=1, max_items=MAX_LEVELS)
+    change_steps: tuple[int, ...] = spec(lo=1, hi=MAX_TIMESTEPS, max_items=MAX_LEVELS)
+    halving: dict[str, tuple[tuple[float, ...], ...]] = spec(pattern="[0-9]{1,4}", lo=0.0, hi=1.0,
+                                                             max_items=MAX_IMAGE_SIZE)
+
+    def check(self):
+        if not len(self.abar) == len(self.sizes) == self.timesteps:
+            raise ConfigError(f"abar: {len(self.abar)} and sizes {len(self.sizes)} values; "
+                              f"expected timesteps={self.timesteps} of each")
+        if set(self.halving) != {str(m) for m in self.ladder[1:]}:
+            raise ConfigError(f"halving: matrices for sizes {sorted(self.halving, key=int)}; "
+                              f"expected {list(self.ladder[1:])}")
+        for size, rows in self.halving.items():
+            m = int(size)
+            if len(rows) != m // 2 or any(len(row) != m for row in rows):
+                raise ConfigError(f"halving.{size}: expected a {m // 2}x{m} matrix")
+
+
+@dataclass(frozen=True)
+class BatchRange(Typed):
+    min: int = spec(lo=1, hi=MAX_BATCH)
+    max: int = spec(lo=1, hi=MAX_BATCH)
+
+    def check(self):
+        if self.min > self.max:
+            raise ConfigError(f"min: {self.min} is larger than max {self.max}")
+
+
+@dataclass(frozen=True)
+class Manifest(Typed):
+    """``manifest.json``. The last sections are informational (tools, source, options,
+    sizes, verification); ``engines`` is the TensorRT registry."""
+
+    format: str = spec(choices=(FORMAT,))
+    format_version: int = spec(choices=(FORMAT_VERSION,))
+    config: SSDConfig = spec()
+    process: Process = spec()
+    batch: BatchRange = spec()
+    routes: tuple[Route, ...] = spec(min_items=1, max_items=MAX_ROUTES)
+    shared_files: dict[str, WeightsFile] = spec(choices=ONNX_FORMATS, max_items=len(ONNX_FORMATS))
+    engines: dict[str, Any] = field(default_factory=dict)
+    created_by: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = spec("", pattern=f"|{SHA256}")
+    sizes: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    def check(self):
+        names = [route.name for route in self.routes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"routes: a route is listed twice in {names}")
+        channels = self.config.model.in_channels
+        batch = self.batch.min if self.batch.min == self.batch.max else "batch"
+        for i, route in enumerate(self.routes):
+            wanted = route_contract(route.name, route.in_size, route.out_size, channels, batch)
+            if [parse(TensorIO, io) for io in wanted["inputs"] + wanted["outputs"]] != [*route.inputs, *route.outputs]:
+                raise ConfigError(f"routes[{i}].inputs: {route.name}'s I/O does not match the config "
+                                  f"({channels} channels, batch {batch})")
+            for fmt, entry in route.files.items():
+                if fmt not in ONNX_FORMATS:
+                    continue
+                weights = self.shared_files.get(fmt)
+                if weights is None:  # every file a backend reads must be listed and hashed
+                    raise ConfigError(f"shared_files: no {fmt} weights file, which {route.name} needs")
+                if any(index >= len(weights.tensors) for index in entry.initializers.values()):
+                    raise ConfigError(f"routes[{i}].files.{fmt}.initializers: index beyond the weights table")
 
 
 def route_contract(name: str, in_size: int, out_size: int, channels: int, batch) -> dict:
@@ -75,92 +249,94 @@ def process_section(space: ScaleSpace) -> dict:
     }
 
 
+def parse_manifest(document: dict, where: Path) -> Manifest:
+    """A :class:`Manifest` from parsed JSON; :class:`BundleError` naming the first bad field."""
+    check_format(document, where, FORMAT, FORMAT_VERSION, BundleError, "manifest")
+    try:
+        return parse(Manifest, document)
+    except ConfigError as err:
+        raise BundleError(f"{where} is malformed: {err}") from None
+
+
+# --------------------------------------------------------------------------- reading
 @dataclass(frozen=True)
 class Bundle:
-    """A validated bundle: its folder, manifest, config and process."""
+    """A validated bundle: its folder, manifest, process and the manifest's sha256."""
 
     path: Path
-    manifest: dict
-    config: SSDConfig
+    manifest: Manifest
     space: ScaleSpace
+    digest: str  # sha256 of manifest.json: names the exact bundle in outputs' metadata
 
     @property
-    def routes(self) -> dict[str, dict]:
-        return {route["name"]: route for route in self.manifest["routes"]}
+    def config(self) -> SSDConfig:
+        return self.manifest.config
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return {route.name: route for route in self.manifest.routes}
 
     @property
     def batch_range(self) -> tuple[int, int]:
-        batch = self.manifest["batch"]
-        return int(batch["min"]), int(batch["max"])
+        return self.manifest.batch.min, self.manifest.batch.max
 
-    @property
-    def digest(self) -> str:
-        """sha256 of the manifest: names the exact bundle in outputs' metadata."""
-        return sha256_file(self.path / MANIFEST)
+    def formats(self) -> list[str]:
+        return sorted({fmt for route in self.manifest.routes for fmt in route.files}, key=BACKEND_FORMATS.index)
 
-    def file(self, route: str, backend_format: str) -> Path:
-        """Path of a route's file for a backend format, after its hash was checked."""
-        files = self.routes[route]["files"]
+    def route_file(self, route: str, backend_format: str) -> RouteFile:
+        """The manifest entry of a route's file for a backend format."""
+        files = self.routes[route].files
         if backend_format not in files:
-            have = sorted({f for r in self.manifest["routes"] for f in r["files"]})
             flags = "--engine onnx --precision fp16" if backend_format == "onnx-fp16" else f"--engine {backend_format}"
-            raise BundleError(
-                f"bundle {self.path} has no {backend_format!r} files; it has {have} "
-                f"(re-export with {flags})"
-            )
-        return self._inside(files[backend_format]["path"])
+            raise BundleError(f"bundle {self.path} has no {backend_format!r} file for {route}; it has "
+                              f"{self.formats()} (re-export with {flags})")
+        return files[backend_format]
 
-    def _inside(self, relative: str) -> Path:
-        """A path the manifest names, refused if it points outside the bundle folder."""
-        if Path(relative).is_absolute() or ".." in Path(relative).parts:
-            raise BundleError(f"{self.path / MANIFEST} names a file outside the bundle: {relative!r}")
-        return self.path / relative
+    def weights_file(self, backend_format: str) -> WeightsFile:
+        return self.manifest.shared_files[backend_format]  # present: Manifest.check
+
+    def read(self, entry: FileEntry) -> bytes:
+        """A listed file's bytes: inside the bundle, a regular file, its size and sha256 checked."""
+        path = inside(self.path, entry.path, BundleError, str(self.path / MANIFEST))
+        return read_verified(path, entry.bytes, entry.sha256, BundleError, MANIFEST)
 
     def verify_files(self, backend_format: str) -> None:
-        """Check size and sha256 of every file a backend format uses, shared ones included."""
-        entries = [r["files"][backend_format] for r in self.manifest["routes"] if backend_format in r["files"]]
-        entries += [e for e in self.manifest.get("shared_files", {}).get(backend_format, [])]
-        for entry in entries:
-            path = self._inside(entry["path"])
-            if not path.is_file():
-                raise BundleError(f"bundle file missing: {path}")
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise BundleError(f"bundle file {path} does not match its sha256 in {MANIFEST}")
-
-
-def read_manifest(path: Path) -> dict:
-    """Parse and check the manifest's format and version; one-line errors."""
-    manifest_path = Path(path) / MANIFEST
-    if not Path(path).is_dir():
-        raise BundleError(f"no bundle at {path} (expected a folder with {MANIFEST})")
-    if not manifest_path.is_file():
-        raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
-    return read_versioned_json(manifest_path, FORMAT, FORMAT_VERSION, BundleError, "manifest")
+        """Check every file a backend format uses, shared weights included."""
+        for name in self.routes:
+            self.read(self.route_file(name, backend_format))
+        if backend_format in ONNX_FORMATS:
+            self.read(self.weights_file(backend_format))
 
 
 def load_bundle(path) -> Bundle:
-    """Read and validate a bundle folder (format, version, config, process, routes)."""
+    """Read and validate a bundle folder: format, version, every field's type and range,
+    the process against the config, and the routes the ladder needs."""
     path = Path(path)
-    manifest = read_manifest(path)
-    try:
-        config = SSDConfig.from_dict(manifest["config"])
-        process = manifest["process"]
-        halving = {int(m): np.asarray(a, np.float64) for m, a in process["halving"].items()}
-        space = ScaleSpace(process["abar"], process["sizes"], halving)
-        routes = {r["name"]: (r["in_size"], r["out_size"]) for r in manifest["routes"]}
-        manifest["batch"]["min"], manifest["batch"]["max"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"{path / MANIFEST} is malformed: {err}") from None
-    needed = {route_name(r, r) for r in space.ladder}
-    needed |= {route_name(r, 2 * r) for r in space.ladder[:-1]}
-    missing = sorted(needed - set(routes))
+    if not path.is_dir():
+        raise BundleError(f"no bundle at {path} (expected a folder with {MANIFEST})")
+    if not (path / MANIFEST).exists() and not (path / MANIFEST).is_symlink():
+        raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
+    manifest_path = inside(path, MANIFEST, BundleError, str(path))
+    data = read_capped(manifest_path, MAX_JSON_BYTES, BundleError)
+    manifest = parse_manifest(loads_json(data, path / MANIFEST, BundleError), path / MANIFEST)
+    space = _scale_space(manifest, path / MANIFEST)
+    needed = {route_name(r, r) for r in space.ladder} | {route_name(r, 2 * r) for r in space.ladder[:-1]}
+    missing = sorted(needed - {route.name for route in manifest.routes})
     if missing:
         raise BundleError(f"{path / MANIFEST} lacks routes {missing}")
-    return Bundle(path, manifest, config, space)
+    return Bundle(path, manifest, space, hashlib.sha256(data).hexdigest())
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path`` through a temp file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+def _scale_space(manifest: Manifest, where: Path) -> ScaleSpace:
+    """The process of a manifest, checked against its own summary and its config."""
+    process, config = manifest.process, manifest.config
+    try:
+        halving = {int(m): np.asarray(rows, np.float64) for m, rows in process.halving.items()}
+        space = ScaleSpace(process.abar, process.sizes, halving)
+    except ConfigError as err:
+        raise BundleError(f"{where} is malformed: process: {err}") from None
+    if (space.ladder != process.ladder or space.change_steps.tolist() != list(process.change_steps)
+            or space.ladder != config.ladder or space.timesteps != config.diffusion.timesteps):
+        raise BundleError(f"{where} is malformed: process.ladder {list(process.ladder)} and its change "
+                          f"steps disagree with r(t) or with the config's ladder {list(config.ladder)}")
+    return space

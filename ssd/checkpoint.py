@@ -13,8 +13,11 @@ Layout of a run folder::
 
 A checkpoint is written into a temp folder beside its final place, fsync'd, then renamed
 into place, and only then does ``latest`` move; the last ``keep`` checkpoints are kept.
-So a killed or failed save leaves every earlier checkpoint intact. On load, sizes and
-hashes are checked first; anything wrong raises :class:`CheckpointError` with one line.
+So a killed or failed save leaves every earlier checkpoint intact, and weights that are
+not finite are never saved (so never prune a good checkpoint). On load, ``state.json`` is
+parsed by its one typed definition (:class:`CheckpointState`), files must be regular files
+inside the folder, sizes and hashes are checked first, optimizer tensors must fit their
+parameters; anything wrong raises :class:`CheckpointError` with one line.
 """
 from __future__ import annotations
 
@@ -23,16 +26,19 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .config import ConfigError, SSDConfig
-from .files import read_versioned_json
+from .config import MAX_STEPS, SSDConfig, TrainConfig
 from .errors import OutputError, UserError
+from .files import (MAX_JSON_BYTES, check_format, fsync_dir, inside, loads_json, read_capped,
+                    read_verified, write_atomic)
+from .schema import ConfigError, Typed, parse, spec, to_json
 
 FORMAT = "ssd-checkpoint"
 FORMAT_VERSION = 1
@@ -46,46 +52,61 @@ class CheckpointError(UserError):
     """A checkpoint is missing, truncated, corrupt, of another format, or does not fit."""
 
 
+# --------------------------------------------------------------------------- the format
+@dataclass(frozen=True)
+class FileHash(Typed):
+    bytes: int = spec(lo=0, hi=1 << 40)
+    sha256: str = spec(pattern="[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class OptimizerGroups(Typed):
+    """AdamW's param groups (hyper-parameters and parameter indices); its tensors are in
+    ``optimizer.safetensors``."""
+
+    param_groups: tuple[dict[str, Any], ...] = spec(min_items=1, max_items=1024)
+
+
+@dataclass(frozen=True)
+class CheckpointState(Typed):
+    """``state.json``: the one definition that :func:`save_checkpoint` writes and
+    :func:`read_checkpoint` parses. ``train`` is None for checkpoints not made by ssd-train."""
+
+    format: str = spec(choices=(FORMAT,))
+    format_version: int = spec(choices=(FORMAT_VERSION,))
+    step: int = spec(lo=0, hi=MAX_STEPS)
+    config: SSDConfig = spec()
+    train: TrainConfig | None = spec()
+    rng: dict[str, Any] = spec(max_items=16)
+    optimizer: OptimizerGroups = spec()
+    files: dict[str, FileHash] = spec(choices=tuple(TENSOR_FILES.values()), min_items=len(TENSOR_FILES))
+    torch_version: str = spec("", max_len=64)
+
+
 @dataclass
 class Checkpoint:
     """A verified checkpoint read into memory (tensors on the CPU)."""
 
     path: Path
-    step: int
-    config: SSDConfig
-    train: dict
-    rng: dict
-    tensors: dict[str, dict[str, torch.Tensor]]  # "model" / "ema" / "optimizer" -> state
-    param_groups: list
+    state: CheckpointState
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # "model"/"ema"/"optimizer"
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def config(self) -> SSDConfig:
+        return self.state.config
 
 
 # --------------------------------------------------------------------------- writing
 def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` and fsync it (the one place bytes hit the disk; tests patch it)."""
+    """Write ``data`` and fsync it (the one place checkpoint bytes hit the disk; tests patch it)."""
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` via a temp file and a rename in the same folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_file(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _cpu(state: dict) -> dict[str, torch.Tensor]:
@@ -101,46 +122,74 @@ def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
     return tensors, state_dict["param_groups"]
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
-    """Inverse of :func:`flatten_optimizer`."""
+OPTIMIZER_STATES = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's per-parameter state
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups, params: list[torch.Tensor],
+                        where: Path) -> dict:
+    """Inverse of :func:`flatten_optimizer`, refusing tensors that do not fit ``params``."""
     state: dict[int, dict] = {}
     for key, value in tensors.items():
-        _, param, name = key.split(".", 2)
-        state.setdefault(int(param), {})[name] = value
-    return {"state": state, "param_groups": param_groups}
+        match = re.fullmatch(r"state\.(\d{1,6})\.([a-z_]+)", key)
+        if not match or int(match.group(1)) >= len(params) or match.group(2) not in OPTIMIZER_STATES:
+            raise CheckpointError(f"{where} holds an unknown optimizer tensor {key[:80]!r}")
+        index, name = int(match.group(1)), match.group(2)
+        shape = () if name == "step" else tuple(params[index].shape)
+        if tuple(value.shape) != shape or not value.is_floating_point():
+            raise CheckpointError(f"optimizer tensor {key} in {where} is {value.dtype} {list(value.shape)}; "
+                                  f"its parameter needs float {list(shape)}")
+        state.setdefault(index, {})[name] = value
+    indices = []
+    for group in param_groups:
+        _check_param_group(group, where)
+        indices += group["params"]
+    if sorted(indices) != list(range(len(params))):
+        raise CheckpointError(f"optimizer param_groups in {where} do not list the model's {len(params)} parameters")
+    return {"state": state, "param_groups": [dict(group) for group in param_groups]}
+
+
+def _check_param_group(group: dict, where: Path) -> None:
+    """AdamW hyper-parameters of one group must be what AdamW can step with."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+    ids = group.get("params")
+    ok = (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+          and all(number(group.get(key)) for key in ("lr", "eps", "weight_decay"))
+          and isinstance(group.get("betas"), list) and len(group["betas"]) == 2
+          and all(number(b) and b < 1 for b in group["betas"]))
+    if not ok:
+        raise CheckpointError(f"optimizer param_groups in {where} are malformed (params, lr, betas, eps, weight_decay)")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(run_dir, step: int, config: SSDConfig, train: dict, model, ema, optimizer,
-                    rng: dict, keep: int = 3) -> Path:
+def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | None, model, ema,
+                    optimizer, rng: dict, keep: int = 3) -> Path:
     """Write checkpoint ``step`` of a run atomically; returns its folder.
 
-    ``train``: the train config as a dict; ``rng``: JSON-able generator states.
-    Raises :class:`OutputError` (one line) if the folder cannot be created or written.
+    ``rng``: JSON-able generator states. Refuses (:class:`CheckpointError`) weights that
+    are not finite; raises :class:`OutputError` (one line) if the folder cannot be written.
     """
     root = Path(run_dir) / "checkpoints"
     name = step_dir_name(step)
+    for part, module in (("model", model), ("ema", ema)):
+        bad = nonfinite_tensors(module.state_dict())
+        if bad:  # never let non-finite weights replace (or prune) good checkpoints
+            raise CheckpointError(f"refusing to save step {step}: {len(bad)} {part} tensors are not finite "
+                                  f"(e.g. {bad[0]})")
     optimizer_tensors, param_groups = flatten_optimizer(optimizer.state_dict())
     blobs = {
         TENSOR_FILES["model"]: save_safetensors(_cpu(model.state_dict())),
         TENSOR_FILES["ema"]: save_safetensors(_cpu(ema.state_dict())),
         TENSOR_FILES["optimizer"]: save_safetensors(optimizer_tensors),
     }
-    state = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "step": int(step),
-        "config": config.to_dict(),
-        "train": train,
-        "rng": rng,
-        "optimizer": {"param_groups": param_groups},
-        "files": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()},
-        "torch_version": torch.__version__,
-    }
-    blobs[STATE_FILE] = json.dumps(state, indent=1).encode()
+    state = CheckpointState(
+        FORMAT, FORMAT_VERSION, int(step), config, train, rng, OptimizerGroups(tuple(param_groups)),
+        {f: FileHash(len(b), hashlib.sha256(b).hexdigest()) for f, b in blobs.items()},
+        torch.__version__,
+    )
+    blobs[STATE_FILE] = json.dumps(to_json(state), indent=1).encode()
     try:
         root.mkdir(parents=True, exist_ok=True)
         final = _write_dir_atomic(root, name, blobs)
@@ -151,6 +200,12 @@ def save_checkpoint(run_dir, step: int, config: SSDConfig, train: dict, model, e
     return final
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def _write_dir_atomic(root: Path, name: str, blobs: dict[str, bytes]) -> Path:
     """Write ``blobs`` into ``root/.tmp-name-pid``, fsync, then rename it to ``root/name``."""
     tmp, final = root / f".tmp-{name}-{os.getpid()}", root / name
@@ -159,7 +214,7 @@ def _write_dir_atomic(root: Path, name: str, blobs: dict[str, bytes]) -> Path:
         tmp.mkdir()
         for filename, data in blobs.items():
             _write_file(tmp / filename, data)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after resuming from an older one)
             old = root / f".old-{name}-{os.getpid()}"
             os.rename(final, old)
@@ -167,7 +222,7 @@ def _write_dir_atomic(root: Path, name: str, blobs: dict[str, bytes]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -199,8 +254,9 @@ def latest_checkpoint(run_dir) -> Path | None:
     """The newest checkpoint folder of a run (named by ``latest``), or None if there is none."""
     root = Path(run_dir) / "checkpoints"
     latest = root / LATEST_FILE
-    if latest.is_file():
-        name = latest.read_text(errors="replace").strip()
+    if latest.exists() or latest.is_symlink():
+        data = read_capped(inside(root, LATEST_FILE, CheckpointError, str(root)), 64, CheckpointError)
+        name = data.decode(errors="replace").strip()
         if not _STEP_DIR.match(name) or not (root / name / STATE_FILE).is_file():
             raise CheckpointError(f"{latest} names {name[:40]!r}, which is not a checkpoint folder")
         return root / name
@@ -211,7 +267,7 @@ def latest_checkpoint(run_dir) -> Path | None:
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder from either itself or a run folder (its latest checkpoint)."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if (path / STATE_FILE).exists() or (path / STATE_FILE).is_symlink():
         return path
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -222,18 +278,22 @@ def resolve_checkpoint(path) -> Path:
 
 
 # --------------------------------------------------------------------------- reading
-def _read_state(path: Path) -> dict:
-    return read_versioned_json(path / STATE_FILE, FORMAT, FORMAT_VERSION, CheckpointError, "checkpoint state")
-
-
-def _read_tensors(path: Path, entry: dict) -> dict[str, torch.Tensor]:
-    """Read one safetensors file after checking its size and sha256."""
+def read_state(path: Path) -> CheckpointState:
+    """Parse and check a checkpoint folder's ``state.json``: every field typed and bounded."""
+    where = path / STATE_FILE
+    data = read_capped(inside(path, STATE_FILE, CheckpointError, str(path)), MAX_JSON_BYTES, CheckpointError)
+    document = check_format(loads_json(data, where, CheckpointError), where, FORMAT, FORMAT_VERSION,
+                            CheckpointError, "checkpoint state")
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path} is corrupt or truncated (size or sha256 differs from {STATE_FILE})")
+        return parse(CheckpointState, document)
+    except ConfigError as err:
+        raise CheckpointError(f"{where} is malformed: {err}") from None
+
+
+def _read_tensors(folder: Path, name: str, entry: FileHash) -> dict[str, torch.Tensor]:
+    """Read one safetensors file of a checkpoint after checking its size and sha256."""
+    path = inside(folder, name, CheckpointError, str(folder / STATE_FILE))
+    data = read_verified(path, entry.bytes, entry.sha256, CheckpointError, STATE_FILE)
     try:
         return load_safetensors(data)
     except Exception as err:  # safetensors raises its own error types for bad headers
@@ -243,46 +303,40 @@ def _read_tensors(path: Path, entry: dict) -> dict[str, torch.Tensor]:
 def read_checkpoint(path, parts=("model", "ema", "optimizer")) -> Checkpoint:
     """Find, verify and read a checkpoint (a checkpoint folder or a run folder)."""
     path = resolve_checkpoint(path)
-    state = _read_state(path)
-    try:
-        config = SSDConfig.from_dict(state["config"])
-        files = state["files"]
-        tensors = {part: _read_tensors(path / TENSOR_FILES[part], files[TENSOR_FILES[part]]) for part in parts}
-        return Checkpoint(path, int(state["step"]), config, dict(state["train"]), dict(state["rng"]),
-                          tensors, list(state["optimizer"]["param_groups"]))
-    except (KeyError, TypeError, ValueError, ConfigError) as err:
-        raise CheckpointError(f"{path / STATE_FILE} is malformed: {err}") from None
+    state = read_state(path)
+    tensors = {part: _read_tensors(path, TENSOR_FILES[part], state.files[TENSOR_FILES[part]]) for part in parts}
+    return Checkpoint(path, state, tensors)
 
 
 def load_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
     """``module.load_state_dict(state)`` with a one-line error when they do not fit."""
     try:
         module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
         first = str(err).strip().splitlines()
         raise CheckpointError(f"{what} in {path} does not fit: {' '.join(first[:3])[:300]}") from None
 
 
-def load_checkpoint(path, model=None, ema=None, optimizer=None) -> Checkpoint:
-    """Read a checkpoint and load it into whichever of ``model``/``ema``/``optimizer`` are given."""
-    checkpoint = read_checkpoint(path)
-    if model is not None:
-        load_state(model, checkpoint.tensors["model"], "model weights", checkpoint.path)
-    if ema is not None:
-        load_state(ema, checkpoint.tensors["ema"], "EMA weights", checkpoint.path)
-    if optimizer is not None:
-        state = unflatten_optimizer(checkpoint.tensors["optimizer"], checkpoint.param_groups)
-        load_state(optimizer, state, "optimizer state", checkpoint.path)
-    return checkpoint
+def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Load AdamW's state after checking every tensor against the parameters it belongs to."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = unflatten_optimizer(checkpoint.tensors["optimizer"], checkpoint.state.optimizer.param_groups,
+                                params, checkpoint.path)
+    load_state(optimizer, state, "optimizer state", checkpoint.path)
 
 
 def load_model(path, ema: bool = True, device="cpu"):
-    """``(SSDConfig, FlexiUNet in eval mode)`` from a checkpoint or run folder (EMA weights by default)."""
+    """``(SSDConfig, FlexiUNet in eval mode)`` from a checkpoint or run folder (EMA weights by
+    default); weights that are not finite are refused with one line."""
     from .unet import FlexiUNet
 
-    checkpoint = read_checkpoint(path, parts=("ema",) if ema else ("model",))
-    model = FlexiUNet(checkpoint.config.model)
     part = "ema" if ema else "model"
+    checkpoint = read_checkpoint(path, parts=(part,))
+    bad = nonfinite_tensors(checkpoint.tensors[part])
+    if bad:
+        raise CheckpointError(f"checkpoint {checkpoint.path} has non-finite {part} weights ({len(bad)} tensors, "
+                              f"e.g. {bad[0]}): the run diverged before this step; use an earlier checkpoint")
+    model = FlexiUNet(checkpoint.config.model)
     load_state(model, checkpoint.tensors[part], f"{part} weights", checkpoint.path)
     return checkpoint.config, model.to(device).eval()
 
@@ -301,4 +355,4 @@ def save_random_checkpoint(run_dir, config: SSDConfig, seed: int = 0, scale: flo
         for param in model.parameters():
             param.add_(scale * torch.randn_like(param))
     optimizer = torch.optim.AdamW(model.parameters())
-    return save_checkpoint(run_dir, 0, config, {}, model, model, optimizer, {})
+    return save_checkpoint(run_dir, 0, config, None, model, model, optimizer, {})

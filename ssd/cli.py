@@ -5,24 +5,20 @@ every other user-caused error: ``error: ...`` on stderr and a non-zero exit code
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from .config import MODEL_PRESETS
+from .config import MAX_BATCH, MODEL_PRESETS, TrainConfig
 from .errors import UserError, cli_errors, require, run_cli
-from .images import write_samples
+from .files import make_output_folder, removed_on_failure
 
-# The defaults of ssd.train.TrainConfig, repeated for --help (that module needs torch);
-# tests/test_cli_errors.py checks that they agree. Options not given on the command line
-# are not passed on, so a resumed run keeps its checkpoint's values.
-TRAIN_DEFAULTS = {
-    "data": "fashion-mnist", "preset": "tiny32", "levels": None, "steps": 10_000,
-    "batch_size": 64, "lr": 1e-4, "weight_decay": 0.0, "ema_decay": 0.9999, "grad_clip": None,
-    "save_every": 1000, "sample_every": 1000, "sample_steps": 50, "seed": 0, "device": "auto",
-    "keep": 3,
-}
+# --help shows TrainConfig's defaults. Options not given on the command line are not passed
+# on, so a resumed run keeps its checkpoint's values.
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+SAMPLE_BATCH = 64  # ssd-sample's default batch: memory stays bounded whatever --n is
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -74,7 +70,8 @@ def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, *
     _need_train_extra("ssd-train")
     from .train import start_run
 
-    trainer = start_run(out, given_options(ctx, options), resume)
+    with removed_on_failure(out):  # a failed start leaves no empty run folder
+        trainer = start_run(out, given_options(ctx, options), resume)
     cfg = trainer.cfg
     click.echo(
         f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L at step {trainer.step} on "
@@ -106,7 +103,8 @@ def interrupted(out: Path, step: int) -> UserError:
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Network calls (levels..T).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples.")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Samples per batch (default: all).")
+@click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
+              help=f"Samples per batch [default: min(n, {SAMPLE_BATCH})].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--raw", is_flag=True, help="Use the raw weights instead of their EMA.")
@@ -115,17 +113,22 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
     """Sample images from a training CHECKPOINT (a checkpoint folder or a run folder)."""
     _need_train_extra("ssd-sample")
     from .checkpoint import load_model
+    from .images import SampleWriter
     from .method import ScaleSpace
-    from .sample import sample_images
+    from .sample import sample_batches
     from .train import resolve_device
 
     device = resolve_device(device)
     config, model = load_model(checkpoint, ema=not raw, device=device)
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
-    images = sample_images(model, config, n, steps, seed=seed, device=device, batch=batch)
+    batch = batch or min(n, SAMPLE_BATCH)
     params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema"}
-    grid = write_samples(out, images, params)
-    click.echo(f"wrote {len(images)} samples and {grid.name} to {out}")
+    with removed_on_failure(out):
+        writer = SampleWriter(make_output_folder(out), params)
+        for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch):
+            writer.add(images)  # written as each batch finishes: memory bounded by one batch
+        grid = writer.finish()
+    click.echo(f"wrote {writer.count} samples and {grid.name} to {out}")
 
 
 def train_main(args=None):

@@ -1,57 +1,64 @@
 """Typed, frozen configuration for the Flexi-UNet and the scale-space process.
 
 Pure Python (no numpy, no torch): checkpoints and bundles carry these as JSON, and the
-runtime reads them back without importing torch.
+runtime reads them back without importing torch. Each is a :class:`ssd.schema.Typed`
+dataclass, so a value out of its bounds is refused wherever it comes from.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration a user wrote is invalid; the message names the clashing options."""
-
+from .schema import ConfigError, Typed, spec, to_json
 
 RESOLUTION_SCHEDULES = ("convex", "equal")
 TOP_TRANSITIONS = ("up", "interp")
 
+# Bounds on every number that sizes memory or time, whether it comes from the command line,
+# a checkpoint's state.json or a bundle's manifest.json.
+MAX_IMAGE_SIZE = 4096
+MAX_LEVELS = 12
+MAX_CHANNELS = 8192  # widest UNet level (base_channels * channel_mult)
+MAX_TIMESTEPS = 100_000
+MAX_BATCH = 4096
+MAX_STEPS = 10**12  # training steps
+SEED_MAX_TORCH = 2**64 - 1  # torch generators take 64-bit seeds; numpy takes any non-negative int
+
+
+def check_seed(seed, high: int | None = None) -> int:
+    """A seed numpy accepts (a non-negative integer), below ``high`` where given."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or (high is not None and seed > high):
+        limit = f"0..{high}" if high is not None else "a non-negative integer"
+        raise ConfigError(f"seed={seed!r}; expected {limit}")
+    return seed
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Typed):
     """The ADM-style Flexi-UNet. Level ``l`` has native size ``image_size / 2**l``."""
 
-    image_size: int = 32
-    in_channels: int = 3
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    attention_resolutions: tuple[int, ...] = (8,)
-    num_heads: int = 4
-    norm_groups: int = 32
-    dropout: float = 0.0
+    image_size: int = spec(32, lo=2, hi=MAX_IMAGE_SIZE)
+    in_channels: int = spec(3, lo=1, hi=16)
+    base_channels: int = spec(32, lo=1, hi=MAX_CHANNELS)
+    channel_mult: tuple[int, ...] = spec((1, 2, 2), lo=1, hi=64, min_items=1, max_items=MAX_LEVELS)
+    num_res_blocks: int = spec(1, lo=1, hi=16)
+    attention_resolutions: tuple[int, ...] = spec((8,), lo=1, hi=MAX_IMAGE_SIZE, max_items=MAX_LEVELS)
+    num_heads: int = spec(4, lo=1, hi=256)
+    norm_groups: int = spec(32, lo=1, hi=1024)
+    dropout: float = spec(0.0, lo=0.0, hi=1.0)
     # "up": the asymmetric up route into full size; "interp": bilinear-upsample x_t to
     # full size and run keep(full) (what the authors' code does).
-    top_transition: str = "interp"
+    top_transition: str = spec("interp", choices=TOP_TRANSITIONS)
 
-    def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(
-            self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions)
-        )
-        if self.top_transition not in TOP_TRANSITIONS:
-            raise ConfigError(
-                f"top_transition={self.top_transition!r}; expected one of {TOP_TRANSITIONS}"
-            )
-        if not self.channel_mult:
-            raise ConfigError("channel_mult must name at least one level")
+    def check(self):
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ConfigError(
                 f"image_size={self.image_size} is not divisible by 2**(levels-1) "
                 f"for channel_mult={self.channel_mult}"
             )
+        if self.base_channels * max(self.channel_mult) > MAX_CHANNELS:
+            raise ConfigError(f"base_channels*mult={self.base_channels * max(self.channel_mult)} "
+                              f"exceeds {MAX_CHANNELS} channels")
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.norm_groups:
                 raise ConfigError(
@@ -92,42 +99,33 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(Typed):
     """The scale-space forward process (SPEC §2): noise and resolution schedules."""
 
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    levels: int = 3  # n in "nL"; 1 is DDPM with an x0-predicting network
-    resolution_schedule: str = "convex"
-    gamma: float = 0.5  # ConvexDecay exponent
+    timesteps: int = spec(1000, lo=2, hi=MAX_TIMESTEPS)
+    beta_start: float = spec(1e-4, lo=0.0, hi=1.0)
+    beta_end: float = spec(0.02, lo=0.0, hi=1.0)
+    levels: int = spec(3, lo=1, hi=MAX_LEVELS)  # n in "nL"; 1 is DDPM with an x0-predicting network
+    resolution_schedule: str = spec("convex", choices=RESOLUTION_SCHEDULES)
+    gamma: float = spec(0.5, lo=0.0, hi=1.0)  # ConvexDecay exponent
 
-    def __post_init__(self):
-        if self.timesteps < 2:
-            raise ConfigError(f"timesteps={self.timesteps}; need at least 2")
+    def check(self):
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(
                 f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
             )
-        if self.levels < 1:
-            raise ConfigError(f"levels={self.levels}; need at least 1")
-        if self.resolution_schedule not in RESOLUTION_SCHEDULES:
-            raise ConfigError(
-                f"resolution_schedule={self.resolution_schedule!r}; "
-                f"expected one of {RESOLUTION_SCHEDULES}"
-            )
-        if not 0 < self.gamma <= 1:
+        if self.gamma <= 0:
             raise ConfigError(f"gamma={self.gamma}; need 0 < gamma <= 1")
 
 
 @dataclass(frozen=True)
-class SSDConfig:
+class SSDConfig(Typed):
     """A whole SSD model: network plus process. Travels with checkpoints and bundles."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
-    def __post_init__(self):
+    def check(self):
         if self.diffusion.levels > self.model.num_levels:
             raise ConfigError(
                 f"diffusion.levels={self.diffusion.levels} needs at least that many UNet "
@@ -141,17 +139,13 @@ class SSDConfig:
         return tuple(self.model.image_size >> k for k in reversed(range(n)))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SSDConfig":
-        try:
-            return cls(
-                model=ModelConfig(**data["model"]),
-                diffusion=DiffusionConfig(**data["diffusion"]),
-            )
-        except (KeyError, TypeError) as err:
-            raise ConfigError(f"malformed SSD config: {err}") from None
+        from .schema import parse
+
+        return parse(cls, data, "config")
 
 
 # Named network presets. A preset name, once released, never changes meaning.
@@ -175,3 +169,38 @@ def make_config(preset: str, levels: int | None = None, **diffusion_overrides) -
     model = MODEL_PRESETS[preset]
     diffusion = DiffusionConfig(levels=levels or model.num_levels, **diffusion_overrides)
     return SSDConfig(model=model, diffusion=diffusion)
+
+
+@dataclass(frozen=True)
+class TrainConfig(Typed):
+    """How to train; saved with every checkpoint. ``levels`` None means the preset's UNet levels."""
+
+    preset: str = spec("tiny32", choices=tuple(MODEL_PRESETS))
+    levels: int | None = spec(None, lo=1, hi=MAX_LEVELS)
+    data: str = "fashion-mnist"
+    batch_size: int = spec(64, lo=1, hi=MAX_BATCH)
+    lr: float = spec(1e-4, lo=0.0, hi=10.0)
+    weight_decay: float = spec(0.0, lo=0.0, hi=10.0)
+    ema_decay: float = spec(0.9999, lo=0.0, hi=1.0)
+    grad_clip: float | None = spec(None, lo=0.0)  # max gradient norm; None = off
+    steps: int = spec(10_000, lo=1, hi=MAX_STEPS)
+    save_every: int = spec(1000, lo=1, hi=MAX_STEPS)
+    sample_every: int = spec(1000, lo=0, hi=MAX_STEPS)  # 0 = never
+    sample_steps: int = spec(50, lo=1, hi=MAX_TIMESTEPS)
+    seed: int = spec(0, lo=0, hi=SEED_MAX_TORCH)
+    device: str = spec("auto", pattern=r"auto|cpu|cuda(:[0-9]{1,3})?")  # "auto" = CUDA when available
+    keep: int = spec(3, lo=1, hi=10**6)  # checkpoints kept
+
+    def check(self):
+        if self.levels is None:  # store it resolved, so a resume compares like with like
+            object.__setattr__(self, "levels", MODEL_PRESETS[self.preset].num_levels)
+        for name, ok in {"lr": self.lr > 0, "ema_decay": self.ema_decay < 1,
+                         "grad_clip": self.grad_clip is None or self.grad_clip > 0}.items():
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range")
+
+    def ssd_config(self) -> SSDConfig:
+        return make_config(self.preset, self.levels)
+
+    def to_dict(self) -> dict:
+        return to_json(self)

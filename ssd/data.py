@@ -23,7 +23,7 @@ from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "images"
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixture" / "images"  # ships inside the package
 DATA_CHOICES = ("fashion-mnist", "fixture")  # or a folder path
 MAX_WARNINGS = 5  # skipped files reported one by one; the rest are counted
 
@@ -97,14 +97,36 @@ def square_resize(image, size: int):
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    """One file as uint8 ``[3, size, size]``; ``_TooSmall`` if its shorter side is below ``size``."""
+    """One file as uint8 ``[3, size, size]``; ``_TooSmall`` if its shorter side is below ``size``.
+
+    16- and 32-bit integer images are scaled by their bit depth, float images from [0, 1]
+    (Pillow's own RGB conversion would clip them to white or black).
+    """
     from PIL import Image
 
     with Image.open(path) as image:
         if min(image.size) < size:
             raise _TooSmall(f"{image.size[0]}x{image.size[1]} is smaller than {size}x{size}")
-        image = square_resize(image.convert("RGB"), size)
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+        image = square_resize(to_8bit(image, path), size)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def to_8bit(image, path: Path):
+    """A PIL image in an 8-bit mode: deep grey modes (``I;16*``, ``I``, ``F``) are rescaled."""
+    from PIL import Image
+
+    mode = image.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if mode == "F":
+        low, high, scale = 0.0, 1.0, 255.0  # float images hold [0, 1]
+    else:  # I;16 variants, or I (32-bit) holding 16-bit data as PNG and TIFF readers give it
+        low, high, scale = 0.0, 65535.0, 255.0 / 65535.0
+    if values.size and (values.min() < low or values.max() > high or not np.isfinite(values).all()):
+        raise ValueError(f"{mode} image values span {values.min():g}..{values.max():g}, "
+                         f"outside the {low:g}..{high:g} its bit depth allows")
+    return Image.fromarray(np.rint(values * scale).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def load_image_folder(folder, image_size: int, warn: Warn | None = warn_stderr) -> ImageDataset:
@@ -193,6 +215,6 @@ def load_dataset(spec: str = "fashion-mnist", image_size: int = 32, warn: Warn |
         return load_fashion_mnist(image_size)
     if spec == "fixture":
         if not FIXTURE_DIR.is_dir():
-            raise DataError(f"the test fixture is not at {FIXTURE_DIR} (it ships with the source tree only)")
+            raise DataError(f"the fixture images are missing from {FIXTURE_DIR}; reinstall ssd-diffusion")
         return load_image_folder(FIXTURE_DIR, image_size, warn)
     return load_image_folder(Path(spec).expanduser(), image_size, warn)

@@ -26,10 +26,19 @@ class MissingExtraError(UserError):
     exit_code = 2
 
     def __init__(self, command: str, extra: str, module: str):
-        super().__init__(
-            f"{command} needs the '{extra}' extra ({module} is not installed): "
-            f"pip install -e '.[{extra}]'"
-        )
+        super().__init__(f"{command} needs the '{extra}' extra ({module} is not installed): {install_hint(extra)}")
+
+
+DISTRIBUTION = "ssd-diffusion"
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra, for wheel users and for a source checkout."""
+    if extra in ("cpu", "gpu"):
+        other = "gpu" if extra == "cpu" else "cpu"
+        return (f"pip install '{DISTRIBUTION}[{extra}]' (ONNX Runtime for {extra.upper()}; "
+                f"not together with [{other}]; in a source checkout: pip install -e '.[{extra}]')")
+    return f"pip install '{DISTRIBUTION}[{extra}]' (in a source checkout: pip install -e '.[{extra}]')"
 
 
 def require(module: str, command: str, extra: str):

@@ -1,25 +1,171 @@
-"""Reading the project's versioned JSON documents (bundle manifests, checkpoint states).
+"""Files the project reads and writes, safely (torch-free: the runtime uses this too).
 
-Torch-free: the runtime reads manifests through this too.
+Reading: a file named by a manifest or a checkpoint must resolve, after following
+symlinks, inside its folder and be a regular file (no device, FIFO or socket); reads are
+capped at the size the document promises, so ``weights -> /dev/zero`` cannot eat memory.
+JSON documents are capped in size and nesting. Writing: every file goes through a unique
+temp file in the same folder and a rename, so a reader never sees half a file and two
+writers never share a temp name. Folders a failed command created are removed again.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import stat
+import tempfile
 from pathlib import Path
 
+from .errors import OutputError, UserError
 
-def read_versioned_json(path: Path, fmt: str, version: int, error: type[Exception], what: str) -> dict:
-    """Parse ``path`` and check its ``format`` and ``format_version``; raise ``error`` with a
-    one-line message otherwise. ``what`` names the document in messages."""
+MAX_JSON_BYTES = 64 << 20  # manifests and checkpoint states are far smaller
+
+
+def inside(folder, relative: str, error: type[UserError], what: str) -> Path:
+    """``folder/relative`` resolved, refused unless it is a regular file inside ``folder``."""
+    folder = Path(folder)
+    relative_path = Path(relative)
+    if relative_path.is_absolute() or ".." in relative_path.parts:
+        raise error(f"{what} names a file outside {folder}: {relative!r}")
+    path = folder / relative_path
     try:
-        document = json.loads(Path(path).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise error(f"{path} is unreadable: {err}") from None
+        resolved = path.resolve(strict=True)
+        mode = resolved.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{path} is missing") from None
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise error(f"cannot open {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not resolved.is_relative_to(folder.resolve()):
+        raise error(f"{path} is a link to {resolved}, outside {folder}; refusing to follow it")
+    if not stat.S_ISREG(mode):
+        raise error(f"{path} is not a regular file (a device, FIFO, socket or folder)")
+    return resolved
+
+
+def read_capped(path: Path, limit: int, error: type[UserError]) -> bytes:
+    """The bytes of ``path``, refused if there are more than ``limit``."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}") from None
+    if len(data) > limit:
+        raise error(f"{path} is larger than the {limit} bytes expected")
+    return data
+
+
+def read_verified(path: Path, size: int, sha256: str, error: type[UserError], listed_in: str) -> bytes:
+    """The bytes of ``path`` after checking them against their ``size`` and ``sha256``."""
+    data = read_capped(path, size, error)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise error(f"{path} is corrupt or was changed: its size or sha256 differs from {listed_in}")
+    return data
+
+
+def loads_json(data: bytes, path: Path, error: type[UserError]):
+    """Parse JSON ``data`` read from ``path``; one-line errors, deep nesting included."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be a valid document") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise error(f"{path} is not valid JSON: {err}") from None
+
+
+def read_json(path: Path, error: type[UserError], limit: int = MAX_JSON_BYTES):
+    """Parse a JSON file of at most ``limit`` bytes."""
+    return loads_json(read_capped(path, limit, error), path, error)
+
+
+def check_format(document, path: Path, fmt: str, version: int, error: type[UserError], what: str) -> dict:
+    """Check a document's ``format`` and ``format_version``; ``what`` names it in messages."""
     if not isinstance(document, dict) or document.get("format") != fmt:
         raise error(f"{path} is not an {fmt} {what}")
     if document.get("format_version") != version:
         raise error(
-            f"{path} has {what} format version {document.get('format_version')!r}; "
+            f"{path} has {what} format version {str(document.get('format_version'))[:20]}; "
             f"this ssd reads version {version}"
         )
     return document
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data: bytes, durable: bool = True) -> Path:
+    """Replace ``path`` with ``data`` through a unique temp file in the same folder and a
+    rename; with ``durable``, fsync the file and the folder too."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path, data) -> Path:
+    return write_atomic(path, json.dumps(data, indent=1).encode())
+
+
+# --------------------------------------------------------------------------- folders
+def overlapping(a, b) -> bool:
+    """Whether folders ``a`` and ``b`` are the same, or one lies inside the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+@contextlib.contextmanager
+def removed_on_failure(path):
+    """If the block fails, remove ``path`` and the parents it creates, where still empty.
+    Creates nothing itself: wrap a whole command in it, create the folder once inputs are
+    checked, and a failed command leaves no empty folder behind."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists() and not p.is_symlink()]
+    try:
+        yield path
+    except BaseException:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def make_output_folder(path, what: str = "output folder") -> Path:
+    """Create ``path`` (with its parents) and prove it writable; one-line error otherwise."""
+    path = Path(path)
+    with removed_on_failure(path):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".ssd-write-test-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise OutputError(f"cannot write to {what} {path}: {err.strerror or err}") from None
+    return path

@@ -4,11 +4,14 @@ Torch-free (numpy + Pillow): used by the trainer's sample grids, ``ssd-sample`` 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .files import write_atomic
 
 
 def to_uint8(images) -> np.ndarray:
@@ -30,31 +33,56 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 
 def save_png(path, image: np.ndarray, text: dict | None = None) -> Path:
-    """Write uint8 [H, W, C] as PNG via a temp file and a rename, so no partial file remains."""
+    """Write uint8 [H, W, C] as PNG via a unique temp file and a rename: no partial file is
+    ever visible, and two writers into one folder never share a temp name."""
     from PIL import Image, PngImagePlugin
 
-    path = Path(path)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(str(key), str(value))
     array = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", pnginfo=info)
+    return write_atomic(path, buffer.getvalue(), durable=False)
+
+
+class SampleWriter:
+    """Writes samples as they come, batch by batch, so memory stays bounded by one batch:
+    ``sample_<index>.png`` (parameters in text chunks) per image, then ``grid.png`` of the
+    first ``GRID_MAX`` images."""
+
+    GRID_MAX = 256
+
+    def __init__(self, out: Path, params: dict):
+        self.out, self.params, self.count = Path(out), dict(params), 0
+        self._grid: list[np.ndarray] = []
+
+    def add(self, images: np.ndarray) -> None:
+        """Write uint8 [N, H, W, C] images."""
+        with _output_errors(self.out):
+            for image in images:
+                save_png(self.out / f"sample_{self.count:05d}.png", image, {**self.params, "index": self.count})
+                self.count += 1
+        self._grid.extend(images[: max(self.GRID_MAX - len(self._grid), 0)])
+
+    def finish(self) -> Path:
+        """Write ``grid.png``; returns its path."""
+        with _output_errors(self.out):
+            return save_png(self.out / "grid.png", make_grid(np.stack(self._grid)), self.params)
 
 
 def write_samples(out: Path, images: np.ndarray, params: dict) -> Path:
     """One PNG per sample (parameters as text chunks) and ``grid.png``; returns the grid path."""
+    writer = SampleWriter(out, params)
+    writer.add(images)
+    return writer.finish()
+
+
+@contextlib.contextmanager
+def _output_errors(out: Path):
     from .errors import OutputError
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            save_png(out / f"sample_{i:05d}.png", image, {**params, "index": i})
-        return save_png(out / "grid.png", make_grid(images), params)
+        yield
     except OSError as err:
         raise OutputError(f"cannot write samples to {out}: {err.strerror or err}") from None

@@ -255,7 +255,7 @@ class ScaleSpace:
 
     def plan(self, steps: int | None = None) -> list[Step]:
         """Per-step coefficients for sampling with ``steps`` network calls (default T)."""
-        kept = self.timesteps_for(steps or self.timesteps)
+        kept = self.timesteps_for(self.timesteps if steps is None else steps)
         following = np.append(kept[1:], -1)
         return [self._step(i, int(t), int(s)) for i, (t, s) in enumerate(zip(kept, following))]
 

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import SSDConfig
+from .config import SSDConfig, check_seed
 from .images import to_uint8
 from .method import SampleState, ScaleSpace, Step, initial_noise, sample_loop
 
@@ -38,7 +38,7 @@ def sample_states(
     yield from sample_loop(plan, denoise, x, rng, to_tensor)
 
 
-def sample_images(
+def sample_batches(
     model: torch.nn.Module,
     config: SSDConfig,
     n: int,
@@ -47,19 +47,22 @@ def sample_images(
     device="cpu",
     batch: int | None = None,
     callback: Callable[[SampleState], None] | None = None,
-) -> np.ndarray:
-    """Sample ``n`` images, ``batch`` at a time, as uint8 [n, H, W, 3].
-
-    One generator seeded with ``seed`` feeds every batch in order, the runtime's rule too.
-    """
+) -> Iterator[np.ndarray]:
+    """Sample ``n`` images, ``batch`` at a time (default all), yielding uint8 [b, H, W, 3]
+    per batch. One generator seeded with ``seed`` feeds every batch in order, the runtime's
+    rule too."""
     space = ScaleSpace.from_config(config)
-    rng = np.random.default_rng(seed)
-    batch = batch or n
-    images = []
+    rng = np.random.default_rng(check_seed(seed))
+    batch = n if batch is None else batch
     for start in range(0, n, batch):
         state = None
         for state in sample_states(model, space, min(batch, n - start), steps, rng, device):
             if callback is not None:
                 callback(state)
-        images.append(to_uint8(state.x.cpu()))
-    return np.concatenate(images)
+        yield to_uint8(state.x.cpu())
+
+
+def sample_images(model, config: SSDConfig, n: int, steps: int | None = None, seed: int = 0,
+                  device="cpu", batch: int | None = None, callback=None) -> np.ndarray:
+    """All of :func:`sample_batches` as one uint8 array [n, H, W, 3]."""
+    return np.concatenate(list(sample_batches(model, config, n, steps, seed, device, batch, callback)))

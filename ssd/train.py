@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (Checkpoint, latest_checkpoint, load_state, read_checkpoint, save_checkpoint,
-                         unflatten_optimizer)
-from .config import MODEL_PRESETS, ConfigError, SSDConfig, make_config
+from .checkpoint import (Checkpoint, latest_checkpoint, load_optimizer, load_state, read_checkpoint,
+                         save_checkpoint)
+from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset, normalize_spec
 from .errors import OutputError, UserError
+from .files import make_output_folder
 from .images import make_grid, save_png
 from .method import ScaleSpace
 from .torch_process import TorchScaleSpace
@@ -34,51 +36,9 @@ RESUME_FIXED = ("preset", "levels", "data", "batch_size", "lr", "weight_decay", 
 SAMPLE_COUNT = 16  # images in each sample grid
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train; saved with every checkpoint. ``levels`` None means the preset's UNet levels."""
-
-    preset: str = "tiny32"
-    levels: int | None = None
-    data: str = "fashion-mnist"
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    grad_clip: float | None = None  # max gradient norm; None = off
-    steps: int = 10_000
-    save_every: int = 1000
-    sample_every: int = 1000  # 0 = never
-    sample_steps: int = 50
-    seed: int = 0
-    device: str = "auto"  # "auto" = CUDA when available
-    keep: int = 3  # checkpoints kept
-
-    def __post_init__(self):
-        if self.preset not in MODEL_PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(MODEL_PRESETS)}")
-        if self.levels is None:  # store it resolved, so a resume compares like with like
-            object.__setattr__(self, "levels", MODEL_PRESETS[self.preset].num_levels)
-        positive = ("batch_size", "steps", "save_every", "sample_steps", "keep", "levels")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}; must be at least 1")
-        checks = {
-            "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "seed": self.seed >= 0,
-            "ema_decay": 0 <= self.ema_decay < 1, "sample_every": self.sample_every >= 0,
-            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)} is out of range")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"device={self.device!r}; expected auto, cpu or cuda[:N]")
-
-    def ssd_config(self) -> SSDConfig:
-        return make_config(self.preset, self.levels)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+class DivergedError(UserError):
+    """The loss or the weights became NaN or infinite; nothing after the last good checkpoint
+    was saved."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,13 +50,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resume_clashes(checkpoint_train: dict, cfg: TrainConfig) -> list[str]:
+def resume_clashes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     """``field=asked (checkpoint: saved)`` for every fixed field that differs."""
-    asked = cfg.to_dict()
     return [
-        f"{name}={asked[name]!r} (checkpoint: {checkpoint_train.get(name)!r})"
+        f"{name}={getattr(cfg, name)!r} (checkpoint: {getattr(saved, name)!r})"
         for name in RESUME_FIXED
-        if checkpoint_train.get(name) != asked[name]
+        if getattr(saved, name) != getattr(cfg, name)
     ]
 
 
@@ -105,9 +64,11 @@ def config_for_resume(checkpoint: Checkpoint, given: dict) -> TrainConfig:
 
     Raises ConfigError naming every fixed field that ``given`` changes.
     """
-    saved = {k: v for k, v in checkpoint.train.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    cfg = TrainConfig(**{**saved, **given})
-    clashes = resume_clashes(checkpoint.train, cfg)
+    saved = checkpoint.state.train
+    if saved is None:
+        raise ConfigError(f"{checkpoint.path} was not written by ssd-train (no train config); cannot resume it")
+    cfg = dataclasses.replace(saved, **given)
+    clashes = resume_clashes(saved, cfg)
     if clashes or cfg.ssd_config() != checkpoint.config:
         what = ", ".join(clashes) or "the model config differs"
         raise ConfigError(f"cannot resume from {checkpoint.path} with a different config: {what}")
@@ -148,22 +109,34 @@ class Trainer:
         """Load weights, EMA, optimizer, step and generator states from ``checkpoint``."""
         load_state(self.model, checkpoint.tensors["model"], "model weights", checkpoint.path)
         load_state(self.ema, checkpoint.tensors["ema"], "EMA weights", checkpoint.path)
-        optimizer = unflatten_optimizer(checkpoint.tensors["optimizer"], checkpoint.param_groups)
-        load_state(self.optimizer, optimizer, "optimizer state", checkpoint.path)
+        load_optimizer(self.optimizer, checkpoint)
+        rng = checkpoint.state.rng
         try:
-            self.rng.bit_generator.state = checkpoint.rng["numpy"]
-            state = np.frombuffer(base64.b64decode(checkpoint.rng["torch"]), dtype=np.uint8)
+            self.rng.bit_generator.state = rng["numpy"]
+            state = np.frombuffer(base64.b64decode(rng["torch"], validate=True), dtype=np.uint8)
             self.noise.set_state(torch.from_numpy(state.copy()))
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise UserError(f"generator state in {checkpoint.path} is malformed: {err}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
+            message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise UserError(f"generator state in {checkpoint.path} is malformed: {message}") from None
         self.step = checkpoint.step
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (atomically; see ``ssd.checkpoint``)."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # the loss was finite but the update was not: keep the last good checkpoint
+            raise self.diverged(f"{len(bad)} weight tensors are not finite, e.g. {bad[0]}")
         return save_checkpoint(
-            self.run_dir, self.step, self.config, self.cfg.to_dict(), self.model, self.ema,
+            self.run_dir, self.step, self.config, self.cfg, self.model, self.ema,
             self.optimizer, self.rng_state(), keep=self.cfg.keep,
         )
+
+    def diverged(self, why: str) -> DivergedError:
+        """The error that stops a diverged run, naming the step and the last good checkpoint."""
+        last = latest_checkpoint(self.run_dir)
+        kept = (f"the last good checkpoint is {last} (nothing later was saved)" if last
+                else "no checkpoint was saved")
+        return DivergedError(f"training diverged at step {self.step}: {why}; {kept}; "
+                             "start again with a lower --lr or with --grad-clip")
 
     # ---------------------------------------------------------------- one step
     def batch_indices(self, step: int) -> np.ndarray:
@@ -248,6 +221,8 @@ class Trainer:
             started, since = time.perf_counter(), self.step
             while self.step < cfg.steps:
                 loss = self.run_step()
+                if not math.isfinite(loss):  # checked every step: float(loss) already synced
+                    raise self.diverged(f"the loss is {loss}")
                 elapsed = time.perf_counter() - started
                 rate = (self.step - since) * cfg.batch_size / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
@@ -259,36 +234,31 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- runs
-def prepare_run_dir(out, resume: bool) -> Path:
-    """Create the run folder; refuse to mix a fresh run into one that has checkpoints."""
-    out = Path(out)
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to resume nothing, or to mix a fresh run into a folder that has checkpoints."""
     if resume and not out.is_dir():
         raise UserError(f"nothing to resume: {out} does not exist")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ssd-write-test"  # fail now, not at the first checkpoint
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"cannot write to output folder {out}: {err.strerror or err}") from None
-    if not resume and latest_checkpoint(out) is not None:
+    if resume and latest_checkpoint(out) is None:
+        raise UserError(f"nothing to resume: {out} has no checkpoints")
+    if not resume and out.is_dir() and latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
-    return out
 
 
 def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | None = None) -> Trainer:
     """A Trainer for run folder ``out``: fresh from ``given`` options, or resumed from its
-    latest checkpoint with ``given`` overriding the options that may change."""
+    latest checkpoint with ``given`` overriding the options that may change.
+
+    Everything is checked (options, checkpoint, data, device) before the folder is created,
+    so a failed start leaves nothing behind.
+    """
+    out = Path(out)
     if "data" in given:  # a folder by absolute path, so a resume from elsewhere finds it
         given = {**given, "data": normalize_spec(given["data"])}
-    if not resume:
-        cfg = TrainConfig(**given)  # a bad option fails before any folder is made
-        return Trainer(cfg, prepare_run_dir(out, resume), dataset)
-    out = prepare_run_dir(out, resume)
-    path = latest_checkpoint(out)
-    if path is None:
-        raise UserError(f"nothing to resume: {out} has no checkpoints")
-    checkpoint = read_checkpoint(path)
-    trainer = Trainer(config_for_resume(checkpoint, given), out, dataset)
-    trainer.restore(checkpoint)
+    check_run_dir(out, resume)
+    checkpoint = read_checkpoint(latest_checkpoint(out)) if resume else None
+    cfg = config_for_resume(checkpoint, given) if resume else TrainConfig(**given)
+    trainer = Trainer(cfg, out, dataset)  # writes nothing yet
+    make_output_folder(out, "run folder")
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
     return trainer

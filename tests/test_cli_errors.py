@@ -15,7 +15,7 @@ from PIL import Image
 import ssd.checkpoint as ckpt
 from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import TRAIN_DEFAULTS, sample_main, train_main
-from ssd.train import TrainConfig
+from ssd.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress"]
@@ -56,7 +56,7 @@ def test_help_and_defaults_agree_with_train_config(capsys):
     assert run(train_main, ["--help"], capsys)[0] == 0
     assert run(sample_main, ["--help"], capsys)[0] == 0
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    assert TRAIN_DEFAULTS == defaults
+    assert TRAIN_DEFAULTS == defaults and TRAIN_DEFAULTS["batch_size"] == 64
 
 
 @pytest.mark.parametrize("args,pattern", [
@@ -93,7 +93,7 @@ def test_bad_image_folders(tmp_path, capsys, content, pattern):
 @pytest.mark.parametrize("args,pattern", [
     (["--levels", "5"], r"diffusion\.levels=5"),
     (["--sample-every", "1", "--sample-steps", "2"], r"steps=2"),
-    (["--lr", "-1"], r"lr=-1"),
+    (["--lr", "-1"], r"lr: -1.0 is out of range"),
 ])
 def test_config_errors(tmp_path, capsys, args, pattern):
     result = run(train_main, ["--data", "fixture", "--no-progress", "--out", tmp_path / "run"] + args, capsys)
@@ -108,7 +108,7 @@ def test_cuda_without_cuda(tmp_path, capsys):
 def test_out_under_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     result = run(train_main, QUICK + ["--steps", "1", "--out", tmp_path / "file" / "run"], capsys)
-    assert_one_line_error(result, r"cannot write to output folder .*file/run: Not a directory")
+    assert_one_line_error(result, r"cannot write to run folder .*file/run: Not a directory")
 
 
 def test_fresh_run_into_used_folder(run_dir, capsys):
@@ -129,9 +129,9 @@ def test_corrupt_checkpoint(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, copy)
     weights = latest_checkpoint(copy) / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    assert_one_line_error(run(sample_main, [copy, "--steps", "3", "--out", tmp_path / "s"], capsys), r"corrupt or truncated")
+    assert_one_line_error(run(sample_main, [copy, "--steps", "3", "--out", tmp_path / "s"], capsys), r"corrupt or was changed")
     assert_one_line_error(run(train_main, ["--resume", "--no-progress", "--out", copy, "--steps", "2"], capsys),
-                          r"corrupt or truncated")
+                          r"corrupt or was changed")
     (copy / "checkpoints" / "latest").write_text("step_99999999\n")
     assert_one_line_error(run(sample_main, [copy, "--steps", "3", "--out", tmp_path / "s"], capsys), r"not a checkpoint folder")
 
@@ -178,7 +178,8 @@ def test_missing_torch_names_the_extra(tmp_path):
     proc = subprocess_main(code, "--out", tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: ssd-train needs the 'train' extra (torch is not installed): pip install -e '.[train]'"
+        "error: ssd-train needs the 'train' extra (torch is not installed): pip install 'ssd-diffusion[train]' "
+        "(in a source checkout: pip install -e '.[train]')"
     ]
 
 

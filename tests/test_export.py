@@ -30,7 +30,7 @@ from ssd.config import ConfigError
 from ssd.method import ScaleSpace
 from ssd.sample import sample_images
 from ssd.unet import route_names
-from ssd_export.bundle_writer import SCHEMA_PATH, validate_manifest
+from ssd_export.bundle_writer import validate_manifest
 from ssd_export.cli import export_command
 from ssd_export.onnx_export import FP32_OPS, OPSET
 from ssd_export.options import OptionError, parse_batch
@@ -204,7 +204,7 @@ def test_torchscript_routes_match_pytorch_and_carry_no_device(interp, batch):
 def test_weights_are_shared_and_deduplicated(bundle):
     sizes = bundle.manifest["sizes"]["onnx"]
     weights = bundle.out / "onnx" / "weights.bin"
-    assert bundle.manifest["shared_files"]["onnx"][0]["path"] == "onnx/weights.bin"
+    assert bundle.manifest["shared_files"]["onnx"]["path"] == "onnx/weights.bin"
     assert sizes["weights_bytes"] == weights.stat().st_size
     assert sizes["tensor_bytes_stored"] < sizes["tensor_bytes_referenced"]
     assert sizes["total_bytes"] < 0.6 * sizes["naive_bytes"]  # 3+ routes share most weights
@@ -214,12 +214,10 @@ def test_weights_are_shared_and_deduplicated(bundle):
         assert locations == {"weights.bin"}
 
 
-def test_manifest_validates_against_the_schema(bundle):
-    import jsonschema
-
-    schema = json.loads(SCHEMA_PATH.read_text())
-    jsonschema.Draft202012Validator(schema).validate(bundle.manifest)
+def test_manifest_parses_with_its_typed_definition(bundle):
     manifest = bundle.manifest
+    parsed = validate_manifest(manifest)  # the exporter's own check, the reader's definition
+    assert parsed == load_bundle(bundle.out).manifest
     assert manifest["created_by"]["opset"] == OPSET and manifest["engines"] == {}
     assert manifest["source"]["step"] == 0 and manifest["source"]["weights"] == "ema"
     for route in manifest["routes"]:
@@ -229,8 +227,23 @@ def test_manifest_validates_against_the_schema(bundle):
             assert "skipped" in check or {0, 999} <= set(check["t_values"])
     broken = json.loads(json.dumps(manifest))
     del broken["routes"][0]["files"]["onnx"]["sha256"]
-    with pytest.raises(AssertionError, match="sha256"):
+    with pytest.raises(AssertionError, match=r"routes\[0\]\.files\.onnx\.sha256: missing"):
         validate_manifest(broken)
+
+
+def test_weights_table_describes_every_initializer(bundle):
+    """The manifest's tensor table, from which the runtime feeds ONNX Runtime, matches the
+    graphs' own external-data records."""
+    table = bundle.manifest["shared_files"]["onnx"]["tensors"]
+    for route in bundle.manifest["routes"]:
+        model = onnx.load(str(bundle.out / route["files"]["onnx"]["path"]), load_external_data=False)
+        external = {i.name: i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+        assert set(external) == set(route["files"]["onnx"]["initializers"])
+        for name, index in route["files"]["onnx"]["initializers"].items():
+            record = {e.key: e.value for e in external[name].external_data}
+            tensor = table[index]
+            assert (int(record["offset"]), int(record["length"])) == (tensor["offset"], tensor["length"])
+            assert list(external[name].dims) == tensor["shape"]
 
 
 def test_tampered_files_fail_verification(interp, tmp_path):
@@ -322,7 +335,7 @@ def test_output_folder_with_other_things_is_refused(interp, up, tmp_path):
     unrelated = tmp_path / "unrelated"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("mine")
-    assert_one_line_error(export(up.run, "--out", unrelated), "not an ssd bundle", "notes.txt")
+    assert_one_line_error(export(up.run, "--out", unrelated), "not a readable ssd bundle", "notes.txt")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert_one_line_error(export(up.run, "--out", blocker / "bundle"), "cannot write")

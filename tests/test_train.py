@@ -12,7 +12,8 @@ from ssd.checkpoint import CheckpointError, latest_checkpoint, load_model, read_
 from ssd.config import ConfigError
 from ssd.data import load_dataset
 from ssd.errors import OutputError
-from ssd.train import TrainConfig, Trainer, start_run
+from ssd.config import TrainConfig
+from ssd.train import Trainer, start_run
 
 TINY = dict(preset="tiny32", data="fixture", batch_size=4, sample_every=0, seed=3)
 
@@ -132,9 +133,9 @@ def corrupt(path, how):
 
 
 @pytest.mark.parametrize("name,how,message", [
-    ("model.safetensors", "flip", "corrupt or truncated"),
-    ("ema.safetensors", "truncate", "corrupt or truncated"),
-    ("state.json", "json", "unreadable"),
+    ("model.safetensors", "flip", "corrupt or was changed"),
+    ("ema.safetensors", "truncate", "corrupt or was changed"),
+    ("state.json", "json", "not valid JSON"),
     ("state.json", "version", "format version 99"),
 ])
 def test_corrupt_checkpoint_is_one_line_error(tmp_path, two_step_run, name, how, message):
