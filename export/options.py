@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ssd.config import MAX_BATCH
 from ssd.errors import UserError
 
 ENGINES = ("onnx", "torchscript", "trt")
@@ -32,6 +33,8 @@ def parse_batch(text: str) -> tuple[int, int]:
         raise OptionError(f"--batch {text!r}: batch sizes must be at least 1")
     if low > high:
         raise OptionError(f"--batch {text!r}: MIN {low} is larger than MAX {high}")
+    if high > MAX_BATCH:
+        raise OptionError(f"--batch {text!r}: batch sizes are at most {MAX_BATCH}")
     return low, high
 
 

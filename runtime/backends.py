@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ssd.bundle import OUTPUT_NAME, Bundle, BundleError, RouteFile
+from ssd.config import ConfigError, integer
 from ssd.errors import UserError, install_hint
 
 BACKENDS = ("onnxruntime", "torchscript")
@@ -198,8 +199,11 @@ def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cp
         raise BackendError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}; choose from {list(DEVICES)}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise BackendError(f"threads={threads!r}; expected a positive integer (or None for all cores)")
+    if threads is not None:
+        try:
+            threads = integer(threads, "threads", 1)
+        except ConfigError as err:
+            raise BackendError(f"{err} (or None for all cores)") from None
     if backend == "onnxruntime":
         return OnnxRuntimeBackend(bundle, device, precision, threads, low_memory)
     if precision != "fp32":

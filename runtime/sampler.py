@@ -13,11 +13,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ssd.bundle import Bundle, load_bundle
-from ssd.config import check_seed
+from ssd.config import ConfigError, check_seed, integer
 from ssd.errors import UserError
 from ssd.images import to_uint8
 from ssd.method import SampleState, Step, initial_noise, sample_loop
-from ssd.schema import ConfigError
 
 from .backends import Backend, make_backend
 
@@ -112,20 +111,19 @@ class Sampler:
     def check_batch(self, n: int, batch: int | None) -> int:
         """The batch to use for ``n`` samples (default: as many as the bundle allows)."""
         low, high = self.batch_range
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n={n!r}; need at least 1 sample")
+        n = integer(n, "n", 1)
         if batch is None:
-            batch = high if low == high else min(n, high)
-        if isinstance(batch, bool) or not isinstance(batch, int) or not low <= batch <= high:
-            raise ConfigError(f"batch={batch!r} is outside the bundle's batch range {low}..{high}")
-        return batch
+            return high if low == high else min(n, high)
+        try:
+            return integer(batch, "batch", low, high)
+        except ConfigError:
+            raise ConfigError(f"batch={batch!r} is outside the bundle's batch range {low}..{high}") from None
 
     def check_steps(self, steps: int | None) -> int:
         """The number of network calls (default T); refused outside levels..T."""
         if steps is None:
             return self.bundle.space.timesteps
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ConfigError(f"steps={steps!r}; expected an integer")
+        steps = integer(steps, "steps", 1, self.bundle.space.timesteps)
         self.bundle.space.timesteps_for(steps)  # raises ConfigError naming the allowed range
         return steps
 

@@ -6,7 +6,7 @@ dataclass, so a value out of its bounds is refused wherever it comes from.
 """
 from __future__ import annotations
 
-import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 from .schema import ConfigError, Typed, spec, to_json
@@ -25,12 +25,17 @@ MAX_STEPS = 10**12  # training steps
 SEED_MAX_TORCH = 2**64 - 1  # torch generators take 64-bit seeds; numpy takes any non-negative int
 
 
+def integer(value, name: str, low: int = 0, high: int | None = None) -> int:
+    """``value`` as an int (numpy integers included, bools not), within ``low..high``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+            high is not None and value > high):
+        raise ConfigError(f"{name}={value!r}; expected an integer in {low}..{'' if high is None else high}")
+    return int(value)
+
+
 def check_seed(seed, high: int | None = None) -> int:
-    """A seed numpy accepts (a non-negative integer), below ``high`` where given."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or (high is not None and seed > high):
-        limit = f"0..{high}" if high is not None else "a non-negative integer"
-        raise ConfigError(f"seed={seed!r}; expected {limit}")
-    return seed
+    """A seed numpy accepts (a non-negative integer), at most ``high`` where given."""
+    return integer(seed, "seed", 0, high)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,33 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+
+
+def run_main(main, args, capsys):
+    """Call an entry point in-process; (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(result, pattern, code=1):
+    """``result`` from :func:`run_main` is one ``error:`` line matching ``pattern``, exit
+    ``code`` (None: any non-zero); returns the line."""
+    exit_code, _, err = result
+    lines = err.strip().splitlines()
+    assert exit_code != 0 and (code is None or exit_code == code), err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
 
 
 def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", top: str | None = None) -> Path:

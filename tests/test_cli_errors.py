@@ -2,7 +2,6 @@
 import dataclasses
 import errno
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,28 +16,10 @@ from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import TRAIN_DEFAULTS, sample_main, train_main
 from ssd.config import TrainConfig
 
+from conftest import assert_one_line_error, run_main as run
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress"]
-
-
-def run(main, args, capsys):
-    """Call an entry point in-process; (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(result, pattern, code=1):
-    exit_code, _, err = result
-    lines = err.strip().splitlines()
-    assert exit_code == code, err
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.fixture(scope="module")

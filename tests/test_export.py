@@ -305,7 +305,7 @@ def test_batch_parsing(text, expected):
     assert parse_batch(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "0:4", "8:2", "a:b", "1.5", "1:2:3", "-1:4", ""])
+@pytest.mark.parametrize("text", ["0", "0:4", "8:2", "a:b", "1.5", "1:2:3", "-1:4", "", "1:1000000000"])
 def test_nonsense_batch_is_one_line_error(up, tmp_path, text):
     with pytest.raises(OptionError):
         parse_batch(text)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -30,29 +31,11 @@ from ssd.train import DivergedError, start_run
 from ssd_export.cli import export_command
 from ssd_runtime import Sampler
 from ssd_runtime.backends import BackendError
-from ssd_runtime.cli import main as run_main
+from ssd_runtime.cli import main as ssd_run
+
+from conftest import assert_one_line_error, run_main as call
 
 QUICK = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress"]
-
-
-def call(main, args, capsys):
-    """Run an entry point in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(result, pattern, code=None):
-    exit_code, _, err = result
-    lines = err.strip().splitlines()
-    assert exit_code != 0 and (code is None or exit_code == code), err
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
 
 
 def export(*args):
@@ -101,7 +84,7 @@ def rehash(folder: Path, relative: str, data: bytes) -> None:
 def test_divergence_stops_with_one_line_and_keeps_the_good_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     args = QUICK + ["--lr", "0.5", "--steps", "8", "--save-every", "1", "--keep", "3", "--out", out]
-    line = one_line(call(train_main, args, capsys), r"diverged at step (\d+)")
+    line = assert_one_line_error(call(train_main, args, capsys), r"diverged at step (\d+)")
     step = int(re.search(r"diverged at step (\d+)", line).group(1))
     kept = list_checkpoints(out / "checkpoints")
     assert kept and kept[-1][0] == step - 1 and f"step_{step - 1:08d}" in line
@@ -263,7 +246,7 @@ def test_malformed_checkpoint_states_are_one_line_errors(tmp_path, capsys, edit,
     run = tmp_path / "run"
     assert call(train_main, QUICK + ["--steps", "1", "--out", run], capsys)[0] == 0
     write_state(latest_checkpoint(run), edit)
-    one_line(call(train_main, ["--resume", "--no-progress", "--steps", "2", "--out", run], capsys), pattern)
+    assert_one_line_error(call(train_main, ["--resume", "--no-progress", "--steps", "2", "--out", run], capsys), pattern)
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -281,15 +264,15 @@ def test_optimizer_tensors_must_fit_their_parameters(tmp_path, capsys, change, p
     data = (folder / "optimizer.safetensors").read_bytes()
     write_state(folder, lambda s: s["files"].update({"optimizer.safetensors": {
         "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))
-    one_line(call(train_main, ["--resume", "--no-progress", "--steps", "2", "--out", run], capsys), pattern)
+    assert_one_line_error(call(train_main, ["--resume", "--no-progress", "--steps", "2", "--out", run], capsys), pattern)
 
 
 # --------------------------------------------------------------------------- options
 def test_seeds_numpy_accepts_work_and_the_rest_are_one_line(bundle, tmp_path, capsys):
-    one_line(call(run_main, [bundle[1], "--seed", "-1", "--steps", "2", "--out", tmp_path / "a"], capsys),
+    assert_one_line_error(call(ssd_run, [bundle[1], "--seed", "-1", "--steps", "2", "--out", tmp_path / "a"], capsys),
              r"--seed", code=2)
     for seed in (2**64, 2**70):
-        code, _, err = call(run_main, [bundle[1], "--seed", seed, "--steps", "2", "--n", "1", "--out",
+        code, _, err = call(ssd_run, [bundle[1], "--seed", seed, "--steps", "2", "--n", "1", "--out",
                                        tmp_path / f"s{seed}"], capsys)
         assert code == 0, err
     with pytest.raises(ConfigError, match="seed=-1"):
@@ -297,7 +280,7 @@ def test_seeds_numpy_accepts_work_and_the_rest_are_one_line(bundle, tmp_path, ca
     code, _, err = call(sample_main, [bundle[0], "--seed", 2**64, "--steps", "2", "--n", "1", "--out",
                                       tmp_path / "t"], capsys)
     assert code == 0, err
-    one_line(call(train_main, QUICK + ["--seed", 2**64, "--out", tmp_path / "r"], capsys),
+    assert_one_line_error(call(train_main, QUICK + ["--seed", 2**64, "--out", tmp_path / "r"], capsys),
              r"seed: 18446744073709551616 is out of range 0\.\.18446744073709551615")
     assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
 
@@ -307,7 +290,7 @@ def test_seeds_numpy_accepts_work_and_the_rest_are_one_line(bundle, tmp_path, ca
     (["--threads", "-2"], r"--threads"), (["--n", "0"], r"--n"),
 ])
 def test_zero_never_means_default(bundle, tmp_path, capsys, args, pattern):
-    one_line(call(run_main, [bundle[1], "--out", tmp_path / "o", *args], capsys), pattern, code=2)
+    assert_one_line_error(call(ssd_run, [bundle[1], "--out", tmp_path / "o", *args], capsys), pattern, code=2)
     assert not (tmp_path / "o").exists()
 
 
@@ -341,7 +324,7 @@ def test_ssd_sample_has_a_default_batch_and_checks_out_first(bundle, tmp_path, c
     assert code == 0 and batches == [64], err
     assert len(list((tmp_path / "s").glob("sample_*.png"))) == 70
     (tmp_path / "file").write_text("")
-    one_line(call(sample_main, [bundle[0], "--n", 1, "--steps", 2, "--out", tmp_path / "file" / "s"], capsys),
+    assert_one_line_error(call(sample_main, [bundle[0], "--n", 1, "--steps", 2, "--out", tmp_path / "file" / "s"], capsys),
              r"cannot write to output folder")
     assert len(batches) == 1  # refused before sampling
 
@@ -358,7 +341,7 @@ def test_ssd_run_writes_each_batch_as_it_finishes(bundle, tmp_path, capsys, monk
         real_add(self, images)
 
     monkeypatch.setattr(ssd.images.SampleWriter, "add", add)
-    code, _, err = call(run_main, [bundle[1], "--n", 5, "--batch", 2, "--steps", 2, "--out", tmp_path / "o"], capsys)
+    code, _, err = call(ssd_run, [bundle[1], "--n", 5, "--batch", 2, "--steps", 2, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert seen == [0, 2, 4]  # earlier batches were on disk before the next one was added
     sampler = Sampler.from_bundle(bundle[1], warmup=False)
@@ -402,10 +385,10 @@ def test_deep_images_are_scaled_by_bit_depth(tmp_path):
 
 
 def test_failed_commands_leave_no_empty_folders(bundle, tmp_path, capsys):
-    one_line(call(train_main, QUICK[2:] + ["--data", tmp_path / "none", "--out", tmp_path / "a" / "run"], capsys),
+    assert_one_line_error(call(train_main, QUICK[2:] + ["--data", tmp_path / "none", "--out", tmp_path / "a" / "run"], capsys),
              "data folder not found")
-    one_line(call(run_main, [tmp_path / "nope", "--out", tmp_path / "b" / "samples"], capsys), "no bundle")
-    one_line(call(sample_main, [bundle[0], "--steps", 1, "--out", tmp_path / "c" / "s"], capsys), "steps=1")
+    assert_one_line_error(call(ssd_run, [tmp_path / "nope", "--out", tmp_path / "b" / "samples"], capsys), "no bundle")
+    assert_one_line_error(call(sample_main, [bundle[0], "--steps", 1, "--out", tmp_path / "c" / "s"], capsys), "steps=1")
     code, _, err = export(tmp_path / "missing", "--out", tmp_path / "d" / "bundle")
     assert code == 1 and "no checkpoint" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -438,11 +421,8 @@ def test_both_onnxruntime_flavours_installed_is_named(bundle, monkeypatch):
         Sampler.from_bundle(bundle[1], device="cuda")
 
 
-def test_packaging_metadata(tmp_path):
+def test_packaging_metadata():
     import tomllib
-
-    import ssd
-    import ssd.data
 
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
@@ -450,12 +430,29 @@ def test_packaging_metadata(tmp_path):
     assert project["optional-dependencies"]["cpu"] == ["onnxruntime>=1.17"]
     assert project["optional-dependencies"]["gpu"] == ["onnxruntime-gpu>=1.17"]
     from ssd_export.cli import TORCH_MIN
-    assert f"torch>={TORCH_MIN}" in project["optional-dependencies"]["export"]
-    assert ssd.data.FIXTURE_DIR.is_relative_to(Path(ssd.__file__).parent)  # ships in the wheel
-    assert len(list(ssd.data.FIXTURE_DIR.glob("*.png"))) == 32
+    for extra in ("train", "export"):
+        assert f"torch>={TORCH_MIN}" in project["optional-dependencies"][extra]
+
+
+def test_the_wheel_carries_the_fixture(tmp_path):
+    """``--data fixture`` from an unpacked wheel, with no tests/ folder anywhere near."""
+    import subprocess
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path, root],
+                   check=True, capture_output=True)
+    wheel = next(tmp_path.glob("ssd_diffusion-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not any(name.startswith("tests/") for name in names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = "from ssd.data import load_dataset; print(len(load_dataset('fixture', 32)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.stdout.strip() == "32", proc.stderr
 
 
 def test_export_refuses_a_torch_below_its_floor(bundle, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cpu")
     code, _, err = export(bundle[0], "--out", tmp_path / "b", "--no-verify")
-    assert code == 2 and "needs torch>=" in err and "2.5.1" in err, err
+    assert code == 2 and "needs torch>=" in err and "2.7.1" in err, err
