@@ -46,6 +46,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/export_bench.py
 	$(BIN)/python benchmarks/runtime_speed.py
+	$(BIN)/python benchmarks/runtime_memory.py
 
 clean-demo:
 	rm -rf $(DEMO_RUN) $(DEMO_BUNDLE) samples/demo

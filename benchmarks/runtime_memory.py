@@ -1,6 +1,6 @@
-"""Runtime memory: one session per route loading its own copy of the weights (the runtime
-before issue 7) against sessions fed one shared, hash-checked copy (now), at ONNX Runtime's
-default ALL optimisation level and with ``--low-memory`` (EXTENDED). Not a test.
+"""Runtime memory: ONNX Runtime sessions that each load their own copy of the weights (the
+default, ALL optimisation level, as before issue 7) against sessions handed one shared copy
+(``--low-memory``, EXTENDED level). Not a test.
 
 Each mode runs in a fresh interpreter, interleaved, ``--repeats`` times: resident memory after
 loading the bundle, peak resident memory (VmHWM) after sampling, and the sampling time.
@@ -24,9 +24,8 @@ from train_speed import machine_name  # noqa: E402
 from ssd.config import make_config  # noqa: E402
 
 MODES = {
-    "files": "one session per route, each reading weights.bin itself (before)",
-    "shared": "sessions fed one shared, hash-checked copy (default)",
-    "low-memory": "shared copy, EXTENDED optimisation (--low-memory)",
+    "default": "each session loads its own copy, ALL optimisations (default)",
+    "low-memory": "one shared copy handed to every session, EXTENDED (--low-memory)",
 }
 
 PROBE = """
@@ -36,23 +35,9 @@ def kib(field):
         if line.startswith(field):
             return int(line.split()[1])
 from ssd_runtime import Sampler
-from ssd.bundle import load_bundle
 bundle_path, mode, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 base = kib("VmRSS:")
-if mode == "files":
-    import onnxruntime as ort
-    from ssd_runtime.backends import OnnxRuntimeBackend
-    bundle = load_bundle(bundle_path)
-    backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
-    backend.bundle, backend.device, backend.file_format = bundle, "cpu", "onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    backend.sessions = {name: ort.InferenceSession(str(bundle.path / r.files["onnx"].path), options,
-                                                   providers=["CPUExecutionProvider"])
-                        for name, r in bundle.routes.items()}
-    sampler = Sampler(bundle, backend)
-else:
-    sampler = Sampler.from_bundle(bundle_path, warmup=False, low_memory=mode == "low-memory")
+sampler = Sampler.from_bundle(bundle_path, warmup=False, low_memory=mode == "low-memory")
 loaded = kib("VmRSS:")
 start = time.perf_counter()
 sampler.sample(batch, seed=0, steps=steps, batch=batch)
@@ -91,9 +76,9 @@ def main(argv=None):
     print(f"Runtime memory: {args.preset} {args.levels}L, weights.bin {weights:.1f} MiB, {args.steps} steps, "
           f"batch {args.batch}, medians of {args.repeats} fresh processes per mode, interleaved")
     print(f"Machine: {machine_name()}\n")
-    print("| sessions | RSS added by loading | peak RSS (VmHWM) | sampling time | vs before |")
+    print("| sessions | RSS added by loading | peak RSS (VmHWM) | sampling time | speed vs default |")
     print("|---|---|---|---|---|")
-    before = figures["files"]["seconds"]
+    before = figures["default"]["seconds"]
     for mode, text in MODES.items():
         f = figures[mode]
         print(f"| {text} | {f['loaded_mib']:.0f} MiB | {f['peak_mib']:.0f} MiB | {f['seconds']:.2f} s | "

@@ -60,7 +60,10 @@ def export_route(route, contract: dict, batch: tuple[int, int], opset: int = OPS
     t = torch.zeros(n)
     dynamic = None
     if batch[0] != batch[1]:
-        axis = torch.export.Dim("batch", min=batch[0], max=batch[1])
+        # torch 2.8/2.9 fix the axis to the traced size when that size is the declared max,
+        # so torch.export gets a max above it; the ONNX axis carries no bound anyway (the
+        # manifest's batch range is what the runtime enforces and verification covers).
+        axis = torch.export.Dim("batch", min=batch[0], max=max(batch[1], n + 1))
         dynamic = {"x": {0: axis}, "t": {0: axis}}
     with warnings.catch_warnings(), _quiet_logger("torch.onnx"), torch.no_grad():
         warnings.simplefilter("ignore")

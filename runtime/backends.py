@@ -6,9 +6,9 @@ GPU, so the whole step (network and posterior update) stays on the device. A fut
 TensorRT backend plugs in the same way. Heavy imports happen inside the backend that needs
 them, never at module import.
 
-Every byte a backend loads comes from :meth:`ssd.bundle.Bundle.read` (inside the bundle,
-size and sha256 checked); a file that passes its hash but still cannot be loaded is a
-:class:`BundleError` naming it.
+Every file a backend loads was first checked by :class:`ssd.bundle.Bundle` (inside the
+bundle, a regular file, size and sha256); a file that passes its hash but still cannot be
+loaded is a :class:`BundleError` naming it.
 """
 from __future__ import annotations
 
@@ -70,13 +70,12 @@ def load_error(path: str, backend: str, err: Exception) -> BundleError:
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: CPU here; CUDA or TensorRT execution providers with onnxruntime-gpu.
 
-    The shared weights file is read once; each session gets the graph's bytes and that one
-    buffer (``add_external_initializers_from_files_in_memory``), so ONNX Runtime opens no file
-    itself, and every initializer is handed over from one set of OrtValues
-    (``add_initializer``). With ``low_memory`` the graphs are optimised at the EXTENDED level,
-    where those shared weights are used in place; at the default ALL level ONNX Runtime's
-    CPU layout transforms (NCHWc) make per-session copies of the convolution weights, which
-    costs memory and buys speed (numbers in the README).
+    Every graph and the shared weights file are hash-checked before a session opens them.
+    With ``low_memory``, the weights are read once and every session is handed its
+    initializers from that one set of OrtValues (``add_initializer``) and optimised at the
+    EXTENDED level, where they are used in place. At the default ALL level ONNX Runtime's
+    CPU layout transforms (NCHWc) copy the convolution weights into each session anyway,
+    which costs memory and buys speed (both measured in the README).
     """
 
     name = "onnxruntime"
@@ -97,12 +96,14 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(_missing_provider(wanted[0], device, available))
         routes = {name: bundle.route_file(name, self.file_format) for name in bundle.routes}
         weights_entry = bundle.weights_file(self.file_format)
-        self.weights = np.frombuffer(bundle.read(weights_entry), dtype=np.uint8)
-        self.shared = [
-            ort.OrtValue.ortvalue_from_numpy(
-                self.weights[t.offset:t.offset + t.length].view(t.dtype).reshape(t.shape))
-            for t in weights_entry.tensors
-        ]
+        weights = np.frombuffer(bundle.read(weights_entry), dtype=np.uint8)  # hash-checked
+        self.shared = []
+        if low_memory:
+            self.shared = [
+                ort.OrtValue.ortvalue_from_numpy(weights[t.offset:t.offset + t.length].view(t.dtype).reshape(t.shape))
+                for t in weights_entry.tensors
+            ]
+        del weights
         level = ort.GraphOptimizationLevel
         self.sessions = {}
         for name, entry in routes.items():
@@ -111,16 +112,15 @@ class OnnxRuntimeBackend(Backend):
             options.graph_optimization_level = level.ORT_ENABLE_EXTENDED if low_memory else level.ORT_ENABLE_ALL
             if threads is not None:
                 options.intra_op_num_threads = threads
-            self.sessions[name] = self._session(ort, entry, weights_entry.path, options, wanted)
+            self.sessions[name] = self._session(ort, entry, options, wanted)
 
-    def _session(self, ort, entry: RouteFile, weights_path: str, options, providers):
-        graph = self.bundle.read(entry)
-        location = weights_path.rsplit("/", 1)[-1]  # as the graph's external data names it
+    def _session(self, ort, entry: RouteFile, options, providers):
+        path = self.bundle.verified_path(entry)
         try:
-            options.add_external_initializers_from_files_in_memory([location], [self.weights], [len(self.weights)])
-            for initializer, index in entry.initializers.items():
-                options.add_initializer(initializer, self.shared[index])
-            return ort.InferenceSession(graph, options, providers=providers)
+            if self.shared:
+                for initializer, index in entry.initializers.items():
+                    options.add_initializer(initializer, self.shared[index])
+            return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
             raise load_error(entry.path, "ONNX Runtime", err) from None
 

@@ -12,10 +12,11 @@ Layout of a bundle folder::
     onnx-fp16/<route>.onnx   optional fp16 variant (fp32 I/O), weights in onnx-fp16/weights.bin
     torchscript/<route>.pt   optional TorchScript modules
 
-Every file a backend reads is listed with its size and sha256, and is read through
-:meth:`Bundle.read`: inside the bundle folder (symlinks leaving it, devices and FIFOs are
-refused), at most its listed size, hash checked. ONNX graphs get their external weights from
-memory (the manifest's tensor table), so ONNX Runtime opens no file itself.
+Every file a backend reads is listed with its size and sha256, and is checked through
+:meth:`Bundle.read` before the backend opens it: inside the bundle folder (symlinks leaving
+it, devices and FIFOs are refused), at most its listed size, hash checked. The manifest also
+carries each ONNX weights file's tensor table, so the runtime can hand one shared copy of
+the weights to every session (``--low-memory``).
 """
 from __future__ import annotations
 
@@ -299,6 +300,11 @@ class Bundle:
         """A listed file's bytes: inside the bundle, a regular file, its size and sha256 checked."""
         path = inside(self.path, entry.path, BundleError, str(self.path / MANIFEST))
         return read_verified(path, entry.bytes, entry.sha256, BundleError, MANIFEST)
+
+    def verified_path(self, entry: FileEntry) -> Path:
+        """A listed file's path, after the checks of :meth:`read`, for a backend that opens it."""
+        self.read(entry)
+        return self.path / entry.path
 
     def verify_files(self, backend_format: str) -> None:
         """Check every file a backend format uses, shared weights included."""
