@@ -47,6 +47,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/export_bench.py
 	$(BIN)/python benchmarks/runtime_speed.py
 	$(BIN)/python benchmarks/runtime_memory.py
+	$(BIN)/python benchmarks/ddp_speed.py
 
 clean-demo:
 	rm -rf $(DEMO_RUN) $(DEMO_BUNDLE) samples/demo

@@ -81,6 +81,7 @@ class CheckpointState(Typed):
     optimizer: OptimizerGroups = spec()
     files: dict[str, FileHash] = spec(choices=tuple(TENSOR_FILES.values()), min_items=len(TENSOR_FILES))
     torch_version: str = spec("", max_len=64)
+    world_size: int = spec(1, lo=1, hi=1 << 20)  # processes that trained it (they share one random stream)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | None, model, ema,
-                    optimizer, rng: dict, keep: int = 3) -> Path:
+                    optimizer, rng: dict, keep: int = 3, world_size: int = 1) -> Path:
     """Write checkpoint ``step`` of a run atomically; returns its folder.
 
     ``rng``: JSON-able generator states. Refuses (:class:`CheckpointError`) weights that
@@ -187,7 +188,7 @@ def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | 
     state = CheckpointState(
         FORMAT, FORMAT_VERSION, int(step), config, train, rng, OptimizerGroups(tuple(param_groups)),
         {f: FileHash(len(b), hashlib.sha256(b).hexdigest()) for f, b in blobs.items()},
-        torch.__version__,
+        torch.__version__, world_size,
     )
     blobs[STATE_FILE] = json.dumps(to_json(state), indent=1).encode()
     try:

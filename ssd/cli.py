@@ -6,6 +6,7 @@ every other user-caused error: ``error: ...`` on stderr and a non-zero exit code
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import click
@@ -48,7 +49,8 @@ def _need_train_extra(tool: str) -> None:
 @_option("preset", click.Choice(sorted(MODEL_PRESETS)), "Network preset.")
 @_option("levels", click.IntRange(min=1), "Resolution levels n (1 = DDPM-x0).")
 @_option("steps", click.IntRange(min=1), "Train until this step.")
-@_option("batch_size", click.IntRange(min=1), "Images per step.")
+@_option("batch_size", click.IntRange(min=1), "Images per optimiser step: the global batch, split across torchrun processes.")
+@_option("grad_accum", click.IntRange(min=1), "Split each batch into K micro-batches (gradient accumulation).")
 @_option("lr", float, "AdamW learning rate.")
 @_option("weight_decay", float, "AdamW weight decay.")
 @_option("ema_decay", float, "EMA decay (0.999 suits short demos).")
@@ -66,35 +68,67 @@ def _need_train_extra(tool: str) -> None:
 @click.pass_context
 @cli_errors
 def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, **options):
-    """Train an SSD model; with --resume, continue bit for bit where the run stopped."""
+    """Train an SSD model; with --resume, continue bit for bit where the run stopped.
+
+    On several GPUs or machines, start it with torchrun (README: "Training on several
+    GPUs"): --batch-size is then the global batch, split across the processes.
+    """
     _need_train_extra("ssd-train")
+    from . import distributed
+
+    distributed.raise_on_sigterm()  # torchrun's agent stops workers with SIGTERM
+    dist = distributed.setup(options.get("device", "auto"))
+    try:
+        _train(ctx, out, resume, progress, options, dist)
+    except (UserError, KeyboardInterrupt) as err:
+        if not dist.is_main and _shared_by_all_ranks(err):
+            sys.exit(getattr(err, "exit_code", 130))  # rank 0 says it, once
+        raise
+    finally:
+        distributed.teardown()
+
+
+def _train(ctx, out: Path, resume: bool, progress: bool, options: dict, dist) -> None:
+    from .distributed import TerminatedError
     from .train import start_run
 
+    say = click.echo if dist.is_main else (lambda text: None)
     with removed_on_failure(out):  # a failed start leaves no empty run folder
-        trainer = start_run(out, given_options(ctx, options), resume)
+        trainer = start_run(out, given_options(ctx, options), resume, dist=dist)
     cfg = trainer.cfg
-    click.echo(
-        f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L at step {trainer.step} on "
-        f"{trainer.dataset.source} ({len(trainer.dataset)} images), {trainer.device}, into {out}"
-    )
+    ranks = f", {dist.world_size} processes" if dist.active else ""
+    say(f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L at step {trainer.step} on "
+        f"{trainer.dataset.source} ({len(trainer.dataset)} images), {trainer.device}{ranks}, into {out}")
+    for note in trainer.notes:
+        say(note)
     if trainer.step >= cfg.steps:
-        click.echo(f"nothing to do: the run is at step {trainer.step} >= --steps {cfg.steps}")
+        say(f"nothing to do: the run is at step {trainer.step} >= --steps {cfg.steps}")
         return
     try:
         trainer.train(progress=progress)
     except KeyboardInterrupt:
         raise interrupted(out, trainer.step) from None
-    click.echo(f"done: step {trainer.step}, checkpoints in {out / 'checkpoints'}")
+    except TerminatedError:
+        raise interrupted(out, trainer.step, "terminated (SIGTERM)", 143) from None
+    say(f"done: step {trainer.step}, checkpoints in {out / 'checkpoints'}")
 
 
-def interrupted(out: Path, step: int) -> UserError:
-    """Ctrl-C during training: say what is kept and how to go on (exit 130)."""
+def _shared_by_all_ranks(err: BaseException) -> bool:
+    """Errors every rank meets at once (divergence, interruption, a failed peer)."""
+    from .distributed import PeerFailedError
+    from .train import DivergedError
+
+    return isinstance(err, (KeyboardInterrupt, DivergedError, PeerFailedError)) or getattr(err, "exit_code", 0) in (130, 143)
+
+
+def interrupted(out: Path, step: int, what: str = "interrupted", code: int = 130) -> UserError:
+    """Ctrl-C or SIGTERM during training: say what is kept and how to go on."""
     from .checkpoint import latest_checkpoint
 
     last = latest_checkpoint(out)
     kept = f"the checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
-    err = UserError(f"interrupted at step {step}; {kept}; continue with: ssd-train --out {out} --resume")
-    err.exit_code = 130
+    err = UserError(f"{what} at step {step}; {kept}; continue with: ssd-train --out {out} --resume")
+    err.exit_code = code
     return err
 
 

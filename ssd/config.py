@@ -183,7 +183,8 @@ class TrainConfig(Typed):
     preset: str = spec("tiny32", choices=tuple(MODEL_PRESETS))
     levels: int | None = spec(None, lo=1, hi=MAX_LEVELS)
     data: str = "fashion-mnist"
-    batch_size: int = spec(64, lo=1, hi=MAX_BATCH)
+    batch_size: int = spec(64, lo=1, hi=MAX_BATCH)  # the global batch, split across processes
+    grad_accum: int = spec(1, lo=1, hi=MAX_BATCH)  # micro-batches per optimiser step
     lr: float = spec(1e-4, lo=0.0, hi=10.0)
     weight_decay: float = spec(0.0, lo=0.0, hi=10.0)
     ema_decay: float = spec(0.9999, lo=0.0, hi=1.0)
@@ -197,6 +198,9 @@ class TrainConfig(Typed):
     keep: int = spec(3, lo=1, hi=10**6)  # checkpoints kept
 
     def check(self):
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} does not split into grad_accum={self.grad_accum} "
+                              "equal micro-batches")
         if self.levels is None:  # store it resolved, so a resume compares like with like
             object.__setattr__(self, "levels", MODEL_PRESETS[self.preset].num_levels)
         for name, ok in {"lr": self.lr > 0, "ema_decay": self.ema_decay < 1,

@@ -10,6 +10,7 @@ Both generators' states are saved in each checkpoint, with the weights, EMA and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import math
@@ -23,6 +24,7 @@ from .checkpoint import (Checkpoint, latest_checkpoint, load_optimizer, load_sta
                          save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset, normalize_spec
+from .distributed import Dist, PeerFailedError, is_collective_failure
 from .errors import OutputError, UserError
 from .files import make_output_folder
 from .images import make_grid, save_png
@@ -75,12 +77,23 @@ def config_for_resume(checkpoint: Checkpoint, given: dict) -> TrainConfig:
 
 
 class Trainer:
-    """One training run in ``run_dir``: the model, its EMA, AdamW and the seeded generators."""
+    """One training run in ``run_dir``: the model, its EMA, AdamW and the seeded generators.
 
-    def __init__(self, cfg: TrainConfig, run_dir, dataset: ImageDataset | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    Under torchrun (``dist.active``) the model is wrapped in DistributedDataParallel; every
+    rank draws the whole global batch's random numbers and trains on its own slice, and
+    only rank 0 keeps the EMA, writes checkpoints and sample grids.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir, dataset: ImageDataset | None = None, dist: Dist = Dist()):
+        self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
         self.config = cfg.ssd_config()
         self.device = resolve_device(cfg.device)
+        if dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
+        self.micro_batch = cfg.batch_size // cfg.grad_accum  # global, split across ranks
+        if self.micro_batch % dist.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly into "
+                              f"{dist.world_size} processes x {cfg.grad_accum} accumulation steps")
         self.space = ScaleSpace.from_config(self.config)
         if cfg.sample_every:
             self.space.timesteps_for(cfg.sample_steps)  # fail now, not at the first grid
@@ -92,9 +105,16 @@ class Trainer:
         self.model = FlexiUNet(self.config.model).to(self.device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.net = self.model
+        if dist.active:  # each step runs one route, so DDP must allow unused parameters (README)
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [dist.local_rank] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
         self.rng = np.random.default_rng(cfg.seed)  # timesteps and flips
         self.noise = torch.Generator().manual_seed(cfg.seed)  # eps, drawn on the CPU
         self.step = 0
+        self.notes: list[str] = []  # for the user, printed by the CLI
         self._permutations: dict[int, np.ndarray] = {}
 
     # ---------------------------------------------------------------- state
@@ -119,14 +139,17 @@ class Trainer:
             raise UserError(f"generator state in {checkpoint.path} is malformed: {message}") from None
         self.step = checkpoint.step
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically; see ``ssd.checkpoint``)."""
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (atomically; see ``ssd.checkpoint``); every
+        rank checks the weights, rank 0 writes."""
         bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:  # the loss was finite but the update was not: keep the last good checkpoint
             raise self.diverged(f"{len(bad)} weight tensors are not finite, e.g. {bad[0]}")
+        if not self.dist.is_main:
+            return None
         return save_checkpoint(
             self.run_dir, self.step, self.config, self.cfg, self.model, self.ema,
-            self.optimizer, self.rng_state(), keep=self.cfg.keep,
+            self.optimizer, self.rng_state(), keep=self.cfg.keep, world_size=self.dist.world_size,
         )
 
     def diverged(self, why: str) -> DivergedError:
@@ -150,23 +173,33 @@ class Trainer:
             del self._permutations[epoch]
         return indices
 
-    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x0`` [N,3,S,S] (flipped at random), ``t`` [N] (sharing sizes), ``eps`` [N,3,r,r]."""
-        n = self.cfg.batch_size
-        t = torch.from_numpy(self.space.sample_timesteps(self.rng, n))
-        flips = self.rng.random(n) < 0.5
-        x0 = self.dataset.batch(self.batch_indices(self.step))
-        x0[flips] = x0[flips][..., ::-1]
-        eps = torch.randn(self.process.noise_shape(t, n), generator=self.noise)
-        to = lambda x: x.to(self.device, non_blocking=True)
-        return to(torch.from_numpy(x0)), to(t), to(eps)
+    def rank_slice(self, size: int) -> slice:
+        """This rank's share of ``size`` global samples."""
+        share = size // self.dist.world_size
+        return slice(self.dist.rank * share, (self.dist.rank + 1) * share)
 
-    def forward_backward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Loss of one batch and its gradients; bf16 autocast on CUDA, fp32 elsewhere."""
+    def draw_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the global (micro-)batch of data ``indices``, draw every random number, as a
+        single process would, and return this rank's slice: ``x0`` [n,3,S,S] (flipped at
+        random), ``t`` [n] (sharing sizes), ``eps`` [n,3,r,r]."""
+        m = len(indices)
+        t = torch.from_numpy(self.space.sample_timesteps(self.rng, m))
+        flips = self.rng.random(m) < 0.5
+        eps = torch.randn(self.process.noise_shape(t, m), generator=self.noise)
+        mine = self.rank_slice(m)
+        x0 = self.dataset.batch(indices[mine])
+        x0[flips[mine]] = x0[flips[mine]][..., ::-1]
+        to = lambda x: x.to(self.device, non_blocking=True)
+        return to(torch.from_numpy(x0)), to(t[mine]), to(eps[mine])
+
+    def forward_backward(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                         scale: float = 1.0) -> torch.Tensor:
+        """Loss of one (micro-)batch and its gradients, scaled by ``scale`` (1/K when
+        accumulating K); bf16 autocast on CUDA, fp32 elsewhere."""
         cuda = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = self.process.loss(self.model, x0, t, eps)
-        loss.backward()
+            loss = self.process.loss(self.net, x0, t, eps)
+        (loss * scale).backward()
         return loss.detach()
 
     def optimize(self) -> None:
@@ -185,18 +218,27 @@ class Trainer:
             averaged.copy_(current)
 
     def run_step(self) -> float:
-        """One optimisation step; returns the batch's loss."""
-        loss = self.forward_backward(*self.draw_batch())
+        """One optimisation step over the global batch (``grad_accum`` micro-batches, each
+        with its own route; DDP averages the gradients of the last); returns its loss,
+        averaged over every rank."""
+        parts = np.split(self.batch_indices(self.step), self.cfg.grad_accum)
+        loss = 0.0
+        for i, indices in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.active else self.net.no_sync()
+            with sync:
+                loss += float(self.forward_backward(*self.draw_batch(indices), scale=1.0 / len(parts)))
         self.optimize()
-        self.update_ema()
+        if self.dist.is_main:
+            self.update_ema()
         self.step += 1
-        return float(loss)
+        return self.dist.mean(loss / len(parts))
 
     # ---------------------------------------------------------------- outputs
     def maybe_sample(self, force: bool = False) -> Path | None:
         """Every ``sample_every`` steps (and when ``force``d), a grid of EMA samples in ``run_dir/samples``."""
         every = self.cfg.sample_every
-        if not every or not (force or self.step % every == 0):
+        if not every or not (force or self.step % every == 0) or not self.dist.is_main:
             return None
         from .sample import sample_images
 
@@ -215,12 +257,17 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        with tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="step",
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=cfg.steps, initial=self.step, disable=not (progress and self.dist.is_main),
+                  unit="step", dynamic_ncols=True) as bar:
             started, since = time.perf_counter(), self.step
             while self.step < cfg.steps:
-                loss = self.run_step()
-                if not math.isfinite(loss):  # checked every step: float(loss) already synced
+                try:
+                    loss = self.run_step()
+                except Exception as err:
+                    if self.dist.active and is_collective_failure(err):
+                        raise self.peer_failed() from None
+                    raise
+                if not math.isfinite(loss):  # every rank sees the same averaged loss
                     raise self.diverged(f"the loss is {loss}")
                 elapsed = time.perf_counter() - started
                 rate = (self.step - since) * cfg.batch_size / max(elapsed, 1e-9)
@@ -230,6 +277,12 @@ class Trainer:
                 if self.step % cfg.save_every == 0 or last:
                     self.save()
                 self.maybe_sample(force=last)
+
+    def peer_failed(self) -> PeerFailedError:
+        last = latest_checkpoint(self.run_dir)
+        kept = f"the checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
+        return PeerFailedError(f"another process of the run failed at step {self.step}; {kept}; "
+                               f"continue with --resume")
 
 
 # --------------------------------------------------------------------------- runs
@@ -243,7 +296,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
 
 
-def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | None = None) -> Trainer:
+def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | None = None,
+              dist: Dist = Dist()) -> Trainer:
     """A Trainer for run folder ``out``: fresh from ``given`` options, or resumed from its
     latest checkpoint with ``given`` overriding the options that may change.
 
@@ -256,8 +310,19 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
     check_run_dir(out, resume)
     checkpoint = read_checkpoint(latest_checkpoint(out)) if resume else None
     cfg = config_for_resume(checkpoint, given) if resume else TrainConfig(**given)
-    trainer = Trainer(cfg, out, dataset)  # writes nothing yet
+    trainer = Trainer(cfg, out, dataset, dist)  # writes nothing yet
     make_output_folder(out, "run folder")
     if checkpoint is not None:
         trainer.restore(checkpoint)
+        if checkpoint.state.world_size != dist.world_size:
+            trainer.notes.append(
+                f"note: {checkpoint.path.name} was trained by {checkpoint.state.world_size} process(es), this run "
+                f"has {dist.world_size}: the data order and random draws go on unchanged (every rank draws the "
+                "global batch), but float rounding differs, so the run is not bit-identical")
     return trainer
+
+
+if __name__ == "__main__":  # python -m ssd.train ..., the same as ssd-train (torchrun too)
+    from .cli import train_main
+
+    train_main()

@@ -1,0 +1,105 @@
+"""Several processes under ``torchrun`` (PyTorch DDP): who we are, and the few collectives
+the trainer needs.
+
+``torchrun --nproc_per_node=N $(which ssd-train) ...`` starts N copies of the trainer with
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set; :func:`setup` reads them and joins the
+process group (NCCL on CUDA, gloo on the CPU). Without those variables it is one process
+and nothing here talks to anyone.
+
+How the trainer splits the work (``ssd.train``): every rank draws the same random numbers
+(one seed, the same generators) for the whole global batch and keeps its own slice, so all
+ranks agree on the step's route (SPEC §6: one route per batch) and together see exactly the
+images, timesteps, flips and noise a single process would.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+class TerminatedError(UserError):
+    """SIGTERM (torchrun's agent stopping the run, a scheduler, ``kill``)."""
+
+    exit_code = 143
+
+
+class PeerFailedError(UserError):
+    """Another process of the run failed, so a collective operation could not finish."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: ``rank`` of ``world_size``, GPU ``local_rank``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    active: bool = False  # a process group was joined (torchrun), even of size 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over all ranks (the same result on every rank)."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world_size
+
+    def _device(self) -> torch.device:
+        backend = dist.get_backend()
+        return torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+def from_environment() -> Dist:
+    """This process's rank and world size as torchrun set them (one process otherwise)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+    return Dist(rank, world, local, active=True)
+
+
+def setup(device: str) -> Dist:
+    """Join the process group when started by torchrun: NCCL on CUDA, gloo on the CPU."""
+    here = from_environment()
+    if not here.active or dist.is_initialized():
+        return here
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(here.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return here
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`TerminatedError`, so the run stops like on Ctrl-C: between
+    two file operations, leaving every checkpoint whole."""
+
+    def handler(signum, frame):
+        raise TerminatedError("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because a peer went away."""
+    dist_error = getattr(dist, "DistError", ())
+    return isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "NCCL")))
