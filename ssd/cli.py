@@ -165,6 +165,34 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
     click.echo(f"wrote {writer.count} samples and {grid.name} to {out}")
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("samples", type=click.Path(path_type=Path))
+@click.option("--ref", default="fashion-mnist", show_default=True,
+              help="fashion-mnist (built in) or a folder of images (class subfolders give labels).")
+@click.option("--n", "n", type=click.IntRange(min=2), default=None, help="Use at most N samples and N reference images.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON report [default: SAMPLES/metrics.json].")
+@click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
+              help="A local TorchScript Inception (inception-2015-12-05.pt) for FID proper.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Where the feature classifier is cached [default: $SSD_CACHE or ~/.cache/ssd].")
+@cli_errors
+def eval_command(samples: Path, ref: str, n, out, inception_weights, cache):
+    """Sample quality of a folder of SAMPLES against reference data: a classifier-feature
+    Fréchet distance and KID (not comparable with published FID), precision/recall, and
+    multi-scale sliced Wasserstein distance; FID with --inception-weights."""
+    _need_train_extra("ssd-eval")
+    from .evaluate import evaluate, format_report, read_folder, reference_sets, write_report
+
+    train, reference = reference_sets(ref, limit=n)
+    channels, size = reference.images.shape[1], reference.images.shape[-1]
+    images = read_folder(samples, channels=channels, size=size, limit=n)
+    result = evaluate(images, train, reference, inception_weights, cache, log=lambda text: click.echo(text, err=True))
+    click.echo(format_report(result))
+    out = out or samples / "metrics.json"
+    write_report(out, result)
+    click.echo(f"wrote {out}")
+
+
 def train_main(args=None):
     """Entry point of ``ssd-train``."""
     run_cli(train_command, args, prog_name="ssd-train")
@@ -177,3 +205,8 @@ def sample_main(args=None):
 
 if __name__ == "__main__":
     train_main()
+
+
+def eval_main(args=None):
+    """Entry point of ``ssd-eval``."""
+    run_cli(eval_command, args, prog_name="ssd-eval")

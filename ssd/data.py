@@ -163,8 +163,9 @@ def load_image_folder(folder, image_size: int, warn: Warn | None = warn_stderr) 
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
-def read_idx3(path: Path) -> np.ndarray:
-    """A gzip'd idx3-ubyte file (MNIST format) as uint8 ``[N, H, W]``."""
+def read_idx(path: Path, rank: int = 3) -> np.ndarray:
+    """A gzip'd idx-ubyte file (MNIST format) of uint8 values: rank 3 for images
+    ``[N, H, W]``, rank 1 for labels ``[N]``."""
     try:
         with gzip.open(path, "rb") as handle:
             raw = handle.read()
@@ -175,12 +176,18 @@ def read_idx3(path: Path) -> np.ndarray:
         ) from None
     except (OSError, EOFError) as err:
         raise DataError(f"cannot read {path}: {err}") from None
-    if len(raw) < 16:
-        raise DataError(f"{path} is not an idx3-ubyte image file (too short)")
-    magic, n, height, width = (int(v) for v in np.frombuffer(raw[:16], dtype=">u4"))
-    if magic != 0x803 or len(raw) != 16 + n * height * width:
-        raise DataError(f"{path} is not an idx3-ubyte image file (magic {magic:#x}, {len(raw)} bytes)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, height, width)
+    header = 4 * (rank + 1)
+    if len(raw) < header:
+        raise DataError(f"{path} is not an idx{rank}-ubyte file (too short)")
+    magic, *dims = (int(v) for v in np.frombuffer(raw[:header], dtype=">u4"))
+    if magic != 0x800 + rank or len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"{path} is not an idx{rank}-ubyte file (magic {magic:#x}, {len(raw)} bytes)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx3(path: Path) -> np.ndarray:
+    """A gzip'd idx3-ubyte image file as uint8 ``[N, H, W]``."""
+    return read_idx(path, 3)
 
 
 def load_fashion_mnist(image_size: int, path=FASHION_MNIST) -> ImageDataset:

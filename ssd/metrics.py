@@ -1,0 +1,150 @@
+"""Sample-quality metrics in numpy, on features or on images (torch-free).
+
+- :func:`frechet_distance`: the Fréchet distance between Gaussians fitted to two feature
+  sets (FID when the features are Inception's; here usually a small classifier's).
+- :func:`kernel_inception_distance`: KID, the unbiased MMD² with the cubic polynomial
+  kernel ``(x·y/d + 1)³``, averaged over random subsets (Bińkowski et al. 2018).
+- :func:`precision_recall`: improved precision and recall with k-NN balls (Kynkäänniemi
+  et al. 2019): the share of generated samples inside the real manifold, and the reverse.
+- :func:`sliced_wasserstein`: multi-scale sliced Wasserstein distance between Laplacian-
+  pyramid patches of two image sets (Karras et al. 2018); needs no network.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [d] and covariance [d, d] (float64) of features [n, d]."""
+    features = np.asarray(features, np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance_gaussians(mu1, cov1, mu2, cov2) -> float:
+    """``|mu1 - mu2|² + tr(C1 + C2 - 2 (C1^½ C2 C1^½)^½)``, with symmetric square roots
+    (equal to the usual ``tr sqrt(C1 C2)`` form, without a non-symmetric ``sqrtm``)."""
+    values, vectors = np.linalg.eigh(cov1)
+    root1 = (vectors * np.sqrt(values.clip(0))) @ vectors.T
+    middle = np.linalg.eigvalsh(root1 @ cov2 @ root1)
+    cross = np.sqrt(middle.clip(0)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+
+
+def frechet_distance(features1: np.ndarray, features2: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [n, d]."""
+    return frechet_distance_gaussians(*gaussian(features1), *gaussian(features2))
+
+
+def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subsets: int = 50,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID: mean and standard deviation over ``subsets`` random subsets of the unbiased MMD²."""
+    x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    d, m = x.shape[1], min(subset_size, len(x), len(y))
+    rng = np.random.default_rng(seed)
+    kernel = lambda a, b: (a @ b.T / d + 1.0) ** 3
+    values = []
+    for _ in range(subsets):
+        a = x[rng.choice(len(x), m, replace=False)]
+        b = y[rng.choice(len(y), m, replace=False)]
+        kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
+        same = (kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+        values.append(same - 2 * kab.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _knn_radii(points: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point."""
+    radii = np.empty(len(points))
+    for start in range(0, len(points), chunk):
+        d = _distances(points[start:start + chunk], points)
+        radii[start:start + chunk] = np.partition(d, k, axis=1)[:, k]  # column 0 is the point itself
+    return radii
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(squared.clip(0))
+
+
+def _coverage(queries: np.ndarray, points: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> float:
+    """Share of ``queries`` inside at least one ball (``points``, ``radii``)."""
+    inside = 0
+    for start in range(0, len(queries), chunk):
+        d = _distances(queries[start:start + chunk], points)
+        inside += int((d <= radii[None, :]).any(axis=1).sum())
+    return inside / len(queries)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision (fake inside the real manifold) and recall (real inside the fake
+    one), each manifold the union of k-NN balls around its samples."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    precision = _coverage(fake, real, _knn_radii(real, k))
+    recall = _coverage(real, fake, _knn_radii(fake, k))
+    return precision, recall
+
+
+# --------------------------------------------------------------------------- SWD
+def _blur_down(images: np.ndarray) -> np.ndarray:
+    """Gaussian-ish [1,4,6,4,1]/16 blur and 2x downsample of [n, c, h, w], edges replicated."""
+    taps = np.array([1, 4, 6, 4, 1], np.float64) / 16
+    padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+    h, w = images.shape[-2:]
+    rows = sum(t * padded[:, :, i:i + h, :] for i, t in enumerate(taps))
+    both = sum(t * rows[:, :, :, i:i + w] for i, t in enumerate(taps))
+    return both[:, :, ::2, ::2]
+
+
+def laplacian_pyramid(images: np.ndarray, min_size: int = 8) -> list[np.ndarray]:
+    """Band-pass levels, finest first, ending with the low-pass residual at ``min_size``."""
+    levels, current = [], np.asarray(images, np.float64)
+    while current.shape[-1] > min_size:
+        smaller = _blur_down(current)
+        up = smaller.repeat(2, axis=-2).repeat(2, axis=-1)[..., :current.shape[-2], :current.shape[-1]]
+        levels.append(current - up)
+        current = smaller
+    levels.append(current)
+    return levels
+
+
+def _patches(level: np.ndarray, per_image: int, size: int, rng) -> np.ndarray:
+    """``per_image`` random ``size``x``size`` patches of each image, flattened [n*per_image, c*size*size]."""
+    n, c, h, w = level.shape
+    size = min(size, h, w)
+    ys = rng.integers(0, h - size + 1, (n, per_image))
+    xs = rng.integers(0, w - size + 1, (n, per_image))
+    offsets = np.arange(size)
+    rows = (ys[..., None] + offsets)[..., :, None]
+    cols = (xs[..., None] + offsets)[..., None, :]
+    images = np.arange(n)[:, None, None, None]
+    patches = level.transpose(0, 2, 3, 1)[images, rows, cols]  # [n, per, size, size, c]
+    return patches.reshape(n * per_image, -1)
+
+
+def _swd(a: np.ndarray, b: np.ndarray, directions: int, rng) -> float:
+    """Sliced Wasserstein-1 between two equal-size point sets along random unit directions."""
+    projections = rng.standard_normal((a.shape[1], directions))
+    projections /= np.linalg.norm(projections, axis=0, keepdims=True)
+    pa, pb = np.sort(a @ projections, axis=0), np.sort(b @ projections, axis=0)
+    return float(np.abs(pa - pb).mean())
+
+
+def sliced_wasserstein(images1: np.ndarray, images2: np.ndarray, patches_per_image: int = 64,
+                       patch_size: int = 7, directions: int = 512, repeats: int = 4,
+                       seed: int = 0) -> dict[str, float]:
+    """Multi-scale SWD between two image sets [n, c, h, w] (values in [0, 1] or [-1, 1]),
+    per pyramid level (``"32"``, ``"16"``, ...; x1e3 like the paper) and their ``"mean"``.
+    Patch descriptors are standardised per dimension with statistics of both sets together."""
+    rng = np.random.default_rng(seed)
+    n = min(len(images1), len(images2))
+    result = {}
+    for level1, level2 in zip(laplacian_pyramid(images1[:n]), laplacian_pyramid(images2[:n])):
+        where = int(rng.integers(2**32))  # the same patch positions in both sets: identical sets give 0
+        a = _patches(level1, patches_per_image, patch_size, np.random.default_rng(where))
+        b = _patches(level2, patches_per_image, patch_size, np.random.default_rng(where))
+        both = np.concatenate([a, b])
+        mean, std = both.mean(axis=0), both.std(axis=0) + 1e-8
+        a, b = (a - mean) / std, (b - mean) / std
+        result[str(level1.shape[-1])] = 1e3 * float(np.mean([_swd(a, b, directions, rng) for _ in range(repeats)]))
+    result["mean"] = float(np.mean(list(result.values())))
+    return result
