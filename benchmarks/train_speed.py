@@ -72,6 +72,46 @@ class LevelSetup:
         return time.perf_counter() - start
 
 
+def measure(preset: str = "cpu64", batch: int = 16, levels=(1, 2, 3, 4), repeats: int = 5, direct: int = 0) -> dict:
+    """Training images/s per level count (per-route medians weighted by route share), the
+    MAC ratio vs the fewest levels, and, with ``direct``, images/s of N real mixed steps."""
+    setups = {n: LevelSetup(preset, n, batch, seed=n) for n in levels}
+    times = {(n, r): [] for n, s in setups.items() for r in s.route_t}
+    for setup in setups.values():  # warm-up: first calls allocate
+        for t in setup.route_t.values():
+            setup.train_step(np.full(batch, t))
+    for _ in range(repeats):
+        for n, setup in setups.items():
+            for route, t in setup.route_t.items():
+                times[n, route].append(setup.train_step(np.full(batch, t)))
+    result = {"preset": preset, "batch": batch, "repeats": repeats, "machine": machine_name(), "levels": {}}
+    for n, setup in setups.items():
+        per_image = sum(share * statistics.median(times[n, r]) for r, share in setup.route_share.items()) / batch
+        entry = {"images_per_s": 1 / per_image, "mac_ratio": sampling_mac_ratio(setup.config)}
+        if direct:
+            rng = np.random.default_rng(0)
+            spent = sum(setup.train_step(setup.space.sample_timesteps(rng, batch)) for _ in range(direct))
+            entry["direct_images_per_s"] = direct * batch / spent
+        result["levels"][n] = entry
+    return result
+
+
+def report(result: dict) -> str:
+    """The markdown table of :func:`measure`."""
+    levels = result["levels"]
+    base = levels[min(levels)]["images_per_s"]
+    direct = all("direct_images_per_s" in entry for entry in levels.values())
+    lines = [f"Training throughput, preset {result['preset']}, batch {result['batch']}, AdamW, fp32",
+             f"Machine: {result['machine']}; medians of {result['repeats']} timed steps per route", ""]
+    header = "| levels | images/s | speed-up vs 1L | MAC ratio |" + (" direct images/s |" if direct else "")
+    lines += [header, "|---" * (header.count("|") - 1) + "|"]
+    for n, entry in levels.items():
+        row = (f"| {n}L | {entry['images_per_s']:.1f} | {entry['images_per_s'] / base:.2f}x | "
+               f"{entry['mac_ratio']:.2f}x |")
+        lines.append(row + (f" {entry['direct_images_per_s']:.1f} |" if direct else ""))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cpu64")
@@ -80,39 +120,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--direct", type=int, default=0, help="also time N mixed real steps")
     args = parser.parse_args(argv)
-
-    setups = {n: LevelSetup(args.preset, n, args.batch, seed=n) for n in args.levels}
-    times = {(n, r): [] for n, s in setups.items() for r in s.route_t}
-    for setup in setups.values():  # warm-up: first calls allocate
-        for t in setup.route_t.values():
-            setup.train_step(np.full(args.batch, t))
-    for _ in range(args.repeats):
-        for n, setup in setups.items():
-            for route, t in setup.route_t.items():
-                times[n, route].append(setup.train_step(np.full(args.batch, t)))
-
-    direct = {}
-    if args.direct:
-        for n, setup in setups.items():
-            rng = np.random.default_rng(0)
-            spent = sum(setup.train_step(setup.space.sample_timesteps(rng, args.batch))
-                        for _ in range(args.direct))
-            direct[n] = args.direct * args.batch / spent
-
-    per_image = {
-        n: sum(share * statistics.median(times[n, r]) for r, share in s.route_share.items()) / args.batch
-        for n, s in setups.items()
-    }
-    base = per_image[min(args.levels)]
-    print(f"Training throughput, preset {args.preset}, batch {args.batch}, AdamW, fp32")
-    print(f"Machine: {machine_name()}; medians of {args.repeats} timed steps per route\n")
-    header = "| levels | images/s | speed-up vs 1L | MAC ratio |" + (" direct images/s |" if direct else "")
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    for n in args.levels:
-        row = (f"| {n}L | {1 / per_image[n]:.1f} | {base / per_image[n]:.2f}x | "
-               f"{sampling_mac_ratio(setups[n].config):.2f}x |")
-        print(row + (f" {direct[n]:.1f} |" if direct else ""))
+    print(report(measure(args.preset, args.batch, args.levels, args.repeats, args.direct)))
 
 
 if __name__ == "__main__":

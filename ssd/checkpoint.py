@@ -78,10 +78,16 @@ class CheckpointState(Typed):
     config: SSDConfig = spec()
     train: TrainConfig | None = spec()
     rng: dict[str, Any] = spec(max_items=16)
-    optimizer: OptimizerGroups = spec()
-    files: dict[str, FileHash] = spec(choices=tuple(TENSOR_FILES.values()), min_items=len(TENSOR_FILES))
+    optimizer: OptimizerGroups | None = spec()  # None: a weights-only release (ssd.release)
+    files: dict[str, FileHash] = spec(choices=tuple(TENSOR_FILES.values()), min_items=1)
     torch_version: str = spec("", max_len=64)
     world_size: int = spec(1, lo=1, hi=1 << 20)  # processes that trained it (they share one random stream)
+
+    def check(self):
+        if TENSOR_FILES["ema"] not in self.files:
+            raise ConfigError(f"files: no {TENSOR_FILES['ema']} listed")
+        if (self.optimizer is None) != (TENSOR_FILES["optimizer"] not in self.files):
+            raise ConfigError("optimizer: param groups and optimizer.safetensors come together")
 
 
 @dataclass
@@ -193,7 +199,7 @@ def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | 
     blobs[STATE_FILE] = json.dumps(to_json(state), indent=1).encode()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        final = _write_dir_atomic(root, name, blobs)
+        final = write_dir_atomic(root, name, blobs)
         write_atomic(root / LATEST_FILE, f"{name}\n".encode())
         prune_checkpoints(root, keep)
     except OSError as err:
@@ -207,7 +213,7 @@ def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
-def _write_dir_atomic(root: Path, name: str, blobs: dict[str, bytes]) -> Path:
+def write_dir_atomic(root: Path, name: str, blobs: dict[str, bytes]) -> Path:
     """Write ``blobs`` into ``root/.tmp-name-pid``, fsync, then rename it to ``root/name``."""
     tmp, final = root / f".tmp-{name}-{os.getpid()}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
@@ -305,6 +311,10 @@ def read_checkpoint(path, parts=("model", "ema", "optimizer")) -> Checkpoint:
     """Find, verify and read a checkpoint (a checkpoint folder or a run folder)."""
     path = resolve_checkpoint(path)
     state = read_state(path)
+    missing = [part for part in parts if TENSOR_FILES[part] not in state.files]
+    if missing:
+        raise CheckpointError(f"{path} is a weights-only release without {', '.join(missing)} state: it can be "
+                              "exported and sampled, not resumed or sampled with --raw")
     tensors = {part: _read_tensors(path, TENSOR_FILES[part], state.files[TENSOR_FILES[part]]) for part in parts}
     return Checkpoint(path, state, tensors)
 
