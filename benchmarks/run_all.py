@@ -38,7 +38,7 @@ from ssd.config import make_config  # noqa: E402
 from ssd.data import load_dataset  # noqa: E402
 from ssd.evaluate import ImageSet, evaluate, fashion_mnist_split  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
-from ssd.images import make_grid, to_uint8  # noqa: E402
+from ssd.images import make_grid  # noqa: E402
 from ssd.sample import sample_batches  # noqa: E402
 from ssd.train import start_run  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
