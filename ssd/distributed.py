@@ -93,6 +93,7 @@ def raise_on_sigterm() -> None:
     two file operations, leaving every checkpoint whole."""
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while exiting just ends us
         raise TerminatedError("terminated (SIGTERM)")
 
     signal.signal(signal.SIGTERM, handler)

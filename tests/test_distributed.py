@@ -122,3 +122,18 @@ def test_a_killed_rank_ends_the_run_with_one_line_and_an_intact_checkpoint(tmp_p
     assert len(ours) == 1, stderr
     assert "checkpoint step_" in ours[0] and "is kept" in ours[0] and "--resume" in ours[0], ours[0]
     assert read_checkpoint(out).step >= 1  # hashes match: intact
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(*QUICK, "--batch-size", 4, "--steps", 100000, "--save-every", 1, "--out", out, wait=False)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "latest").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler or the elastic agent's stop does
+    _, stderr = proc.communicate(timeout=120)
+    ours = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "terminated (SIGTERM) at step" in ours[0] and "is kept" in ours[0], stderr
+    assert "/ssd/" not in stderr, stderr  # no traceback through our code (torchrun prints its own summary)
+    assert read_checkpoint(out).step >= 1
