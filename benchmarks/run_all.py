@@ -52,7 +52,7 @@ class Plan:
 
     quality_preset: str = "small32"
     quality_levels: tuple[int, ...] = (1, 2, 3)
-    train_steps: int = 1500
+    train_steps: int = 1200
     milestones: int = 3  # checkpoints along training for quality vs time
     train_batch: int = 32
     eval_samples: dict = field(default_factory=lambda: {1000: 300, 250: 500})
