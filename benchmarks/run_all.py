@@ -13,7 +13,8 @@
 4. Backends: ONNX Runtime vs TorchScript vs PyTorch eager, per route and end to end.
 5. Previews: the same seeds through every resolution of an SSD model.
 
-Tables go to ``OUT/*.md`` and ``OUT/results.json``, plots to ``OUT/*.png``.
+Tables go to ``OUT/*.md`` and ``OUT/results.json``, plots to ``OUT/*.png``; the runs and
+bundles it trains and exports go to a temp folder.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import io
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -336,8 +338,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     out = args.out
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ssd-run-all-"))  # runs and bundles: large, not results
     log = lambda text: print(text, file=sys.stderr, flush=True)
     started = time.perf_counter()
     results = {"machine": train_speed.machine_name(), "plan": asdict(plan)}

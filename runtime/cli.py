@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ssd.bundle import BundleError
 from ssd.config import MAX_BATCH
 from ssd.errors import cli_errors, run_cli
 from ssd.files import make_output_folder, removed_on_failure
@@ -49,6 +50,9 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
     """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`).
 
     PNGs are written as each batch finishes, so memory stays bounded by one batch."""
+    if bundle is None and not DEFAULT_BUNDLE.exists():
+        raise BundleError(f"no BUNDLE given and {DEFAULT_BUNDLE} does not exist: `make demo` exports the shipped "
+                          f"model there, or: ssd-export RUN --out {DEFAULT_BUNDLE}")
     bundle = bundle or DEFAULT_BUNDLE
     sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
                                   threads=threads, low_memory=low_memory)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,35 @@ def test_fid_with_a_local_torchscript_inception(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not torchscript")
     with pytest.raises(Exception, match="cannot load --inception-weights"):
         evaluate(good, None, reference, inception=tmp_path / "broken.pt", log=lambda text: None)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_the_shipped_model_ranks_above_noise_and_blurred_data(tmp_path):
+    """ssd-eval's classifier FD and SWD put the committed model's samples ahead of noise and
+    of a blurred copy of the data (a classifier trained on 6,000 images here, for time)."""
+    import torch
+
+    from ssd.checkpoint import load_model
+    from ssd.evaluate import fashion_mnist_split
+    from ssd.sample import sample_images
+
+    config, model = load_model(SHIPPED)
+    torch.manual_seed(0)
+    samples = sample_images(model, config, 200, steps=50, seed=0, batch=100)
+    train, test = fashion_mnist_split("train"), fashion_mnist_split("test")
+    train = ImageSet(train.images[:6000], train.source, train.labels[:6000])
+    reference = ImageSet(test.images[:500], test.source, test.labels[:500])
+    model_set = ImageSet(samples.mean(axis=-1).round().astype(np.uint8)[:, None], "model")
+    noise = ImageSet(np.random.default_rng(0).integers(0, 256, model_set.images.shape, dtype=np.uint8), "noise")
+    data = test.images[500:700].astype(np.float64)
+    blurred = ImageSet(data.reshape(200, 1, 8, 4, 8, 4).mean(axis=(3, 5)).repeat(4, 2).repeat(4, 3).round()
+                       .astype(np.uint8), "blur")
+    scores = {s.source: evaluate(s, train, reference, cache=tmp_path, log=lambda text: None)
+              for s in (model_set, noise, blurred)}
+    fd = {name: r["classifier"]["fd"] for name, r in scores.items()}
+    swd = {name: r["swd"]["mean"] for name, r in scores.items()}
+    assert fd["model"] < fd["blur"] and fd["model"] < fd["noise"], fd
+    assert swd["model"] < swd["blur"] and swd["model"] < swd["noise"], swd
