@@ -207,6 +207,27 @@ def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | 
     return final
 
 
+def save_weights_only(folder, config: SSDConfig, step: int, weights: dict[str, torch.Tensor],
+                      train: TrainConfig | None = None) -> Path:
+    """Write ``folder`` as a weights-only checkpoint: ``weights`` as the EMA tensors and a
+    ``state.json`` without optimizer or generator state. Export and sampling read it like
+    any checkpoint; it cannot be resumed. Written atomically (temp folder, then rename)."""
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise CheckpointError(f"refusing to save: {len(bad)} tensors are not finite (e.g. {bad[0]})")
+    blob = save_safetensors({k: v.contiguous() for k, v in _cpu(weights).items()})
+    name = TENSOR_FILES["ema"]
+    state = CheckpointState(FORMAT, FORMAT_VERSION, int(step), config, train, {}, None,
+                            {name: FileHash(len(blob), hashlib.sha256(blob).hexdigest())}, torch.__version__)
+    folder = Path(folder).resolve()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return write_dir_atomic(folder.parent, folder.name,
+                                {name: blob, STATE_FILE: json.dumps(to_json(state), indent=1).encode()})
+    except OSError as err:
+        raise OutputError(f"cannot write {folder}: {err.strerror or err}") from None
+
+
 def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding a NaN or an infinity."""
     return [name for name, tensor in state.items()

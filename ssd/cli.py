@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from .config import MAX_BATCH, MODEL_PRESETS, TrainConfig
 from .errors import UserError, cli_errors, require, run_cli
-from .files import make_output_folder, removed_on_failure
+from .files import make_output_folder, removed_on_failure, sha256_file
 
 # --help shows TrainConfig's defaults. Options not given on the command line are not passed
 # on, so a resumed run keeps its checkpoint's values.
@@ -193,6 +193,33 @@ def eval_command(samples: Path, ref: str, n, out, inception_weights, cache):
     click.echo(f"wrote {out}")
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Run folder to create (checkpoints/step_N, as ssd-train writes).")
+@click.option("--preset", default=None, help="Which release it is [default: from the file name]; "
+              "see the README's 'Running the authors' checkpoints'.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="Instead of --preset: a JSON SSDConfig for a network trained with their code at other settings.")
+@cli_errors
+def import_command(checkpoint: Path, out: Path, preset, config_file):
+    """Import one of the authors' released SSD checkpoints (a .pt state dict) as an ssd
+    checkpoint that ssd-export, ssd-sample and ssd-run use unchanged. Nothing pickled is
+    executed: only tensors are read."""
+    _need_train_extra("ssd-import")
+    from .authors import config_from_file, import_checkpoint
+
+    if preset and config_file:
+        raise UserError("give --preset or --config, not both")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    config = config_from_file(config_file) if config_file else None
+    with removed_on_failure(out):
+        folder = import_checkpoint(checkpoint, out, preset, config)
+    click.echo(f"imported {checkpoint} (sha256 {sha256_file(checkpoint)}) into {folder}")
+    click.echo(f"next: ssd-export {out} --out bundles/{out.name}")
+
+
 def train_main(args=None):
     """Entry point of ``ssd-train``."""
     run_cli(train_command, args, prog_name="ssd-train")
@@ -203,10 +230,15 @@ def sample_main(args=None):
     run_cli(sample_command, args, prog_name="ssd-sample")
 
 
-if __name__ == "__main__":
-    train_main()
+def import_main(args=None):
+    """Entry point of ``ssd-import``."""
+    run_cli(import_command, args, prog_name="ssd-import")
 
 
 def eval_main(args=None):
     """Entry point of ``ssd-eval``."""
     run_cli(eval_command, args, prog_name="ssd-eval")
+
+
+if __name__ == "__main__":
+    train_main()

@@ -13,6 +13,7 @@ from .schema import ConfigError, Typed, spec, to_json
 
 RESOLUTION_SCHEDULES = ("convex", "equal")
 TOP_TRANSITIONS = ("up", "interp")
+ROUTE_STYLES = ("full", "authors")
 
 # Bounds on every number that sizes memory or time, whether it comes from the command line,
 # a checkpoint's state.json or a bundle's manifest.json.
@@ -54,6 +55,13 @@ class ModelConfig(Typed):
     # "up": the asymmetric up route into full size; "interp": bilinear-upsample x_t to
     # full size and run keep(full) (what the authors' code does).
     top_transition: str = spec("interp", choices=TOP_TRANSITIONS)
+    # "full": a route runs every block of each decoder level it passes through, the entry
+    # level's last block taking the entry features as its skip, with 1x1 adapters at every
+    # level below the top. "authors": the authors' FlexiUNet, whose routes stop one block
+    # short at their output level (so the top decoder block is never run), feed a zero skip
+    # to the entry level's last block in up routes, and have adapters only where the
+    # channel count changes (see ssd.unet). Only imported checkpoints use it.
+    route_style: str = spec("full", choices=ROUTE_STYLES)
 
     def check(self):
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
@@ -164,6 +172,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny32": ModelConfig(32, 3, 16, (1, 2, 2), 1, (8,), 2, 8),
     "small32": ModelConfig(32, 3, 32, (1, 2, 2), 2, (8,), 4, 32),
     "cpu64": ModelConfig(64, 3, 32, (1, 2, 3, 4), 2, (16, 8), 4, 32),
+    # The authors' released networks, exactly (ssd.authors imports their checkpoints):
+    # 128 channels, attention at feature sizes 16 and 8 at every image size.
+    "authors64": ModelConfig(64, 3, 128, (1, 2, 3, 4), 2, (16, 8), 4, 32, route_style="authors"),
+    "authors128": ModelConfig(128, 3, 128, (1, 1, 2, 3, 4), 2, (16, 8), 4, 32, route_style="authors"),
+    "authors256": ModelConfig(256, 3, 128, (1, 1, 2, 2, 4, 4), 2, (16, 8), 4, 32, route_style="authors"),
 }
 
 

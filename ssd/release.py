@@ -7,31 +7,20 @@ read it like any checkpoint; it cannot be resumed.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as save_safetensors
 
-from .checkpoint import STATE_FILE, TENSOR_FILES, FileHash, write_dir_atomic, read_checkpoint
+from .checkpoint import read_checkpoint, save_weights_only
 from .errors import cli_errors
-from .schema import to_json
 
 
 def release(source, out, half: bool = True) -> Path:
     """Write ``out`` (a checkpoint folder) with only the EMA weights of ``source``."""
     checkpoint = read_checkpoint(source, parts=("ema",))
     dtype = torch.float16 if half else torch.float32
-    ema = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in checkpoint.tensors["ema"].items()}
-    blob = save_safetensors(ema)
-    name = TENSOR_FILES["ema"]
-    state = replace(checkpoint.state, optimizer=None, rng={},
-                    files={name: FileHash(len(blob), hashlib.sha256(blob).hexdigest())})
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_dir_atomic(out.parent, out.name, {name: blob, STATE_FILE: json.dumps(to_json(state), indent=1).encode()})
+    ema = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in checkpoint.tensors["ema"].items()}
+    return save_weights_only(out, checkpoint.config, checkpoint.step, ema, checkpoint.state.train)
 
 
 @cli_errors

@@ -11,6 +11,11 @@ whose native size is ``r`` (``cfg.level_of(r)``):
   at ``2r``. Into full size, ``cfg.top_transition == "interp"`` replaces this with a
   bilinear x2 of the input followed by ``keep_{full}`` (what the authors' code does).
 
+``cfg.route_style == "authors"`` reproduces the authors' FlexiUNet for their released
+checkpoints (``ssd.authors``): the output level runs one decoder block fewer, an up route
+feeds a zero skip to its entry level's last block, and adapters exist only where the
+channel count changes (:meth:`RouteModule._decoder_plan`).
+
 Every route is a :class:`RouteModule` that holds references to exactly the submodules it
 uses (parameter objects shared with the parent), under the same state-dict keys as in the
 parent; :meth:`FlexiUNet.forward` runs the same ``RouteModule`` code. Routes have no
@@ -194,7 +199,8 @@ class FlexiUNet(nn.Module):
     Attributes mirror ADM's layout: ``conv_in``; ``enc[l]`` (``num_res_blocks`` blocks) and
     ``down[str(l)]``; ``middle``; ``dec[l]`` (``num_res_blocks + 1`` blocks, each consuming
     one skip) and ``up[str(l)]``; ``head``. ``entry[str(l)]``: ``C0 -> C_{l-1}`` and
-    ``exit[str(l)]``: ``C_l -> C0`` (1x1 convs) for ``l >= 1``, with ``C_l = base*mult[l]``.
+    ``exit[str(l)]``: ``C_l -> C0`` (1x1 convs) for ``l >= 1``, with ``C_l = base*mult[l]``
+    (with ``route_style="authors"`` only those that change the channel count).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -206,14 +212,17 @@ class FlexiUNet(nn.Module):
             nn.Linear(cfg.base_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        every = cfg.route_style == "full"  # "authors": adapters only where channels change
         self.entry = nn.ModuleDict(
-            {str(l): nn.Conv2d(chans[0], chans[l - 1], 1) for l in range(1, levels)}
+            {str(l): nn.Conv2d(chans[0], chans[l - 1], 1) for l in range(1, levels)
+             if every or chans[l - 1] != chans[0]}
         )
         self.enc, self.down = self._build_encoder(chans, emb_ch)
         self.middle = MiddleBlock(chans[-1], emb_ch, cfg)
         self.dec, self.up = self._build_decoder(chans, emb_ch)
         self.exit = nn.ModuleDict(
-            {str(l): nn.Conv2d(chans[l], chans[0], 1) for l in range(1, levels)}
+            {str(l): nn.Conv2d(chans[l], chans[0], 1) for l in range(1, levels)
+             if every or chans[l] != chans[0]}
         )
         self.head = nn.Sequential(
             GroupNorm32(cfg.norm_groups, chans[0]), nn.SiLU(),
@@ -295,8 +304,31 @@ class RouteModule(nn.Module):
         self.level = cfg.level_of(run_size)  # entry level
         self.out_level = cfg.level_of(self.out_size)
         self.enc_levels = list(range(self.level, cfg.num_levels))
-        self.zero_skips = unet.skip_channels(self.out_level) if self.out_level < self.level else []
+        self.decoder = self._decoder_plan(unet)
         self._share(unet)
+
+    def _decoder_plan(self, unet: FlexiUNet) -> list[tuple[int, int, list[int]]]:
+        """Per decoder level run, deepest first: ``(level, blocks fed a real skip, channels of
+        the zero skips fed to the blocks after them)``.
+
+        ``"full"``: every level runs all ``num_res_blocks + 1`` blocks, the entry level's
+        last one taking the entry features; an up route then runs all of level ``l-1``'s
+        blocks on zero skips. ``"authors"``: the entry level runs ``num_res_blocks`` blocks on
+        real skips (an up route adds its last block on a zero skip, for the upsample it
+        carries) and level ``l-1`` runs ``num_res_blocks`` blocks on zero skips.
+        """
+        authors, blocks = unet.cfg.route_style == "authors", unet.cfg.num_res_blocks
+        goes_up = self.out_level < self.level
+        plan = []
+        for level in reversed(self.enc_levels):
+            if authors and level == self.level:
+                plan.append((level, blocks, unet.skip_channels(level)[-1:] if goes_up else []))
+            else:
+                plan.append((level, blocks + 1, []))
+        if goes_up:
+            zeros = unet.skip_channels(self.out_level)
+            plan.append((self.out_level, 0, zeros[:blocks] if authors else zeros))
+        return plan
 
     def _share(self, unet: FlexiUNet) -> None:
         """Register the parent's submodules this route uses, under the parent's keys."""
@@ -306,13 +338,14 @@ class RouteModule(nn.Module):
             return nn.ModuleDict({str(k): table[str(k)] for k in keys})
 
         self.time_embed, self.conv_in = unet.time_embed, unet.conv_in
-        self.entry = pick(unet.entry, [self.level] if self.level > 0 else [])
+        self.entry = pick(unet.entry, [self.level] if str(self.level) in unet.entry else [])
         self.enc = nn.ModuleDict({str(l): unet.enc[l] for l in levels})
         self.down = pick(unet.down, [l for l in levels if l < last])
         self.middle = unet.middle
-        self.dec = nn.ModuleDict({str(l): unet.dec[l] for l in range(self.out_level, last + 1)})
+        self.dec = nn.ModuleDict({str(level): nn.ModuleList(unet.dec[level][:real + len(zeros)])
+                                  for level, real, zeros in self.decoder})  # the blocks it runs
         self.up = pick(unet.up, [l for l in levels if l > self.out_level])
-        self.exit = pick(unet.exit, [self.out_level] if self.out_level > 0 else [])
+        self.exit = pick(unet.exit, [self.out_level] if str(self.out_level) in unet.exit else [])
         self.head = unet.head
 
     @property
@@ -333,7 +366,7 @@ class RouteModule(nn.Module):
         if self.interp:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         h = self.conv_in(x)
-        if self.level > 0:
+        if str(self.level) in self.entry:
             h = self.entry[str(self.level)](h)
         skips = [h]
         for level in self.enc_levels:
@@ -344,15 +377,15 @@ class RouteModule(nn.Module):
                 h = self.down[str(level)](h)
                 skips.append(h)
         h = self.middle(h, emb)
-        for level in reversed(self.enc_levels):
-            for block in self.dec[str(level)]:
+        for level, real, zero_channels in self.decoder:
+            blocks = self.dec[str(level)]
+            for block in blocks[:real]:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
-            if str(level) in self.up:
-                h = self.up[str(level)](h)
-        if self.zero_skips:  # up route: level l-1's decoder with zeros for absent skips
-            for block, channels in zip(self.dec[str(self.out_level)], self.zero_skips):
+            for block, channels in zip(blocks[real:], zero_channels):  # skips never computed
                 zeros = h.new_zeros((h.shape[0], channels, h.shape[2], h.shape[3]))
                 h = block(torch.cat([h, zeros], dim=1), emb)
-        if self.out_level > 0:
+            if str(level) in self.up:
+                h = self.up[str(level)](h)
+        if str(self.out_level) in self.exit:
             h = self.exit[str(self.out_level)](h)
         return self.head(h)
