@@ -1,6 +1,6 @@
 """Every table and plot of the README's results section, side by side in one run (not a test).
 
-    python benchmarks/run_all.py            # about an hour on a 2-core CPU
+    python benchmarks/run_all.py            # about 70 minutes on a 2-core CPU
     python benchmarks/run_all.py --quick    # minutes: tiny models, few steps (what CI runs)
 
 1. Quality at an equal training budget on Fashion-MNIST: DDPM-1L vs SSD-2L vs SSD-3L (same
@@ -54,12 +54,12 @@ class Plan:
 
     quality_preset: str = "small32"
     quality_levels: tuple[int, ...] = (1, 2, 3)
-    train_steps: int = 1200
+    train_steps: int = 800
     milestones: int = 3  # checkpoints along training for quality vs time
     train_batch: int = 32
-    eval_samples: dict = field(default_factory=lambda: {1000: 300, 250: 500})
+    eval_samples: dict = field(default_factory=lambda: {1000: 40, 250: 160})  # sized to fit ~70 min on 2 cores
     curve_steps: int = 250
-    curve_samples: int = 300
+    curve_samples: int = 64
     reference: int = 2000  # Fashion-MNIST test images scored against
     classifier_images: int | None = None  # None: all 60,000 training images
     sample_batch: int = 100
