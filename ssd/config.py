@@ -60,7 +60,7 @@ class ModelConfig(Typed):
     # level below the top. "authors": the authors' FlexiUNet, whose routes stop one block
     # short at their output level (so the top decoder block is never run), feed a zero skip
     # to the entry level's last block in up routes, and have adapters only where the
-    # channel count changes (see ssd.unet). Only imported checkpoints use it.
+    # channel count changes (see ssd.unet). Set by the authors64/128/256 presets (ssd-import).
     route_style: str = spec("full", choices=ROUTE_STYLES)
 
     def check(self):

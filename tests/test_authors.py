@@ -11,6 +11,7 @@ checkpoints").
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -88,8 +89,8 @@ def test_releases_are_the_papers_configurations():
                              "celeba256-6L", "imagenet64-2L"}
     for name, release in RELEASES.items():
         config = release.config
-        assert config.ladder[-1] == int(name.split("-")[0].lstrip("celebaimgnt"))
-        assert len(config.ladder) == int(name.split("-")[1][:-1])
+        size, levels = (int(g) for g in re.fullmatch(r"[a-z]+(\d+)-(\d+)L", name).groups())
+        assert config.ladder[-1] == size and len(config.ladder) == levels
         assert config.model.route_style == "authors" and config.model.top_transition == "interp"
         assert f"{config.model.image_size}res" in release.file and f"{config.diffusion.levels}levels" in release.file
 
