@@ -76,16 +76,19 @@ def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, *
     _need_train_extra("ssd-train")
     from . import distributed
 
-    distributed.raise_on_sigterm()  # torchrun's agent stops workers with SIGTERM
-    dist = distributed.setup(options.get("device", "auto"))
+    dist, finished = distributed.from_environment(), False
     try:
-        _train(ctx, out, resume, progress, options, dist)
+        # torchrun's agent stops workers with SIGTERM; once the run stops, later ones are ignored
+        with distributed.sigterm_raises(quiet_after=dist.active):
+            dist = distributed.setup(options.get("device", "auto"))
+            _train(ctx, out, resume, progress, options, dist)
+            finished = True
     except (UserError, KeyboardInterrupt) as err:
         if not dist.is_main and _shared_by_all_ranks(err):
             sys.exit(getattr(err, "exit_code", 130))  # rank 0 says it, once
         raise
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def _train(ctx, out: Path, resume: bool, progress: bool, options: dict, dist) -> None:

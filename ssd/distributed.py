@@ -13,6 +13,7 @@ images, timesteps, flips and noise a single process would.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import dataclass
@@ -83,20 +84,35 @@ def setup(device: str) -> Dist:
     return here
 
 
-def teardown() -> None:
+def teardown(finished: bool = False) -> None:
+    """Leave the process group. After a finished run, first wait for every rank: a rank that
+    destroys its group while a peer is still in its last collective can abort at exit."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into :class:`TerminatedError`, so the run stops like on Ctrl-C: between
-    two file operations, leaving every checkpoint whole."""
+@contextlib.contextmanager
+def sigterm_raises(quiet_after: bool):
+    """Inside the block, SIGTERM raises :class:`TerminatedError`, so the run stops like on
+    Ctrl-C: between two file operations, leaving every checkpoint whole.
+
+    With ``quiet_after`` (a torchrun worker) a SIGTERM after the block is ignored: the
+    process is already stopping, and the elastic agent's SIGTERM to the survivors of a
+    failed rank must not raise inside interpreter shutdown (a traceback after our one
+    line). Otherwise the previous handler comes back.
+    """
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while exiting just ends us
         raise TerminatedError("terminated (SIGTERM)")
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if quiet_after else previous)
 
 
 def is_collective_failure(err: BaseException) -> bool:

@@ -138,3 +138,20 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_line(tmp_path):
     assert len(ours) == 1 and "terminated (SIGTERM) at step" in ours[0] and "is kept" in ours[0], stderr
     assert "/ssd/" not in stderr, stderr  # no traceback through our code (torchrun prints its own summary)
     assert read_checkpoint(out).step >= 1
+
+
+def test_sigterm_raises_only_inside_the_block_and_is_quiet_after_it_in_a_worker():
+    from ssd.distributed import TerminatedError, sigterm_raises
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(TerminatedError), sigterm_raises(quiet_after=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is before  # a plain process gets its handler back
+        with sigterm_raises(quiet_after=True):
+            pass
+        # a torchrun worker that already stopped: the agent's SIGTERM must not raise in shutdown
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
