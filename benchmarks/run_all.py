@@ -209,10 +209,11 @@ def speed_table(plan: Plan, result: dict) -> str:
 
 # --------------------------------------------------------------------------- 4. backends
 def backends(plan: Plan, speed: dict, log) -> dict:
-    """Per route and end to end (the largest speed model, batch 1, fewest steps)."""
+    """Per route (route graphs) and end to end (the default, fused step graphs): the largest
+    speed model, batch 1, fewest steps."""
     bundle, steps = Path(speed["bundle"]), min(plan.speed_steps)
     _, model = load_model(speed["run"])
-    runtimes = {name: Sampler.from_bundle(bundle, backend=name) for name in ("onnxruntime", "torchscript")}
+    runtimes = {name: Sampler.from_bundle(bundle, backend=name, fused=False) for name in ("onnxruntime", "torchscript")}
     channels = model.cfg.in_channels
     routes, result = runtimes["onnxruntime"].bundle.routes, {"routes": {}, "end_to_end": {}}
     for name, route in routes.items():
@@ -223,7 +224,8 @@ def backends(plan: Plan, speed: dict, log) -> dict:
         calls["eager"] = lambda: model.route(name)(torch.from_numpy(x), torch.from_numpy(t))
         with torch.inference_mode():
             result["routes"][name] = {key: _median_ms(call, plan.route_repeats) for key, call in calls.items()}
-    for key, sampler in runtimes.items():
+    for key in runtimes:
+        sampler = Sampler.from_bundle(bundle, backend=key)
         timed_run(sampler, steps)  # warm-up (TorchScript optimises its graphs on early calls)
         result["end_to_end"][key] = statistics.median(timed_run(sampler, steps)[0] for _ in range(plan.repeats))
     config = make_config(plan.speed_preset, levels=max(plan.speed_levels))

@@ -46,20 +46,23 @@ def export_bundle(config, folder: Path, seed: int = 0) -> Path:
 
 
 class TimedSampler:
-    """A runtime Sampler whose backend accumulates the seconds spent in network calls."""
+    """A runtime Sampler whose backend accumulates the seconds spent in graph calls (step
+    graphs when ``fused``, the default where the bundle has them; route graphs otherwise)."""
 
-    def __init__(self, bundle: Path):
-        self.sampler = Sampler.from_bundle(bundle)
+    def __init__(self, bundle: Path, fused: bool | None = None):
+        self.sampler = Sampler.from_bundle(bundle, fused=fused)
         self.network_seconds = 0.0
-        run = self.sampler.backend.run
+        backend = self.sampler.backend
+        name = "run_step" if backend.fused else "run"
+        call = getattr(backend, name)
 
-        def timed_run(route, x, t):
+        def timed_call(*args):
             start = time.perf_counter()
-            out = run(route, x, t)
+            out = call(*args)
             self.network_seconds += time.perf_counter() - start
             return out
 
-        self.sampler.backend.run = timed_run
+        setattr(backend, name, timed_call)
 
     def time(self, n, steps) -> tuple[float, float]:
         """(wall seconds, fraction of it outside network calls) of one sampling run."""

@@ -37,7 +37,7 @@ def require_extras(options: ExportOptions) -> None:
         raise TorchTooOldError(f"ssd-export needs torch>={TORCH_MIN} (found {torch.__version__}): "
                                f"pip install 'torch>={TORCH_MIN}'")
     modules = ["safetensors"]
-    if "onnx" in options.engines:
+    if {"onnx", "trt"} & set(options.engines):
         modules += ["onnx", "onnxscript"]
     for module in modules:
         require(module, "ssd-export", "export")
@@ -47,8 +47,8 @@ def require_extras(options: ExportOptions) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
-              help="Bundle folder to write (built beside it, renamed into place at the end).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help=f"Bundle folder to write (built beside it, renamed into place at the end). [default: {DEFAULT_OUT}]")
 @click.option("--engine", "engines", type=click.Choice(ENGINES), multiple=True,
               help="Formats to export; repeat for several. [default: onnx]")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True,
@@ -58,13 +58,26 @@ def require_extras(options: ExportOptions) -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every route against PyTorch and sample end to end.")
 @click.option("--ema/--raw", default=True, show_default=True, help="Export the EMA or the raw weights.")
+@click.option("--step-graphs/--no-step-graphs", default=True, show_default=True,
+              help="Also write each route's fused step graph (network + posterior update), "
+                   "the runtime's default path.")
+@click.option("--refit", is_flag=True,
+              help="TensorRT: build refittable engines; where --out already has engines for this GPU, "
+                   "refit them with the new weights instead of rebuilding.")
 @click.option("--force", is_flag=True, help="Rebuild even if up to date; replace whatever is in --out.")
 @cli_errors
-def export_command(checkpoint: Path, out: Path, engines, batch: str, precision: str, verify: bool,
-                   ema: bool, force: bool):
-    """Export a training CHECKPOINT (checkpoint or run folder) as a bundle of per-route graphs."""
-    options = ExportOptions.from_cli(engines, batch, precision, verify, ema)
+def export_command(checkpoint: Path, out: Path | None, engines, batch: str, precision: str, verify: bool,
+                   ema: bool, step_graphs: bool, refit: bool, force: bool):
+    """Export a training CHECKPOINT (checkpoint or run folder) as a bundle of per-route graphs.
+
+    With --engine trt, CHECKPOINT may also be a bundle: TensorRT engines for this GPU are
+    built into it (a bundle can hold engines for several GPUs)."""
+    options = ExportOptions.from_cli(engines, batch, precision, verify, ema, step_graphs, refit)
+    if is_bundle(checkpoint):
+        return engines_for_bundle(checkpoint, out, options)
+    out = DEFAULT_OUT if out is None else out
     require_extras(options)
+    machine = check_trt(options)  # TensorRT and a GPU, before any work
     from .bundle_writer import Staging, check_apart, inspect_target
     from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
 
@@ -73,12 +86,53 @@ def export_command(checkpoint: Path, out: Path, engines, batch: str, precision: 
     target = inspect_target(out, source.config, source.run, export_fingerprint(source, options), force)
     if target.state == "up-to-date":
         click.echo(f"{out} is up to date (same checkpoint, options and tools); --force rebuilds it")
+        if machine is not None:
+            build_engines_here(out, options, machine, previous=None)
         return
     with Staging(out) as stage:  # an unwritable --out fails here, before any work
         model = load_weights(source)
         manifest = build_bundle(model, source, options, stage.path, click.echo)
+        if machine is not None:
+            build_engines_here(stage.path, options, machine, previous=out if out.exists() else None)
         stage.commit()
     click.echo(summary(out, manifest, target.note))
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a bundle folder (rather than a checkpoint or run folder)."""
+    from ssd.bundle import MANIFEST
+
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def check_trt(options: ExportOptions):
+    """With --engine trt: (tensorrt, cudart, platform), or one line naming what is missing."""
+    if "trt" not in options.engines:
+        return None
+    from ssd_engines.build import check_machine
+
+    return check_machine()
+
+
+def engines_for_bundle(bundle: Path, out: Path | None, options: ExportOptions) -> None:
+    """``ssd-export BUNDLE --engine trt``: engines for this GPU, built into the bundle."""
+    if "trt" not in options.engines:
+        raise UserError(f"{bundle} is a bundle: ssd-export builds TensorRT engines into a bundle (--engine trt); "
+                        "other formats come from a checkpoint")
+    if out is not None and Path(out).resolve() != Path(bundle).resolve():
+        raise UserError(f"--engine trt on a bundle builds into that bundle; drop --out {out}")
+    build_engines_here(bundle, options, check_trt(options), previous=None)
+
+
+def build_engines_here(bundle: Path, options: ExportOptions, machine, previous: Path | None) -> None:
+    from ssd_engines.build import build_engines, engines_current
+
+    if engines_current(bundle, options.precision, machine):
+        click.echo(f"{bundle} already has current TensorRT engines for this GPU ({options.precision})")
+        return
+    click.echo(f"building TensorRT engines ({options.precision}) for {machine[2].gpu} into {bundle}")
+    engine_set = build_engines(bundle, options.precision, options.refit, click.echo, previous, machine=machine)
+    click.echo(f"engine set {engine_set.name}: {len(engine_set.engines)} engines, TensorRT {engine_set.tensorrt}")
 
 
 def summary(out: Path, manifest: dict, note: str) -> str:

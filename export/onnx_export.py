@@ -32,6 +32,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ssd.bundle import OUTPUT_NAME, STEP_OUTPUTS
+from ssd.method import COEFFICIENTS
+from ssd.precision import fp32_nodes
+
 from .options import OPSET, sample_batch
 
 # Ops that stay float32 in the fp16 variant: normalisation statistics and softmax.
@@ -53,31 +57,96 @@ def export_route(route, contract: dict, batch: tuple[int, int], opset: int = OPS
     """
     import torch
 
-    route = route.eval()
     n = sample_batch(batch)
     _, channels, size, _ = contract["inputs"][0]["shape"]
-    x = torch.zeros(n, channels, size, size)
-    t = torch.zeros(n)
+    model = _export(route, {"x": torch.zeros(n, channels, size, size), "t": torch.zeros(n)},
+                    [OUTPUT_NAME], batch, opset)
+    return _finish(model, contract, batch)
+
+
+def export_update(update, contract: dict, batch: tuple[int, int], opset: int = OPSET) -> onnx.ModelProto:
+    """Export a posterior update ``(x, x0_raw, coef, z) -> (x_s, x0_pred)`` (``ssd.step_graph``)
+    for the route of ``contract``, to be joined to the route graph by :func:`fuse_step`."""
+    import torch
+
+    n = sample_batch(batch)
+    _, channels, size, _ = contract["inputs"][0]["shape"]
+    out = contract["out_size"]
+    inputs = {"x": torch.zeros(n, channels, size, size), "x0_raw": torch.zeros(n, channels, out, out),
+              "coef": torch.zeros(len(COEFFICIENTS[contract["kind"]])), "z": torch.zeros(n, channels, out, out)}
+    return _export(update, inputs, list(STEP_OUTPUTS), batch, opset)
+
+
+def _export(module, inputs: dict, output_names: list[str], batch: tuple[int, int], opset: int) -> onnx.ModelProto:
+    """``torch.onnx.export`` (dynamo) of ``module(**inputs)``; every input but ``coef`` has a
+    batch axis, dynamic ("batch") unless the batch is fixed."""
+    import torch
+
     dynamic = None
     if batch[0] != batch[1]:
         # torch 2.8/2.9 fix the axis to the traced size when that size is the declared max,
         # so torch.export gets a max above it; the ONNX axis carries no bound anyway (the
         # manifest's batch range is what the runtime enforces and verification covers).
+        n = sample_batch(batch)
         axis = torch.export.Dim("batch", min=batch[0], max=max(batch[1], n + 1))
-        dynamic = {"x": {0: axis}, "t": {0: axis}}
+        dynamic = {name: ({0: axis} if name != "coef" else None) for name in inputs}
     with warnings.catch_warnings(), _quiet_logger("torch.onnx"), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            route, (x, t), None, input_names=["x", "t"], output_names=["x0_pred"],
+            module.eval(), tuple(inputs.values()), None, input_names=list(inputs), output_names=output_names,
             opset_version=opset, dynamo=True, optimize=True, dynamic_shapes=dynamic,
             verbose=False, external_data=False,
         )
     model = program.model_proto
     strip_metadata(model)
+    return model
+
+
+def _finish(model: onnx.ModelProto, contract: dict, batch: tuple[int, int]) -> onnx.ModelProto:
+    """Name the graph after its route, record route and batch, check the I/O contract."""
     model.graph.name = contract["name"]
     helper.set_model_props(model, {"ssd.route": contract["name"], "ssd.batch": f"{batch[0]}:{batch[1]}"})
     check_contract(model, contract)
     return model
+
+
+def fuse_step(route: onnx.ModelProto, update: onnx.ModelProto, contract: dict,
+              batch: tuple[int, int]) -> onnx.ModelProto:
+    """One step graph from a route graph and its update graph (either may be the fp16
+    variant's route): the route's ``x0_pred`` feeds the update's ``x0_raw``, both read ``x``;
+    the update's nodes and initializers are prefixed ``update/``. ``contract`` is the
+    step contract (``ssd.bundle.step_contract``)."""
+    fused = onnx.ModelProto()
+    fused.CopyFrom(route)
+    graph = fused.graph
+    for node in graph.node:
+        node.output[:] = ["x0_raw" if name == OUTPUT_NAME else name for name in node.output]
+        node.input[:] = ["x0_raw" if name == OUTPUT_NAME else name for name in node.input]
+    shared = {"x", "x0_raw", "coef", "z", *STEP_OUTPUTS}
+    rename = lambda name: name if not name or name in shared else f"update/{name}"
+    for original in update.graph.node:
+        if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in original.attribute):
+            raise ExportError(f"update graph of {contract['name']}: subgraphs are not expected")
+        node = graph.node.add()
+        node.CopyFrom(original)
+        node.name = f"update/{original.name}"
+        node.input[:] = [rename(name) for name in original.input]
+        node.output[:] = [rename(name) for name in original.output]
+    for original in update.graph.initializer:
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(original)
+        tensor.name = rename(original.name)
+    graph.input.extend(value for value in update.graph.input if value.name in ("coef", "z"))
+    del graph.output[:]
+    graph.output.extend(update.graph.output)
+    opsets = {(o.domain, o.version) for o in (*route.opset_import, *update.opset_import)}
+    if len({domain for domain, _ in opsets}) != len(opsets):
+        raise ExportError(f"route and update graphs of {contract['name']} import different opsets: {opsets}")
+    del fused.opset_import[:]
+    fused.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in sorted(opsets))
+    known = {f.name for f in fused.functions}
+    fused.functions.extend(f for f in update.functions if f.name not in known)
+    return _finish(fused, contract, batch)
 
 
 class _quiet_logger:
@@ -162,15 +231,8 @@ def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _fp32_nodes(graph: onnx.GraphProto) -> set[str]:
     """Names of nodes that stay float32: FP32_OPS and everything computed from ``t`` alone."""
-    from_t = {"t"} | {init.name for init in graph.initializer}
-    keep = set()
-    for node in graph.node:  # topological order
-        inputs = [name for name in node.input if name]
-        if node.op_type in FP32_OPS or (inputs and all(name in from_t for name in inputs)):
-            keep.add(node.name)
-        if inputs and all(name in from_t for name in inputs):
-            from_t.update(node.output)
-    return keep
+    nodes = ((node.name, node.op_type, list(node.input), list(node.output)) for node in graph.node)
+    return fp32_nodes(nodes, {"t"} | {init.name for init in graph.initializer}, FP32_OPS)
 
 
 def _node_to_fp16(node: onnx.NodeProto) -> None:

@@ -56,6 +56,8 @@ class ExportOptions:
     precision: str = "fp32"
     verify: bool = True
     weights: str = "ema"
+    step_graphs: bool = True  # fused step graphs next to the route graphs (the runtime's default path)
+    refit: bool = False  # TensorRT: refittable engines; refit this machine's existing set instead of building
 
     def __post_init__(self):
         engines = tuple(sorted(set(self.engines), key=ENGINES.index)) if self.engines else ("onnx",)
@@ -63,23 +65,23 @@ class ExportOptions:
         unknown = [e for e in engines if e not in ENGINES]
         if unknown:
             raise OptionError(f"--engine {unknown[0]!r}: choose from {list(ENGINES)}")
-        if "trt" in engines:
-            raise OptionError(
-                "--engine trt: TensorRT engines are not built by ssd-export yet (a later issue); "
-                "export --engine onnx now and build engines from that bundle"
-            )
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: choose from {list(PRECISIONS)}")
-        if self.precision == "fp16" and "onnx" not in engines:
+        if self.precision == "fp16" and not {"onnx", "trt"} & set(engines):
             raise OptionError("--precision fp16 makes an fp16 ONNX variant: add --engine onnx")
+        if "trt" in engines and not self.step_graphs:
+            raise OptionError("--engine trt builds engines from the step graphs: drop --no-step-graphs")
+        if self.refit and "trt" not in engines:
+            raise OptionError("--refit refits TensorRT engines: add --engine trt")
         if self.weights not in ("ema", "raw"):
             raise OptionError(f"weights={self.weights!r}: expected 'ema' or 'raw'")
         parse_batch(f"{self.batch_min}:{self.batch_max}")
 
     @classmethod
-    def from_cli(cls, engines, batch: str, precision: str, verify: bool, ema: bool) -> "ExportOptions":
+    def from_cli(cls, engines, batch: str, precision: str, verify: bool, ema: bool,
+                 step_graphs: bool = True, refit: bool = False) -> "ExportOptions":
         low, high = parse_batch(batch)
-        return cls(tuple(engines), low, high, precision, verify, "ema" if ema else "raw")
+        return cls(tuple(engines), low, high, precision, verify, "ema" if ema else "raw", step_graphs, refit)
 
     @property
     def batch(self) -> tuple[int, int]:
@@ -93,7 +95,7 @@ class ExportOptions:
     def formats(self) -> tuple[str, ...]:
         """The bundle file formats written, in manifest order."""
         formats = []
-        if "onnx" in self.engines:
+        if {"onnx", "trt"} & set(self.engines):  # TensorRT engines are built from the ONNX graphs
             formats.append("onnx")
             if self.precision == "fp16":
                 formats.append("onnx-fp16")

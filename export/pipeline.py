@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ssd.bundle import BACKEND_FORMATS, process_section, route_contract, sha256_file
+from ssd.bundle import BACKEND_FORMATS, process_section, route_contract, sha256_file, step_contract
 from ssd.config import SSDConfig
 
 from . import bundle_writer, verify
@@ -93,16 +93,21 @@ def contracts_for(config: SSDConfig, options: ExportOptions) -> dict[str, dict]:
 
 @dataclass
 class Written:
-    """The files an export wrote: ``paths[route][format]`` and each ONNX format's shared weights."""
+    """The files an export wrote: ``paths[route][format]`` (``steps[route][format]`` for the
+    step graphs) and each ONNX format's shared weights."""
 
     paths: dict[str, dict[str, Path]]
+    steps: dict[str, dict[str, Path]]
     stores: dict  # format -> weights.SharedWeights
-    initializers: dict[str, dict[str, dict[str, int]]]  # route -> ONNX format -> name -> tensor index
+    initializers: dict[str, dict[str, dict[str, dict[str, int]]]]  # route -> "files"|"step_files" -> ONNX format -> name -> index
 
 
-def export_files(model, contracts: dict[str, dict], options: ExportOptions, folder: Path,
+def export_files(model, space, contracts: dict[str, dict], options: ExportOptions, folder: Path,
                  echo: Echo) -> Written:
-    """Write every route in every format into ``folder`` and run ``onnx.checker`` on the graphs."""
+    """Write every route (and its step graph) in every format into ``folder`` and run
+    ``onnx.checker`` on the graphs."""
+    from ssd.step_graph import StepModule, update_for
+
     from . import onnx_export, torchscript_export
     from .weights import SharedWeights, save_route
 
@@ -111,35 +116,52 @@ def export_files(model, contracts: dict[str, dict], options: ExportOptions, fold
         (folder / fmt).mkdir()
     stores = {fmt: SharedWeights(folder / fmt / "weights.bin") for fmt in formats if fmt.startswith("onnx")}
     paths: dict[str, dict[str, Path]] = {name: {} for name in contracts}
-    initializers: dict[str, dict[str, dict[str, int]]] = {name: {} for name in contracts}
+    steps: dict[str, dict[str, Path]] = {name: {} for name in contracts}
+    initializers = {name: {"files": {}, "step_files": {}} for name in contracts}
     for name, contract in contracts.items():
         route, started = model.route(name), time.perf_counter()
+        update = update_for(space, contract["in_size"], contract["out_size"]) if options.step_graphs else None
+        step_io = step_contract(contract)
         if "onnx" in formats:
             graph = onnx_export.export_route(route, contract, options.batch)
             variants = {"onnx": graph}
             if "onnx-fp16" in formats:
                 variants["onnx-fp16"] = onnx_export.to_fp16(graph)
-            for fmt, proto in variants.items():
+            fused = {}
+            if update is not None:
+                update_graph = onnx_export.export_update(update, contract, options.batch)
+                fused = {fmt: onnx_export.fuse_step(proto, update_graph, step_io, options.batch)
+                         for fmt, proto in variants.items()}
+            for fmt, proto in variants.items():  # route graphs first: they own the weights' layout
                 paths[name][fmt] = folder / fmt / f"{name}.onnx"
-                initializers[name][fmt] = save_route(proto, paths[name][fmt], stores[fmt])
+                initializers[name]["files"][fmt] = save_route(proto, paths[name][fmt], stores[fmt])
+            for fmt, proto in fused.items():
+                steps[name][fmt] = folder / fmt / f"{name}.step.onnx"
+                initializers[name]["step_files"][fmt] = save_route(proto, steps[name][fmt], stores[fmt])
         if "torchscript" in formats:
             paths[name]["torchscript"] = folder / "torchscript" / f"{name}.pt"
             paths[name]["torchscript"].write_bytes(torchscript_export.export_route(route, contract, options.batch))
-        echo(f"  exported {name:<12} {', '.join(paths[name])} ({time.perf_counter() - started:.1f} s)")
+            if update is not None:
+                steps[name]["torchscript"] = folder / "torchscript" / f"{name}.step.pt"
+                steps[name]["torchscript"].write_bytes(torchscript_export.export_route(
+                    StepModule(route, update), contract, options.batch, step=True))
+        kinds = ", ".join(paths[name]) + (" + step graphs" if steps[name] else "")
+        echo(f"  exported {name:<12} {kinds} ({time.perf_counter() - started:.1f} s)")
     for store in stores.values():
         store.close()
     for name in contracts:
-        for fmt, path in paths[name].items():
+        for fmt, path in [*paths[name].items(), *steps[name].items()]:
             if fmt.startswith("onnx"):
                 onnx_export.check_file(path)
-    return Written(paths, stores, initializers)
+    return Written(paths, steps, stores, initializers)
 
 
 def sizes_of(written: Written) -> dict:
     """Bytes per format: graphs, shared weights, total, and the naive self-contained sum."""
-    paths, stores, sizes = written.paths, written.stores, {}
-    for fmt in sorted({fmt for files in paths.values() for fmt in files}, key=BACKEND_FORMATS.index):
-        files = sum(files[fmt].stat().st_size for files in paths.values() if fmt in files)
+    stores, sizes = written.stores, {}
+    every = [*written.paths.values(), *written.steps.values()]  # route and step graphs
+    for fmt in sorted({fmt for files in written.paths.values() for fmt in files}, key=BACKEND_FORMATS.index):
+        files = sum(files[fmt].stat().st_size for files in every if fmt in files)
         entry = {"route_files_bytes": files, "total_bytes": files}
         if fmt in stores:
             store = stores[fmt]
@@ -160,32 +182,42 @@ def build_bundle(model, source: Source, options: ExportOptions, folder: Path, ec
     contracts = contracts_for(config, options)
     echo(f"exporting {len(contracts)} routes ({', '.join(options.formats)}), batch "
          f"{options.batch_min}:{options.batch_max}, from {source.checkpoint} step {source.step} ({source.weights})")
-    written = export_files(model, contracts, options, folder, echo)
+    written = export_files(model, space, contracts, options, folder, echo)
     for name, contract in contracts.items():
         contract["files"] = {fmt: bundle_writer.file_entry(folder, p) for fmt, p in written.paths[name].items()}
-        for fmt, indices in written.initializers[name].items():
-            contract["files"][fmt]["initializers"] = indices
+        contract["step_files"] = {fmt: bundle_writer.file_entry(folder, p) for fmt, p in written.steps[name].items()}
+        for key, formats in written.initializers[name].items():
+            for fmt, indices in formats.items():
+                contract[key][fmt]["initializers"] = indices
     shared = {fmt: {**bundle_writer.file_entry(folder, store.path), "tensors": store.tensors}
               for fmt, store in written.stores.items()}
     manifest = bundle_writer.new_manifest(
         config, process_section(space), options.batch, list(contracts.values()), shared, created_by(),
         source.to_dict(), options.to_dict(), export_fingerprint(source, options), sizes_of(written))
     if options.verify:
-        verify_bundle(model, config, manifest, written.paths, options, folder, echo)
+        verify_bundle(model, config, manifest, written, options, folder, echo)
     bundle_writer.write_manifest(folder, manifest)
     return manifest
 
 
-def verify_bundle(model, config: SSDConfig, manifest: dict, paths: dict, options: ExportOptions,
+def verify_bundle(model, config: SSDConfig, manifest: dict, written: Written, options: ExportOptions,
                   folder: Path, echo: Echo) -> None:
-    """Per-route checks into each route's ``verification``, then the end-to-end run."""
+    """Per-route checks into each route's ``verification`` (step graphs as "<format> step"),
+    then the end-to-end runs, fused and unfused."""
     from ssd.method import ScaleSpace
+    from ssd.step_graph import step_module
 
-    t_values = verify.check_timesteps(ScaleSpace.from_config(config))
+    space = ScaleSpace.from_config(config)
+    t_values = verify.check_timesteps(space)
     report = {}
     for route in manifest["routes"]:
         name = route["name"]
-        report[name] = verify.verify_route(model.route(name), route, paths[name], t_values, options.batch)
+        cases = verify.route_cases(route, t_values, options.batch)
+        report[name] = verify.verify_route(model.route(name), cases, written.paths[name], t_values)
+        if written.steps[name]:
+            cases = verify.route_cases(route, t_values, options.batch, coefs=verify.step_coefficients(space, name))
+            steps = verify.verify_route(step_module(model, space, name), cases, written.steps[name], t_values)
+            report[name].update({f"{fmt} step": result for fmt, result in steps.items()})
         route["verification"] = report[name]
     echo(verify.format_table(report))
     failed = verify.failures(report)
@@ -193,11 +225,11 @@ def verify_bundle(model, config: SSDConfig, manifest: dict, paths: dict, options
         raise verify.VerificationError(f"export does not match PyTorch: {'; '.join(failed)}")
     backend = "onnxruntime" if "onnx" in options.formats else "torchscript"
     bundle_writer.write_manifest(folder, manifest)  # the runtime reads the bundle from disk
-    e2e = verify.end_to_end(folder, model, config, backend)
+    e2e = verify.end_to_end(folder, model, config, backend, fused=(True, False) if options.step_graphs else (False,))
     manifest["verification"]["end_to_end"] = e2e
     for run in e2e["runs"]:
-        echo(f"end to end, {run['steps']} steps, ssd_runtime ({backend}) vs PyTorch: max |x0| diff "
-             f"{run['max_abs']:.2e}, uint8 levels {run['max_uint8_diff']} "
+        echo(f"end to end, {run['steps']} steps, ssd_runtime ({backend}, {'fused' if run['fused'] else 'unfused'}) "
+             f"vs PyTorch: max |x0| diff {run['max_abs']:.2e}, uint8 levels {run['max_uint8_diff']} "
              f"({'ok' if run['passed'] else 'FAILED'})")
     if not e2e["passed"]:
         raise verify.VerificationError(

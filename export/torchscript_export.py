@@ -26,15 +26,22 @@ import warnings
 
 import torch
 
+from ssd.method import COEFFICIENTS
+
 from .options import sample_batch
 
 
-def export_route(route: torch.nn.Module, contract: dict, batch: tuple[int, int]) -> bytes:
-    """Trace ``route.forward(x [N,C,r,r], t [N]) -> x0_pred [N,C,o,o]``; the archive's bytes."""
+def export_route(route: torch.nn.Module, contract: dict, batch: tuple[int, int], step: bool = False) -> bytes:
+    """Trace ``route.forward(x [N,C,r,r], t [N]) -> x0_pred [N,C,o,o]``, or with ``step`` a
+    fused step module ``forward(x, t, coef [K], z [N,C,o,o]) -> (x_s, x0_pred)``; the
+    archive's bytes."""
     route = route.eval()
     n = sample_batch(batch)
     _, channels, size, _ = contract["inputs"][0]["shape"]
     inputs = (torch.zeros(n, channels, size, size), torch.zeros(n))
+    if step:
+        out = contract["out_size"]
+        inputs += (torch.zeros(len(COEFFICIENTS[contract["kind"]])), torch.zeros(n, channels, out, out))
     with _fresh_compilation_unit() as unit, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace_module(route, {"forward": inputs}, check_trace=False,

@@ -22,7 +22,7 @@ import numpy as np
 
 from ssd.errors import UserError
 
-TOLERANCES = {"onnx": 1e-3, "onnx-fp16": 5e-2, "torchscript": 1e-4}
+TOLERANCES = {"onnx": 1e-3, "onnx-fp16": 5e-2, "torchscript": 1e-4}  # route and step graphs alike
 END_TO_END_TOLERANCE = 1e-3  # max |x_0| difference after sampling, float space
 END_TO_END_MAX_LEVELS = 1  # uint8 images may differ by one level at rounding edges
 SEED = 0
@@ -51,41 +51,58 @@ def batches(t_values: list[int], batch: tuple[int, int]) -> list[np.ndarray]:
 
 
 def onnx_runner(path: Path):
-    """A CPU ONNX Runtime session for one route file: ``(x, t) -> x0_pred`` on numpy."""
+    """A CPU ONNX Runtime session for one graph: ``(**inputs) -> [outputs]`` on numpy."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x, t: session.run(["x0_pred"], {"x": x, "t": t})[0]
+    return lambda inputs: session.run(None, inputs)
 
 
 def torchscript_runner(path: Path):
+    """A TorchScript module on the CPU: ``(inputs) -> [outputs]`` on numpy."""
     import torch
 
     module = torch.jit.load(str(path), map_location="cpu").eval()
+    return lambda inputs: _as_list(_call_torch(module, inputs))
 
-    def run(x, t):
-        with torch.inference_mode():
-            return module(torch.from_numpy(x), torch.from_numpy(t)).numpy()
 
-    return run
+def _call_torch(module, inputs: dict[str, np.ndarray]):
+    import torch
+
+    with torch.inference_mode():
+        return module(*(torch.from_numpy(value) for value in inputs.values()))
+
+
+def _as_list(outputs) -> list[np.ndarray]:
+    return [o.numpy() for o in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
 RUNNERS = {"onnx": onnx_runner, "onnx-fp16": onnx_runner, "torchscript": torchscript_runner}
 
 
-def verify_route(route_module, contract: dict, files: dict[str, Path], t_values: list[int],
-                 batch: tuple[int, int], seed: int = SEED) -> dict[str, dict]:
-    """Compare each format's file for one route with the eager PyTorch route on seeded inputs."""
-    import torch
+def route_cases(contract: dict, t_values: list[int], batch: tuple[int, int], seed: int = SEED,
+                coefs: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+    """Seeded inputs for one route: ``x`` and ``t`` per check batch; with ``coefs`` (a step
+    graph's check) also ``coef``, cycling through the given vectors, and white noise ``z``."""
+    channels, size, out = contract["inputs"][0]["shape"][1], contract["in_size"], contract["out_size"]
+    rng = np.random.default_rng([seed, size, out])
+    cases = []
+    for i, t in enumerate(batches(t_values, batch)):
+        case = {"x": rng.standard_normal((len(t), channels, size, size), dtype=np.float32), "t": t}
+        if coefs is not None:
+            case["coef"] = np.asarray(coefs[i % len(coefs)], np.float32)
+            case["z"] = rng.standard_normal((len(t), channels, out, out), dtype=np.float32)
+        cases.append(case)
+    return cases
 
-    channels, size = contract["inputs"][0]["shape"][1], contract["in_size"]
-    rng = np.random.default_rng([seed, contract["in_size"], contract["out_size"]])
-    cases = [(rng.standard_normal((len(t), channels, size, size), dtype=np.float32), t)
-             for t in batches(t_values, batch)]
-    with torch.inference_mode():
-        refs = [route_module(torch.from_numpy(x), torch.from_numpy(t)).numpy() for x, t in cases]
+
+def verify_route(module, cases: list[dict[str, np.ndarray]], files: dict[str, Path],
+                 t_values: list[int]) -> dict[str, dict]:
+    """Compare each format's file of one route (or one step graph) with the eager PyTorch
+    ``module`` on the same seeded ``cases``; every output is compared."""
+    refs = [_as_list(_call_torch(module, case)) for case in cases]
     results = {}
     for fmt, path in files.items():
         try:
@@ -95,17 +112,25 @@ def verify_route(route_module, contract: dict, files: dict[str, Path], t_values:
                 raise
             results[fmt] = {"skipped": f"ONNX Runtime CPU cannot run it: {str(err).splitlines()[0][:200]}"}
             continue
-        errors = [_errors(run(x, t), ref) for (x, t), ref in zip(cases, refs)]
+        errors = [_errors(out, ref) for case, ref_outputs in zip(cases, refs)
+                  for out, ref in zip(run(case), ref_outputs)]
         max_abs = max(e[0] for e in errors)
         results[fmt] = {
             "max_abs": max_abs,
             "max_rel": max(e[1] for e in errors),
             "tolerance": TOLERANCES[fmt],
             "t_values": list(t_values),
-            "batch": len(cases[0][1]),
+            "batch": len(cases[0]["t"]),
             "passed": bool(max_abs <= TOLERANCES[fmt]),
         }
     return results
+
+
+def step_coefficients(space, route: str) -> list[np.ndarray]:
+    """Real ``coef`` vectors of a route's steps (full T): first, middle and last, so the
+    final step's (x_s = x0_pred) is among them where the route makes it."""
+    vectors = [step.coefficients() for step in space.plan() if step.route == route]
+    return [vectors[i] for i in sorted({0, len(vectors) // 2, len(vectors) - 1})]
 
 
 def _errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -139,8 +164,10 @@ def format_table(report: dict[str, dict[str, dict]]) -> str:
 
 
 # --------------------------------------------------------------------------- end to end
-def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", seed: int = SEED) -> dict:
-    """Sample through the runtime (``backend``) and the torch sampler with the same seed.
+def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", seed: int = SEED,
+               fused: tuple[bool, ...] = (False,)) -> dict:
+    """Sample through the runtime (``backend``; fused step graphs and/or not) and the torch
+    sampler with the same seed.
 
     For ``steps`` = the number of levels (one call per level) and 10, compares
     ``Sampler.sample_float`` with ``ssd.sample.sample_states`` in float space, and the same
@@ -151,24 +178,25 @@ def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", s
     from ssd.sample import sample_images, sample_states
     from ssd_runtime import Sampler
 
-    sampler = Sampler.from_bundle(bundle_path, backend=backend, warmup=False)
-    low, high = sampler.batch_range
+    samplers = {mode: Sampler.from_bundle(bundle_path, backend=backend, warmup=False, fused=mode) for mode in fused}
+    low, high = next(iter(samplers.values())).batch_range
     n = min(max(2, low), high)
     space = ScaleSpace.from_config(config)
     levels = len(space.ladder)
     runs = []
     for steps in sorted({levels, min(max(10, levels), space.timesteps)}):
-        ours = sampler.sample_float(n, seed=seed, steps=steps, batch=n)
         states = sample_states(model, space, n, steps, np.random.default_rng(seed), "cpu",
                                config.model.in_channels)
         ref = list(states)[-1].x.cpu().numpy()
         ref_images = sample_images(model, config, n, steps, seed=seed, batch=n)
-        max_abs = float(np.abs(ours.astype(np.float64) - ref).max())
-        levels_diff = int(np.abs(to_uint8(ours).astype(np.int16) - ref_images).max())
-        runs.append({
-            "steps": steps, "max_abs": max_abs, "max_uint8_diff": levels_diff,
-            "passed": bool(max_abs <= END_TO_END_TOLERANCE and levels_diff <= END_TO_END_MAX_LEVELS),
-        })
-    return {"backend": backend, "format": sampler.backend.file_format, "n": n, "seed": seed,
-            "tolerance": END_TO_END_TOLERANCE, "max_uint8_levels": END_TO_END_MAX_LEVELS,
+        for mode, sampler in samplers.items():
+            ours = sampler.sample_float(n, seed=seed, steps=steps, batch=n)
+            max_abs = float(np.abs(ours.astype(np.float64) - ref).max())
+            levels_diff = int(np.abs(to_uint8(ours).astype(np.int16) - ref_images).max())
+            runs.append({
+                "steps": steps, "fused": mode, "max_abs": max_abs, "max_uint8_diff": levels_diff,
+                "passed": bool(max_abs <= END_TO_END_TOLERANCE and levels_diff <= END_TO_END_MAX_LEVELS),
+            })
+    return {"backend": backend, "format": next(iter(samplers.values())).backend.file_format, "n": n,
+            "seed": seed, "tolerance": END_TO_END_TOLERANCE, "max_uint8_levels": END_TO_END_MAX_LEVELS,
             "runs": runs, "passed": all(r["passed"] for r in runs)}

@@ -15,16 +15,20 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ssd.bundle import OUTPUT_NAME, Bundle, BundleError, RouteFile
+from ssd.bundle import OUTPUT_NAME, STEP_OUTPUTS, Bundle, BundleError, RouteFile
+from ssd.method import COEFFICIENTS
 from ssd.config import ConfigError, integer
 from ssd.errors import UserError, install_hint
 
-BACKENDS = ("onnxruntime", "torchscript")
+BACKENDS = ("onnxruntime", "torchscript", "tensorrt")
 DEVICES = ("cpu", "cuda", "tensorrt")
+DEFAULT_DEVICE = {"onnxruntime": "cpu", "torchscript": "cpu", "tensorrt": "cuda"}
 
 
 class BackendError(UserError):
@@ -32,13 +36,14 @@ class BackendError(UserError):
 
 
 class Backend:
-    """Interface: ``run(route, x, t) -> x0_pred`` on the backend's own array type."""
+    """Interface: ``run(route, x, t) -> x0_pred`` on the backend's own array type, or with
+    fused step graphs (``fused``) ``run_step(route, x, t, coef, z) -> (x_s, x0_pred)``."""
 
     name = "base"
     file_format = ""
 
-    def __init__(self, bundle: Bundle, device: str):
-        self.bundle, self.device = bundle, device
+    def __init__(self, bundle: Bundle, device: str, fused: bool = False):
+        self.bundle, self.device, self.fused = bundle, device, fused
 
     def to_array(self, array: np.ndarray) -> Any:
         return array
@@ -46,19 +51,41 @@ class Backend:
     def to_numpy(self, array: Any) -> np.ndarray:
         return np.asarray(array)
 
+    def stage_noise(self, array: np.ndarray) -> Any:
+        """Where the loop's white noise goes before a step reads it (default: ``to_array``)."""
+        return self.to_array(array)
+
     def run(self, route: str, x: Any, t: Any) -> Any:
+        raise NotImplementedError
+
+    def run_step(self, route: str, x: Any, t: Any, coef: Any, z: Any) -> tuple[Any, Any]:
         raise NotImplementedError
 
     def providers(self) -> list[str]:
         return [self.device]
 
     def warmup(self, batch: int) -> None:
-        """Run every route once so that first-call costs are paid before timing starts."""
+        """Run every graph once so that first-call costs are paid before timing starts."""
         channels = self.bundle.config.model.in_channels
         t = self.to_array(np.zeros(batch, np.float32))
+        zeros = lambda size: self.to_array(np.zeros((batch, channels, size, size), np.float32))
         for name, route in self.bundle.routes.items():
-            size = route.in_size
-            self.run(name, self.to_array(np.zeros((batch, channels, size, size), np.float32)), t)
+            if self.fused:
+                coef = self.to_array(np.zeros(len(COEFFICIENTS[route.kind]), np.float32))
+                self.run_step(name, zeros(route.in_size), t, coef, zeros(route.out_size))
+            else:
+                self.run(name, zeros(route.in_size), t)
+
+
+def use_step_graphs(bundle: Bundle, backend_format: str, fused: bool | None) -> bool:
+    """Whether to sample with fused step graphs: where the bundle has them unless
+    ``fused=False``; ``fused=True`` on a bundle without them is refused."""
+    if fused is None:
+        return bundle.has_step_graphs(backend_format)
+    if fused:
+        for name in bundle.routes:
+            bundle.route_file(name, backend_format, step=True)  # BundleError naming what is missing
+    return bool(fused)
 
 
 def load_error(path: str, backend: str, err: Exception) -> BundleError:
@@ -86,15 +113,18 @@ class OnnxRuntimeBackend(Backend):
     }
 
     def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32",
-                 threads: int | None = None, low_memory: bool = False):
-        super().__init__(bundle, device)
+                 threads: int | None = None, low_memory: bool = False, fused: bool | None = None):
         ort = _import_onnxruntime()
         self.file_format = "onnx" if precision == "fp32" else "onnx-fp16"
+        super().__init__(bundle, device, use_step_graphs(bundle, self.file_format, fused))
         wanted = self.PROVIDERS[device]
         available = ort.get_available_providers()
         if wanted[0] not in available:
             raise BackendError(_missing_provider(wanted[0], device, available))
-        routes = {name: bundle.route_file(name, self.file_format) for name in bundle.routes}
+        providers = list(wanted)
+        if device == "tensorrt":
+            providers[0] = (wanted[0], tensorrt_provider_options(bundle))
+        routes = {name: bundle.route_file(name, self.file_format, self.fused) for name in bundle.routes}
         weights_entry = bundle.weights_file(self.file_format)
         weights = np.frombuffer(bundle.read(weights_entry), dtype=np.uint8)  # hash-checked
         self.shared = []
@@ -112,7 +142,7 @@ class OnnxRuntimeBackend(Backend):
             options.graph_optimization_level = level.ORT_ENABLE_EXTENDED if low_memory else level.ORT_ENABLE_ALL
             if threads is not None:
                 options.intra_op_num_threads = threads
-            self.sessions[name] = self._session(ort, entry, options, wanted)
+            self.sessions[name] = self._session(ort, entry, options, providers)
 
     def _session(self, ort, entry: RouteFile, options, providers):
         path = self.bundle.verified_path(entry)
@@ -129,6 +159,21 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, route, x, t):
         return self.sessions[route].run([OUTPUT_NAME], {"x": x, "t": t})[0]
+
+    def run_step(self, route, x, t, coef, z):
+        return self.sessions[route].run(list(STEP_OUTPUTS), {"x": x, "t": t, "coef": coef, "z": z})
+
+
+def tensorrt_provider_options(bundle: Bundle) -> dict[str, str]:
+    """ONNX Runtime's TensorRT execution provider, the zero-build alternative to our engines:
+    it builds engines on first use and caches them (and its timing cache) per bundle under
+    ``$SSD_CACHE`` (default ``~/.cache/ssd``). Precision comes from the graph loaded (the
+    fp16 ONNX variant with ``precision="fp16"``), so no fp16 flag is set: TensorRT 11 has
+    none, and on TensorRT 10 it would let fp32 normalisation drop to fp16."""
+    cache = Path(os.environ.get("SSD_CACHE", Path.home() / ".cache" / "ssd")) / "ort-tensorrt" / bundle.digest[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
 
 
 def _import_onnxruntime():
@@ -161,8 +206,9 @@ class TorchScriptBackend(Backend):
     name = "torchscript"
     file_format = "torchscript"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
-        super().__init__(bundle, device)
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
+                 fused: bool | None = None):
+        super().__init__(bundle, device, use_step_graphs(bundle, self.file_format, fused))
         try:  # imported here only: the runtime never imports torch unless asked to
             torch = importlib.import_module("torch")
         except ImportError:
@@ -174,7 +220,7 @@ class TorchScriptBackend(Backend):
             torch.set_num_threads(threads)
         self.modules = {}
         for name in bundle.routes:
-            entry = bundle.route_file(name, self.file_format)
+            entry = bundle.route_file(name, self.file_format, self.fused)
             data = bundle.read(entry)
             try:
                 self.modules[name] = torch.jit.load(io.BytesIO(data), map_location=device).eval()
@@ -191,12 +237,19 @@ class TorchScriptBackend(Backend):
         with self.torch.inference_mode():
             return self.modules[route](x, t)
 
+    def run_step(self, route, x, t, coef, z):
+        with self.torch.inference_mode():
+            return self.modules[route](x, t, coef, z)
 
-def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
-                 precision: str = "fp32", threads: int | None = None, low_memory: bool = False) -> Backend:
-    """Pick and load a backend by name; one-line errors for unknown or missing ones."""
+
+def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str | None = None,
+                 precision: str = "fp32", threads: int | None = None, low_memory: bool = False,
+                 fused: bool | None = None) -> Backend:
+    """Pick and load a backend by name; one-line errors for unknown or missing ones.
+    ``fused``: sample with the bundle's step graphs (None: where it has them)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+    device = DEFAULT_DEVICE[backend] if device is None else device
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}; choose from {list(DEVICES)}")
     if threads is not None:
@@ -205,7 +258,11 @@ def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str = "cp
         except ConfigError as err:
             raise BackendError(f"{err} (or None for all cores)") from None
     if backend == "onnxruntime":
-        return OnnxRuntimeBackend(bundle, device, precision, threads, low_memory)
+        return OnnxRuntimeBackend(bundle, device, precision, threads, low_memory, fused)
+    if backend == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend  # imports TensorRT and cuda-python, only here
+
+        return TensorRTBackend(bundle, device, precision, fused)
     if precision != "fp32":
         raise BackendError("backend 'torchscript' runs fp32 only")
-    return TorchScriptBackend(bundle, device, threads)
+    return TorchScriptBackend(bundle, device, threads, fused)

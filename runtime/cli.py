@@ -40,13 +40,19 @@ def progress_bar(total_steps: int, batches: int):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Any non-negative integer.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=None,
+              help="cpu, cuda, or tensorrt (ONNX Runtime's TensorRT provider). [default: cpu; cuda for "
+                   "--backend tensorrt]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--preview", is_flag=True, help="Also write the clean prediction at each resolution.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @click.option("--low-memory", is_flag=True, help="ONNX Runtime shares one copy of the weights (slower on CPU).")
+@click.option("--fused/--unfused", default=None,
+              help="One call per step through the bundle's step graphs (default where it has them), "
+                   "or route graphs + the numpy update.")
 @cli_errors
-def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads, low_memory):
+def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads, low_memory,
+                fused):
     """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`).
 
     PNGs are written as each batch finishes, so memory stays bounded by one batch."""
@@ -55,11 +61,11 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
                           f"model there, or: ssd-export RUN --out {DEFAULT_BUNDLE}")
     bundle = bundle or DEFAULT_BUNDLE
     sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
-                                  threads=threads, low_memory=low_memory)
+                                  threads=threads, low_memory=low_memory, fused=fused)
     batch = sampler.check_batch(n, batch)
     steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
-    params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend,
-              "precision": precision, "bundle_sha256": sampler.bundle.digest}
+    params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend, "precision": precision,
+              "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest}
     with removed_on_failure(out):
         writer = SampleWriter(make_output_folder(out), params)
         on_preview = None

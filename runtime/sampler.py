@@ -16,7 +16,7 @@ from ssd.bundle import Bundle, load_bundle
 from ssd.config import ConfigError, check_seed, integer
 from ssd.errors import UserError
 from ssd.images import to_uint8
-from ssd.method import SampleState, Step, initial_noise, sample_loop
+from ssd.method import SampleState, Step, StepFn, denoise_then_update, initial_noise, sample_loop
 
 from .backends import Backend, make_backend
 
@@ -34,17 +34,20 @@ class Sampler:
     backend: Backend
 
     @classmethod
-    def from_bundle(cls, path, backend: str = "onnxruntime", device: str = "cpu",
+    def from_bundle(cls, path, backend: str = "onnxruntime", device: str | None = None,
                     precision: str = "fp32", warmup: bool = True, threads: int | None = None,
-                    low_memory: bool = False) -> "Sampler":
+                    low_memory: bool = False, fused: bool | None = None) -> "Sampler":
         """Load and validate a bundle, check file hashes, open one session per route.
 
-        ``threads``: CPU threads of the backend (ONNX Runtime's intra-op pool; default all
+        ``device``: cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider); default cpu, and
+        cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (ONNX Runtime's intra-op pool; default all
         cores). ``low_memory``: ONNX Runtime graphs share one copy of the weights, at some
-        cost in CPU speed.
+        cost in CPU speed. ``fused``: one call per step through the bundle's step graphs
+        (default: where the bundle has them); ``False`` runs the route graphs and the
+        posterior update in numpy, the reference path.
         """
         bundle = load_bundle(path)
-        sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory))
+        sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused))
         if warmup:
             sampler.backend.warmup(sampler.batch_range[0])
         return sampler
@@ -65,13 +68,18 @@ class Sampler:
             "batch": list(self.batch_range),
             "backend": self.backend.name,
             "file_format": self.backend.file_format,
+            "fused": self.backend.fused,
             "providers": self.backend.providers(),
         }
 
     def plan(self, steps: int | None = None) -> list[Step]:
-        """The per-step coefficients for ``steps`` (default T), matrices in the backend's type."""
+        """The per-step coefficients for ``steps`` (default T); unfused, with the update's
+        matrices in the backend's type (fused step graphs hold their own)."""
+        plan = self.bundle.space.plan(steps)
+        if self.backend.fused:
+            return plan
         to_array = lambda a: self.backend.to_array(np.asarray(a, np.float32))
-        return [step.map_arrays(to_array) for step in self.bundle.space.plan(steps)]
+        return [step.map_arrays(to_array) for step in plan]
 
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                callback: StepCallback | None = None,
@@ -104,8 +112,8 @@ class Sampler:
         batch = self.check_batch(n, batch)
         plan = self.plan(self.check_steps(steps))
         rng = np.random.default_rng(check_seed(seed))
-        t_inputs = {step.t: self.backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
-        return (self._sample_batch(plan, t_inputs, batch, rng, callback, preview)[: n - start]
+        step_fn = self._step_fn(plan, batch)
+        return (self._sample_batch(plan, step_fn, batch, rng, callback, preview)[: n - start]
                 for start in range(0, n, batch))
 
     def check_batch(self, n: int, batch: int | None) -> int:
@@ -127,17 +135,32 @@ class Sampler:
         self.bundle.space.timesteps_for(steps)  # raises ConfigError naming the allowed range
         return steps
 
-    def _sample_batch(self, plan, t_inputs, batch, rng, callback, preview) -> np.ndarray:
-        """One batch through the loop; a fixed-batch engine still gets full batches.
+    def _step_fn(self, plan: list[Step], batch: int) -> StepFn:
+        """What one step runs: the route's fused step graph (every input prepared here, once
+        per call, so the loop hands over nothing but ``z``), or the route graph and the
+        numpy posterior update."""
+        backend = self.backend
+        t_inputs = {step.t: backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
+        if not backend.fused:
+            return denoise_then_update(lambda step, x_t: backend.run(step.route, x_t, t_inputs[step.t]))
+        coefs = [backend.to_array(step.coefficients()) for step in plan]
+        final = plan[-1]
+        channels = self.bundle.config.model.in_channels
+        no_noise = backend.to_array(np.zeros((batch, channels, final.out_size, final.out_size), np.float32))
 
-        ``t_inputs[t]`` holds the timestep input [batch] of every step, built once per call.
-        """
+        def step_fn(step: Step, x_t, z):
+            z = no_noise if z is None else z  # the final step: x_s = x0_pred
+            return backend.run_step(step.route, x_t, t_inputs[step.t], coefs[step.index], z)
+
+        return step_fn
+
+    def _sample_batch(self, plan, step_fn, batch, rng, callback, preview) -> np.ndarray:
+        """One batch through the loop; a fixed-batch engine still gets full batches."""
         backend = self.backend
         channels = self.bundle.config.model.in_channels
-        x = backend.to_array(initial_noise(rng, batch, channels, plan[0].in_size))
-        denoise = lambda step, x_t: backend.run(step.route, x_t, t_inputs[step.t])
+        x = backend.stage_noise(initial_noise(rng, batch, channels, plan[0].in_size))
         state: SampleState | None = None
-        for state in sample_loop(plan, denoise, x, rng, backend.to_array):
+        for state in sample_loop(plan, step_fn, x, rng, backend.stage_noise):
             step = state.step
             if callback is not None:
                 callback(step.index, len(plan), step.t, step.in_size)

@@ -9,8 +9,14 @@ Layout of a bundle folder::
 
     manifest.json            this contract, with sha256 and size of every file
     onnx/<route>.onnx        one graph per route (fp32); weights in onnx/weights.bin
-    onnx-fp16/<route>.onnx   optional fp16 variant (fp32 I/O), weights in onnx-fp16/weights.bin
-    torchscript/<route>.pt   optional TorchScript modules
+    onnx/<route>.step.onnx   the route's fused step graph (network + posterior update)
+    onnx-fp16/...            optional fp16 variant (fp32 I/O), weights in onnx-fp16/weights.bin
+    torchscript/<route>.pt   optional TorchScript modules (and <route>.step.pt)
+
+A route graph maps ``(x, t) -> x0_pred``. Its step graph (``step_files``; format version 3)
+maps ``(x, t, coef, z) -> (x_s, x0_pred)``: one whole sampling step, ``coef`` holding the
+step's scalars in the order of ``ssd.method.COEFFICIENTS`` and ``z`` the white noise at the
+output size (:func:`step_contract`). The route graphs stay, as the verification reference.
 
 Every file a backend reads is listed with its size and sha256, and is checked through
 :meth:`Bundle.read` before the backend opens it: inside the bundle folder (symlinks leaving
@@ -29,17 +35,21 @@ from typing import Any
 import numpy as np
 
 from .config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_LEVELS, MAX_TIMESTEPS, SSDConfig
+from .engine_registry import EngineSet, parse_engine_sets
 from .errors import UserError
 from .files import (MAX_JSON_BYTES, check_format, inside, loads_json, read_capped, read_verified,
                     sha256_file, write_json_atomic)
-from .method import ScaleSpace, route_name
+from .method import COEFFICIENTS, ScaleSpace, route_name
 from .schema import ConfigError, Typed, parse, spec
 
 FORMAT = "ssd-bundle"
-FORMAT_VERSION = 2  # 2: weights tables for in-memory ONNX weights, one weights file per format
+# 2: weights tables for in-memory ONNX weights, one weights file per format; 3: fused step graphs
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)  # a version 2 bundle has no step graphs and samples unfused
 MANIFEST = "manifest.json"
 INPUT_NAMES = ("x", "t")
 OUTPUT_NAME = "x0_pred"
+STEP_OUTPUTS = ("x_s", OUTPUT_NAME)  # a step graph's outputs
 BACKEND_FORMATS = ("onnx", "onnx-fp16", "torchscript")
 ONNX_FORMATS = ("onnx", "onnx-fp16")
 MAX_ROUTES = 2 * MAX_LEVELS
@@ -131,6 +141,8 @@ class Route(Typed):
     inputs: tuple[TensorIO, ...] = spec(min_items=2, max_items=2)
     outputs: tuple[TensorIO, ...] = spec(min_items=1, max_items=1)
     files: dict[str, RouteFile] = spec(choices=BACKEND_FORMATS, max_items=len(BACKEND_FORMATS))
+    step_files: dict[str, RouteFile] = spec(default_factory=dict, choices=BACKEND_FORMATS,
+                                            max_items=len(BACKEND_FORMATS))
     verification: dict[str, Any] = field(default_factory=dict)
 
     def check(self):
@@ -184,7 +196,7 @@ class Manifest(Typed):
     sizes, verification); ``engines`` is the TensorRT registry."""
 
     format: str = spec(choices=(FORMAT,))
-    format_version: int = spec(choices=(FORMAT_VERSION,))
+    format_version: int = spec(choices=READ_VERSIONS)
     config: SSDConfig = spec()
     process: Process = spec()
     batch: BatchRange = spec()
@@ -199,6 +211,7 @@ class Manifest(Typed):
     verification: dict[str, Any] = field(default_factory=dict)
 
     def check(self):
+        parse_engine_sets(self.engines)  # the TensorRT registry: typed and bounded too
         names = [route.name for route in self.routes]
         if len(set(names)) != len(names):
             raise ConfigError(f"routes: a route is listed twice in {names}")
@@ -209,7 +222,7 @@ class Manifest(Typed):
             if [parse(TensorIO, io) for io in wanted["inputs"] + wanted["outputs"]] != [*route.inputs, *route.outputs]:
                 raise ConfigError(f"routes[{i}].inputs: {route.name}'s I/O does not match the config "
                                   f"({channels} channels, batch {batch})")
-            for fmt, entry in route.files.items():
+            for fmt, entry in [*route.files.items(), *route.step_files.items()]:
                 if fmt not in ONNX_FORMATS:
                     continue
                 weights = self.shared_files.get(fmt)
@@ -238,6 +251,19 @@ def route_contract(name: str, in_size: int, out_size: int, channels: int, batch)
     }
 
 
+def step_contract(route: dict) -> dict:
+    """The I/O of a route's fused step graph, from its route contract:
+    ``x [b,C,r,r], t [b], coef [K], z [b,C,o,o] -> x_s [b,C,o,o], x0_pred [b,C,o,o]``."""
+    x, t = route["inputs"]
+    out = route["outputs"][0]
+    coef = {"name": "coef", "dtype": "float32", "shape": [len(COEFFICIENTS[route["kind"]])]}
+    return {
+        "name": route["name"],
+        "inputs": [x, t, coef, {**out, "name": "z"}],
+        "outputs": [{**out, "name": "x_s"}, out],
+    }
+
+
 def process_section(space: ScaleSpace) -> dict:
     """The process as arrays, so the runtime depends on no formula agreeing."""
     return {
@@ -252,7 +278,7 @@ def process_section(space: ScaleSpace) -> dict:
 
 def parse_manifest(document: dict, where: Path) -> Manifest:
     """A :class:`Manifest` from parsed JSON; :class:`BundleError` naming the first bad field."""
-    check_format(document, where, FORMAT, FORMAT_VERSION, BundleError, "manifest")
+    check_format(document, where, FORMAT, READ_VERSIONS, BundleError, "manifest")
     try:
         return parse(Manifest, document)
     except ConfigError as err:
@@ -281,12 +307,24 @@ class Bundle:
     def batch_range(self) -> tuple[int, int]:
         return self.manifest.batch.min, self.manifest.batch.max
 
+    @property
+    def engine_sets(self) -> tuple[EngineSet, ...]:
+        """The TensorRT engine sets the bundle holds (``ssd.engine_registry``)."""
+        return parse_engine_sets(self.manifest.engines)
+
     def formats(self) -> list[str]:
         return sorted({fmt for route in self.manifest.routes for fmt in route.files}, key=BACKEND_FORMATS.index)
 
-    def route_file(self, route: str, backend_format: str) -> RouteFile:
-        """The manifest entry of a route's file for a backend format."""
-        files = self.routes[route].files
+    def has_step_graphs(self, backend_format: str) -> bool:
+        """Whether every route has a fused step graph in ``backend_format``."""
+        return all(backend_format in route.step_files for route in self.manifest.routes)
+
+    def route_file(self, route: str, backend_format: str, step: bool = False) -> RouteFile:
+        """The manifest entry of a route's file (its step graph's, with ``step``) for a format."""
+        files = self.routes[route].step_files if step else self.routes[route].files
+        if step and backend_format not in files:
+            raise BundleError(f"bundle {self.path} has no {backend_format!r} step graph for {route} "
+                              "(exported before step graphs, or with --no-step-graphs; re-export it)")
         if backend_format not in files:
             flags = "--engine onnx --precision fp16" if backend_format == "onnx-fp16" else f"--engine {backend_format}"
             raise BundleError(f"bundle {self.path} has no {backend_format!r} file for {route}; it has "
@@ -308,8 +346,10 @@ class Bundle:
 
     def verify_files(self, backend_format: str) -> None:
         """Check every file a backend format uses, shared weights included."""
-        for name in self.routes:
+        for name, route in self.routes.items():
             self.read(self.route_file(name, backend_format))
+            if backend_format in route.step_files:
+                self.read(self.route_file(name, backend_format, step=True))
         if backend_format in ONNX_FORMATS:
             self.read(self.weights_file(backend_format))
 

@@ -78,14 +78,17 @@ def read_json(path: Path, error: type[UserError], limit: int = MAX_JSON_BYTES):
     return loads_json(read_capped(path, limit, error), path, error)
 
 
-def check_format(document, path: Path, fmt: str, version: int, error: type[UserError], what: str) -> dict:
-    """Check a document's ``format`` and ``format_version``; ``what`` names it in messages."""
+def check_format(document, path: Path, fmt: str, version: int | tuple[int, ...], error: type[UserError],
+                 what: str) -> dict:
+    """Check a document's ``format`` and ``format_version`` (one, or a tuple of those read);
+    ``what`` names it in messages."""
+    versions = version if isinstance(version, tuple) else (version,)
     if not isinstance(document, dict) or document.get("format") != fmt:
         raise error(f"{path} is not an {fmt} {what}")
-    if document.get("format_version") != version:
+    if document.get("format_version") not in versions:
         raise error(
             f"{path} has {what} format version {str(document.get('format_version'))[:20]}; "
-            f"this ssd reads version {version}"
+            f"this ssd reads version {' or '.join(map(str, versions))}"
         )
     return document
 

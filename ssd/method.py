@@ -107,6 +107,7 @@ class Step:
     k_res: float = 0.0
     k_fwd: float = 0.0
     sigma_s: float = 0.0
+    rho_alpha: float = 0.0  # rho * alpha, which shapes the correlated noise S
     halve: Any = None  # A [in, out]: R for this step (size-increasing steps only)
     eigvecs: Any = None  # U [out, out]: eigenvectors of A^T A
     noise_scale: Any = None  # S [out, out]: sqrt(1 - rho * alpha * l_i * l_j)
@@ -123,6 +124,19 @@ class Step:
     def changes_size(self) -> bool:
         return self.out_size != self.in_size
 
+    @property
+    def kind(self) -> str:
+        return "up" if self.changes_size else "keep"
+
+    def coefficients(self) -> np.ndarray:
+        """The step's scalars as one float32 vector in the order of ``COEFFICIENTS[kind]``,
+        the ``coef`` input of a fused step graph. The final step is an update whose result
+        is ``x0_pred`` (``c_x0 = 1``, or ``a_s = 1`` with no residual and no noise)."""
+        if self.is_final:
+            values = {"c_x0": 1.0, "a_s": 1.0}
+            return np.array([values.get(name, 0.0) for name in COEFFICIENTS[self.kind]], np.float32)
+        return np.array([getattr(self, name) for name in COEFFICIENTS[self.kind]], np.float32)
+
     def map_arrays(self, convert: Callable[[np.ndarray], Any]) -> "Step":
         """A copy whose matrices went through ``convert`` (e.g. to torch tensors on a GPU)."""
         arrays = {
@@ -131,6 +145,25 @@ class Step:
             if getattr(self, name) is not None
         }
         return dataclasses.replace(self, **arrays)
+
+
+# The scalars of each kind of step, in the order a fused step graph's ``coef`` input holds them.
+COEFFICIENTS = {"keep": ("c_x0", "c_xt", "noise_std"), "up": ("a_s", "k_fwd", "k_res", "sigma_s", "rho_alpha")}
+
+
+def keep_update(x_t, x0_pred, z, c_x0, c_xt, noise_std):
+    """Same-size posterior draw (SPEC §5): ``c_x0 x0 + c_xt x_t + noise_std z``."""
+    return c_x0 * x0_pred + c_xt * x_t + noise_std * z
+
+
+def up_update(x_t, x0_pred, z, a_s, k_fwd, k_res, sigma_s, A, U, S):
+    """Size-doubling posterior draw (SPEC §5) with the exact correlated noise
+    ``U (S * (U^T z U)) U^T``; ``A`` halves the output size, ``U`` and ``S`` as in :class:`Step`."""
+    mu = a_s * x0_pred
+    residual = x_t - k_fwd * (A @ mu @ A.mT)
+    mean = mu + k_res * (A.mT @ residual @ A)
+    noise = U @ (S * (U.mT @ z @ U)) @ U.mT
+    return mean + sigma_s * noise
 
 
 def p_step(step: Step, x_t, x0_pred, z):
@@ -142,13 +175,9 @@ def p_step(step: Step, x_t, x0_pred, z):
     if step.is_final:
         return x0_pred
     if not step.changes_size:
-        return step.c_x0 * x0_pred + step.c_xt * x_t + step.noise_std * z
-    A, U = step.halve, step.eigvecs
-    mu = step.a_s * x0_pred
-    residual = x_t - step.k_fwd * (A @ mu @ A.mT)
-    mean = mu + step.k_res * (A.mT @ residual @ A)
-    noise = U @ (step.noise_scale * (U.mT @ z @ U)) @ U.mT
-    return mean + step.sigma_s * noise
+        return keep_update(x_t, x0_pred, z, step.c_x0, step.c_xt, step.noise_std)
+    return up_update(x_t, x0_pred, z, step.a_s, step.k_fwd, step.k_res, step.sigma_s,
+                     step.halve, step.eigvecs, step.noise_scale)
 
 
 class ScaleSpace:
@@ -206,6 +235,13 @@ class ScaleSpace:
         """Forward marginal ``x_t = a_t R_{full->r(t)} x0 + sigma_t eps`` (SPEC §4)."""
         abar = self.abar[t]
         return np.sqrt(abar) * self.downsample(x0, int(self.sizes[t])) + np.sqrt(1 - abar) * eps
+
+    def update_constants(self, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a size-doubling update to ``out_size`` needs besides its scalars: the halving
+        matrix ``A`` [out/2, out], the eigenvectors ``U`` of ``A^T A`` and the outer product of
+        its (clipped) eigenvalues, from which ``S = sqrt(1 - rho alpha l l^T)``."""
+        eigvals, eigvecs = self._eig[out_size]
+        return self.halving[out_size], eigvecs, np.outer(eigvals.clip(0), eigvals.clip(0))
 
     # ---------------------------------------------------------------- training
     def loss_weight(self, t) -> np.ndarray:
@@ -277,14 +313,15 @@ class ScaleSpace:
                 c_xt=math.sqrt(alpha) * var_s / var_t,
                 noise_std=math.sqrt(var_s * (1.0 - alpha) / var_t),
             )
-        eigvals, eigvecs = self._eig[out_size]
-        scale = np.sqrt(1.0 - rho * alpha * np.outer(eigvals.clip(0), eigvals.clip(0)))
+        _, eigvecs, eig_outer = self.update_constants(out_size)
+        scale = np.sqrt(1.0 - rho * alpha * eig_outer)
         return Step(
             index, t, s, in_size, out_size,
             a_s=a_s,
             k_res=rho * math.sqrt(alpha),
             k_fwd=math.sqrt(alpha),
             sigma_s=math.sqrt(var_s),
+            rho_alpha=rho * alpha,
             halve=self.halving[out_size],
             eigvecs=eigvecs,
             noise_scale=scale,
@@ -306,25 +343,39 @@ def initial_noise(rng: np.random.Generator, n: int, channels: int, size: int) ->
     return rng.standard_normal((n, channels, size, size), dtype=np.float32)
 
 
+StepFn = Callable[[Step, Any, Any], tuple[Any, Any]]
+
+
 def sample_loop(
     plan: list[Step],
-    denoise: Callable[[Step, Any], Any],
+    step_fn: StepFn,
     x: Any,
     rng: np.random.Generator,
     to_array: Callable[[np.ndarray], Any] = np.asarray,
 ) -> Iterator[SampleState]:
     """The one reverse-process loop, shared by the torch sampler and the runtime.
 
-    ``denoise(step, x_t) -> x0_pred`` runs the step's route; ``x`` is the initial noise
-    already in the backend's array type; ``to_array`` moves numpy noise there. The seeded
-    numpy ``rng`` is the only noise source, drawn in a fixed order, so two backends fed the
-    same seed see the same noise. ``plan`` steps must already hold ``to_array``'d matrices.
+    ``step_fn(step, x_t, z) -> (x_s, x0_pred)`` makes one step: a fused step graph, or
+    :func:`denoise_then_update` around a network. ``x`` is the initial noise already in the
+    backend's array type; ``to_array`` moves numpy noise there (``z`` is None at the final
+    step). The seeded numpy ``rng`` is the only noise source, drawn in a fixed order, so two
+    backends fed the same seed see the same noise. ``plan`` steps must already hold
+    ``to_array``'d matrices.
     """
     for step in plan:
-        x0_pred = denoise(step, x).clip(-1.0, 1.0)  # the prior lives in [-1, 1]
         z = None
         if not step.is_final:
             shape = (x.shape[0], x.shape[1], step.out_size, step.out_size)
             z = to_array(rng.standard_normal(shape, dtype=np.float32))
-        x = p_step(step, x, x0_pred, z)
+        x, x0_pred = step_fn(step, x, z)
         yield SampleState(step, x, x0_pred)
+
+
+def denoise_then_update(denoise: Callable[[Step, Any], Any]) -> StepFn:
+    """A step made of a network call ``denoise(step, x_t) -> x0_pred`` and :func:`p_step`."""
+
+    def step_fn(step: Step, x_t, z):
+        x0_pred = denoise(step, x_t).clip(-1.0, 1.0)  # the prior lives in [-1, 1]
+        return p_step(step, x_t, x0_pred, z), x0_pred
+
+    return step_fn

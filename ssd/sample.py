@@ -12,7 +12,7 @@ import torch
 
 from .config import SSDConfig, check_seed
 from .images import to_uint8
-from .method import SampleState, ScaleSpace, Step, initial_noise, sample_loop
+from .method import SampleState, ScaleSpace, Step, denoise_then_update, initial_noise, sample_loop
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def sample_states(
         return model(x_t, t_batch[step.t], step.out_size).float()
 
     x = to_tensor(initial_noise(rng, n, channels, plan[0].in_size))
-    yield from sample_loop(plan, denoise, x, rng, to_tensor)
+    yield from sample_loop(plan, denoise_then_update(denoise), x, rng, to_tensor)
 
 
 def sample_batches(

@@ -61,3 +61,13 @@ def exported_bundle():
         return run, bundle
 
     return export
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, exported_bundle):
+    """Two bundles shared by the runtime tests: a 3-level and a 1-level tiny32 model, ONNX +
+    TorchScript with step graphs, batch 1:4; ``{levels: (run, bundle)}``. Never modify them."""
+    root = tmp_path_factory.mktemp("runtime")
+    return {levels: exported_bundle(root / f"l{levels}", levels=levels, seed=levels,
+                                    engines=("onnx", "torchscript"), batch="1:4")
+            for levels in (3, 1)}

@@ -280,7 +280,7 @@ def test_reexport_skips_and_force_reproduces_the_same_hashes(interp, up):
 # --------------------------------------------------------------------------- runtime
 def test_runtime_end_to_end_equals_torch_sampler(interp):
     e2e = interp.manifest["verification"]["end_to_end"]
-    assert e2e["passed"] and [r["steps"] for r in e2e["runs"]] == [3, 10]
+    assert e2e["passed"] and [(r["steps"], r["fused"]) for r in e2e["runs"]] == [(3, True), (3, False), (10, True), (10, False)]
     for backend in ("onnxruntime", "torchscript"):
         sampler = Sampler.from_bundle(interp.out, backend=backend, warmup=False)
         images = sampler.sample(2, seed=3, steps=3, batch=2)
@@ -342,7 +342,10 @@ def test_output_folder_with_other_things_is_refused(interp, up, tmp_path):
 
 
 def test_unsupported_engine_and_missing_extra_are_one_line_errors(up, tmp_path, monkeypatch):
-    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--engine", "trt"), "later issue")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as here: TensorRT is not installed
+    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--engine", "trt"), "TensorRT is not installed")
+    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--refit"), "--refit", "--engine trt")
+    assert not (tmp_path / "b").exists()
     assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--engine", "torchscript",
                                  "--precision", "fp16"), "--engine onnx")
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError

@@ -72,7 +72,7 @@ def rehash(folder: Path, relative: str, data: bytes) -> None:
     (folder / relative).write_bytes(data)
 
     def fix(manifest):
-        entries = [r["files"][f] for r in manifest["routes"] for f in r["files"]]
+        entries = [r[kind][f] for r in manifest["routes"] for kind in ("files", "step_files") for f in r.get(kind, {})]
         entries += list(manifest["shared_files"].values())
         for entry in entries:
             if entry["path"] == relative:
@@ -163,7 +163,7 @@ def test_symlinks_inside_the_bundle_are_followed(copy_of):
     (folder / "onnx" / "weights.bin").unlink()
     (folder / "onnx" / "weights.bin").symlink_to("../weights-real.bin")
     # inside the bundle, so our checks pass; ONNX Runtime wants it in the graph's folder
-    with pytest.raises(BundleError, match="ONNX Runtime cannot load onnx/keep_16.onnx: .*escapes"):
+    with pytest.raises(BundleError, match=r"ONNX Runtime cannot load onnx/keep_16\.step\.onnx: .*escapes"):
         Sampler.from_bundle(folder)
 
 
@@ -227,12 +227,14 @@ def test_deeply_nested_documents_are_refused_and_force_replaces_them(copy_of, bu
 
 def test_backend_load_errors_name_the_file(copy_of):
     folder = copy_of("bundle")
-    rehash(folder, "onnx/keep_16.onnx", b"garbage, not a protobuf")
-    with pytest.raises(BundleError, match=r"ONNX Runtime cannot load onnx/keep_16\.onnx"):
-        Sampler.from_bundle(folder)
-    rehash(folder, "torchscript/keep_16.pt", b"garbage, not a zip")
-    with pytest.raises(BundleError, match=r"TorchScript cannot load torchscript/keep_16\.pt"):
-        Sampler.from_bundle(folder, backend="torchscript")
+    for graph in ("keep_16", "keep_16.step"):  # route graphs (unfused) and step graphs (fused)
+        fused = graph.endswith("step")
+        rehash(folder, f"onnx/{graph}.onnx", b"garbage, not a protobuf")
+        with pytest.raises(BundleError, match=rf"ONNX Runtime cannot load onnx/{graph}\.onnx"):
+            Sampler.from_bundle(folder, fused=fused)
+        rehash(folder, f"torchscript/{graph}.pt", b"garbage, not a zip")
+        with pytest.raises(BundleError, match=rf"TorchScript cannot load torchscript/{graph}\.pt"):
+            Sampler.from_bundle(folder, backend="torchscript", fused=fused)
 
 
 def write_state(folder: Path, edit) -> None:

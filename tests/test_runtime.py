@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "-c", "from ssd_runtime.cli import main; main()"]
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, exported_bundle):
-    """Two bundles: a 3-level and a 1-level tiny32 model, ONNX + TorchScript, batch 1:4."""
-    root = tmp_path_factory.mktemp("runtime")
-    return {levels: exported_bundle(root / f"l{levels}", levels=levels, seed=levels,
-                                    engines=("onnx", "torchscript"), batch="1:4")
-            for levels in (3, 1)}
-
-
 @functools.lru_cache(maxsize=None)
 def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarray:
     """Final float images of the PyTorch reference sampler, noise from the same seed
@@ -163,7 +154,7 @@ def test_unknown_format_version(bundle_copy, tmp_path):
 
 
 def test_tampered_file_fails_hash_check(bundle_copy, tmp_path):
-    route = next((bundle_copy / "onnx").glob("keep_8*.onnx"))
+    route = bundle_copy / "onnx" / "keep_8.step.onnx"  # the file the default (fused) path reads
     data = bytearray(route.read_bytes())
     data[len(data) // 2] ^= 0xFF
     route.write_bytes(bytes(data))
@@ -173,8 +164,10 @@ def test_tampered_file_fails_hash_check(bundle_copy, tmp_path):
 
 
 def test_missing_route_file(bundle_copy, tmp_path):
-    next((bundle_copy / "onnx").glob("up_8_16*.onnx")).unlink()
-    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o"), "up_8_16.onnx is missing")
+    (bundle_copy / "onnx" / "up_8_16.step.onnx").unlink()  # what the default (fused) path reads
+    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o"), "up_8_16.step.onnx is missing")
+    (bundle_copy / "onnx" / "up_8_16.onnx").unlink()
+    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o", "--unfused"), "up_8_16.onnx is missing")
 
 
 def test_backend_not_installed(bundles, tmp_path):

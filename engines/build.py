@@ -1,0 +1,319 @@
+"""TensorRT engines for a bundle: ``ssd-export BUNDLE_OR_CHECKPOINT --engine trt``.
+
+One engine per route, built from the route's fused step graph on the machine that will run
+it (engines are tied to the GPU model and the TensorRT release), into
+``engines/<set>/<route>.plan``, and registered in the manifest (``ssd.engine_registry``).
+
+Build decisions (:func:`plan_build`, tested in CI without TensorRT):
+
+- **Shapes.** Spatial sizes are static (one route, one size); the bundle's batch range is
+  the optimisation profile, with ``opt`` at the max (sampling runs full batches).
+- **fp32** parses the fp32 ONNX graph and turns TF32 off, so an fp32 engine is fp32.
+- **fp16 on TensorRT >= 11**: networks are always strongly typed (the FP16 builder flag is
+  gone); precision comes from the graph, so the build parses the bundle's fp16 ONNX
+  variant, whose normalisation, softmax and timestep path are float32 already
+  (``--precision fp16`` at export writes it).
+- **fp16 on TensorRT 10** (JetPack 6's): the fp32 graph with ``BuilderFlag.FP16`` and
+  ``OBEY_PRECISION_CONSTRAINTS``, the same layers pinned to float32 by the same rule
+  (``ssd.precision``), so both versions keep the parts that turn fp16 images black in fp32.
+- A **timing cache** per GPU and TensorRT release (``engines/timing-<set>.cache``) makes
+  rebuilds fast; ``--refit`` builds refittable engines and, when a set for this machine
+  exists, refits its engines with the new weights instead of rebuilding.
+- After the build each engine runs on seeded inputs next to ONNX Runtime fp32 on the CPU;
+  the errors go into the registry, and an engine beyond tolerance is refused.
+
+Status: written against TensorRT 10/11's documented Python API; in CI it runs against a
+stand-in (``tests/fake_tensorrt.py``) that records the calls. It has never built a real
+engine (see the README's backend table).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ssd.bundle import MANIFEST, Bundle, load_bundle, sha256_file, step_contract
+from ssd.engine_registry import (EngineMismatchError, EngineRecord, EngineSet, Platform, select_engine_set,
+                                 set_name, tensorrt_major)
+from ssd.errors import UserError
+from ssd.precision import fp32_nodes
+from ssd.schema import to_json
+
+Echo = Callable[[str], None]
+WORKSPACE_MIB = 4096
+TOLERANCES = {"fp32": 1e-3, "fp16": 5e-2}  # max |difference| of x_s and x0_pred vs ONNX Runtime fp32
+FP32_LAYER_KINDS = frozenset({"NORMALIZATION", "SOFTMAX"})
+
+
+class EngineBuildError(UserError):
+    """TensorRT is missing, refused a graph, or built an engine that does not match ONNX Runtime."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How one TensorRT version builds one precision."""
+
+    onnx_format: str  # the bundle graph parsed: "onnx" or "onnx-fp16"
+    strongly_typed: bool  # precision from the graph's types (always so on TensorRT >= 11)
+    fp16_flag: bool  # TensorRT 10's weak typing: BuilderFlag.FP16, fp32 layers pinned
+    tf32: bool  # allow TF32 for fp32 math
+
+
+def plan_build(tensorrt_version: str, precision: str, formats: list[str]) -> BuildPlan:
+    """The build for ``precision`` with this TensorRT, given the bundle's ONNX formats."""
+    major = tensorrt_major(tensorrt_version)
+    if major < 10:
+        raise EngineBuildError(f"TensorRT {tensorrt_version} is too old: ssd builds engines with TensorRT 10 or newer")
+    if precision == "fp32":
+        return BuildPlan("onnx", strongly_typed=major >= 11, fp16_flag=False, tf32=False)
+    if major >= 11:
+        if "onnx-fp16" not in formats:
+            raise EngineBuildError(
+                f"TensorRT {tensorrt_version} builds fp16 only from a graph typed fp16 (strong typing; its FP16 "
+                "flag is gone), and this bundle has no fp16 ONNX variant: re-export with --precision fp16")
+        return BuildPlan("onnx-fp16", strongly_typed=True, fp16_flag=False, tf32=False)
+    return BuildPlan("onnx", strongly_typed=False, fp16_flag=True, tf32=False)
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or one line saying what is missing (shared with the runtime)."""
+    from ssd_runtime.tensorrt_backend import import_tensorrt as load
+
+    try:
+        return load()
+    except UserError as err:
+        raise EngineBuildError(str(err)) from None
+
+
+def check_machine() -> tuple[object, object, Platform]:
+    """TensorRT, cuda-python and this GPU, before any work: one line for whatever is missing."""
+    from ssd_runtime.cuda import import_cudart
+    from ssd_runtime.tensorrt_backend import probe_platform
+
+    trt = import_tensorrt()
+    try:
+        cudart = import_cudart()
+        return trt, cudart, probe_platform(trt, cudart)
+    except UserError as err:
+        raise EngineBuildError(str(err)) from None
+
+
+# --------------------------------------------------------------------------- one engine
+def profile_shapes(contract: dict, batch: tuple[int, int]) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shapes of every input with a batch axis; opt at the max."""
+    low, high = batch
+    shapes = {}
+    for tensor in contract["inputs"]:
+        dims = tensor["shape"]
+        if "batch" in dims:  # a fixed-batch bundle has static shapes and needs no profile
+            at = lambda n: tuple(n if d == "batch" else d for d in dims)
+            shapes[tensor["name"]] = (at(low), at(high), at(high))
+    return shapes
+
+
+def pin_fp32_layers(trt, network) -> int:
+    """TensorRT 10 weak typing: keep normalisation, softmax and the timestep path in fp32
+    (the rule of ``ssd.precision``); returns how many layers were pinned."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    constants = {layer.get_output(0).name for layer in layers if layer.type == trt.LayerType.CONSTANT}
+    nodes = [(layer.name, layer.type.name,
+              [layer.get_input(j).name for j in range(layer.num_inputs) if layer.get_input(j) is not None],
+              [layer.get_output(j).name for j in range(layer.num_outputs)]) for layer in layers]
+    keep = fp32_nodes(nodes, {"t"} | constants, FP32_LAYER_KINDS)
+    for layer in layers:
+        if layer.name in keep:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+    return len(keep)
+
+
+def build_engine(trt, onnx_path: Path, plan: BuildPlan, shapes: dict, refittable: bool,
+                 timing_cache: bytes, workspace_mib: int = WORKSPACE_MIB) -> tuple[bytes, bytes]:
+    """Parse ``onnx_path`` and build a serialized engine; returns (engine, timing cache)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.strongly_typed and tensorrt_major(trt.__version__) < 11:  # default (and only) mode on 11
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # external weights resolve beside the file
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {(errors or ['unknown error'])[0][:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if not plan.tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if plan.fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pin_fp32_layers(trt, network)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+def refit_engine(trt, engine_bytes: bytes, onnx_path: Path) -> bytes:
+    """New weights from ``onnx_path`` into a refittable engine of the same architecture."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise EngineBuildError("the existing engine cannot be loaded for refitting; build without --refit")
+    refitter = trt.Refitter(engine, logger)
+    if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        raise EngineBuildError(f"cannot refit with {onnx_path.name} (another architecture?); build without --refit")
+    return bytes(engine.serialize())
+
+
+# --------------------------------------------------------------------------- the bundle
+def build_engines(bundle_path: Path, precision: str, refit: bool, echo: Echo, previous: Path | None = None,
+                  workspace_mib: int = WORKSPACE_MIB, machine=None) -> EngineSet:
+    """Build (or with ``refit``, refit) one engine per route into ``bundle_path`` and register
+    the set in its manifest (replacing a set of the same name). ``previous``: the bundle
+    this one replaces, whose engines a refit starts from."""
+    from ssd_export import bundle_writer
+
+    trt, cudart, here = machine or check_machine()
+    bundle = load_bundle(bundle_path)
+    plan = plan_build(here.tensorrt, precision, bundle.formats())
+    if not bundle.has_step_graphs(plan.onnx_format):
+        raise EngineBuildError(f"bundle {bundle_path} has no {plan.onnx_format} step graphs, which the engines "
+                               "are built from: re-export it (step graphs are on by default)")
+    name = set_name(here, precision, "step")
+    folder = bundle_path / "engines" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cache_path = bundle_path / "engines" / f"timing-{name}.cache"
+    old = _refit_source(previous or bundle_path, name) if refit else None
+    timing = cache_path.read_bytes() if cache_path.exists() else b""
+    low, high = bundle.batch_range
+    records = []
+    for route_name, route in bundle.routes.items():
+        entry = bundle.route_file(route_name, plan.onnx_format, step=True)
+        onnx_path = bundle.verified_path(entry)
+        if old is not None and route_name in old:
+            data, how = refit_engine(trt, old[route_name], onnx_path), "refitted"
+        else:
+            shapes = profile_shapes(step_contract(_contract(bundle, route_name)), (low, high))
+            data, timing = build_engine(trt, onnx_path, plan, shapes, refit, timing, workspace_mib)
+            how = "built"
+        path = folder / f"{route_name}.plan"
+        _write_atomic(path, data)
+        comparison = compare_with_onnxruntime(trt, cudart, bundle, route_name, data, precision)
+        echo(f"  {how} {route_name:<12} {len(data) / 1e6:.1f} MB, max |diff| vs ONNX Runtime fp32 "
+             f"{comparison['max_abs']:.2e} ({'ok' if comparison['passed'] else 'FAILED'})")
+        if not comparison["passed"]:
+            raise EngineBuildError(f"the {route_name} engine differs from ONNX Runtime fp32 by "
+                                   f"{comparison['max_abs']:.2e} > {comparison['tolerance']:.0e}")
+        records.append(EngineRecord(route_name, path.relative_to(bundle_path).as_posix(), sha256_file(path),
+                                    path.stat().st_size, entry.path, entry.sha256, comparison))
+    _write_atomic(cache_path, timing)
+    engine_set = EngineSet(
+        name, here.gpu, here.compute_capability, here.tensorrt, precision, "step", plan.onnx_format,
+        low, high, high, plan.strongly_typed, refit, cache_path.relative_to(bundle_path).as_posix(),
+        tuple(records), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    manifest = json.loads((bundle_path / MANIFEST).read_text())  # as written, checked by load_bundle
+    sets = [s for s in manifest.get("engines", {}).get("sets", []) if s["name"] != name]
+    manifest["engines"] = {"sets": [*sets, json.loads(json.dumps(to_json(engine_set)))]}
+    bundle_writer.write_manifest(bundle_path, manifest)
+    return engine_set
+
+
+def engines_current(bundle_path: Path, precision: str, machine) -> bool:
+    """Whether the bundle already holds engines for this GPU, TensorRT release, precision
+    and for its current ONNX files (then a repeated export has nothing to build)."""
+    from ssd_runtime.tensorrt_backend import onnx_hashes
+
+    bundle = load_bundle(bundle_path)
+    try:
+        select_engine_set(bundle.engine_sets, machine[2], precision, "step", onnx_hashes(bundle),
+                          list(bundle.routes), str(bundle_path))
+    except EngineMismatchError:
+        return False
+    return True
+
+
+def _contract(bundle: Bundle, route: str) -> dict:
+    """The route contract as a dict (what ``step_contract`` reads)."""
+    return to_json(bundle.routes[route])
+
+
+def _refit_source(bundle_path: Path, name: str) -> dict[str, bytes] | None:
+    """The engines of set ``name`` in an existing bundle, if it was built refittable."""
+    try:
+        bundle = load_bundle(bundle_path)
+    except UserError:
+        return None
+    for engine_set in bundle.engine_sets:
+        if engine_set.name == name and engine_set.refittable:
+            return {record.route: bundle.read(record) for record in engine_set.engines}
+    return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: bytes, precision: str) -> dict:
+    """Run the engine and ONNX Runtime fp32 (CPU) on the same seeded step inputs, at the
+    bundle's smallest and largest batch; max |difference| over both outputs."""
+    import onnxruntime as ort
+
+    from ssd_export.verify import route_cases, step_coefficients
+    from ssd_runtime.cuda import DeviceBuffer, Stream
+    from ssd_runtime.tensorrt_backend import EngineRunner
+
+    contract = _contract(bundle, route)
+    reference = ort.InferenceSession(str(bundle.verified_path(bundle.route_file(route, "onnx", step=True))),
+                                     providers=["CPUExecutionProvider"])
+    low, high = bundle.batch_range
+    coefs = step_coefficients(bundle.space, route)
+    cases = [case for size in sorted({low, high})
+             for case in route_cases(contract, [0, bundle.space.timesteps - 1], (size, size), coefs=coefs)]
+    stream = Stream(cudart)
+    runner = EngineRunner(trt, cudart, trt.Runtime(trt.Logger(trt.Logger.ERROR)), engine, route, high, False)
+    scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes(high)) if runner.user_memory else None
+    if scratch is not None:
+        runner.use_scratch(scratch)
+    worst = 0.0
+    try:
+        for case in cases:
+            batch = len(case["t"])
+            for name, value in case.items():
+                runner.put(stream, name, value)
+            runner.execute(stream, batch)
+            ours = [stream.download(runner.output(name, batch)) for name in ("x_s", "x0_pred")]
+            ref = reference.run(["x_s", "x0_pred"], case)
+            worst = max(worst, *(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ours, ref)))
+    finally:
+        stream.synchronize()
+        runner.free()
+        if scratch is not None:
+            scratch.free()
+    return {"max_abs": worst, "tolerance": TOLERANCES[precision], "cases": len(cases),
+            "passed": bool(worst <= TOLERANCES[precision])}

@@ -1,0 +1,134 @@
+"""The little of CUDA the TensorRT backend needs, through ``cuda-python`` (no torch):
+device buffers, one stream, copies, device properties and CUDA graphs.
+
+cuda-python's runtime functions return ``(error, *values)``; :func:`check` turns a failure
+into one :class:`CudaError` line naming the call. Imported only by the ``tensorrt`` backend.
+
+Status: written against cuda-python's documented ``cuda.bindings.runtime`` API (12.x/13.x;
+``cuda.cudart`` before 12.6) and exercised in CI only against a stand-in
+(``tests/fake_tensorrt.py``); it has not run on a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ssd.errors import UserError
+
+
+class CudaError(UserError):
+    """cuda-python is missing, no GPU is visible, or a CUDA call failed."""
+
+
+def import_cudart():
+    """``cuda.bindings.runtime`` (cuda-python >= 12.6) or ``cuda.cudart`` (older)."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise CudaError("backend 'tensorrt' needs cuda-python for device memory: pip install 'ssd-diffusion[trt]'")
+
+
+def check(cudart, result, call: str):
+    """The values of a cuda-python call; :class:`CudaError` naming ``call`` on failure."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if int(error) != int(cudart.cudaError_t.cudaSuccess):
+        name = getattr(error, "name", str(error))
+        raise CudaError(f"CUDA call {call} failed: {name}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_properties(cudart, device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of ``device``; one line if there is none."""
+    try:
+        count = check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except CudaError:
+        count = 0
+    if not count:
+        raise CudaError("no NVIDIA GPU is visible (cudaGetDeviceCount found none): the tensorrt backend "
+                        "and engine builds need one, with its driver")
+    props = check(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
+    return name, f"{props.major}.{props.minor}"
+
+
+@dataclass
+class DeviceBuffer:
+    """``nbytes`` of device memory at ``ptr``; freed by :meth:`free`."""
+
+    cudart: object
+    ptr: int
+    nbytes: int
+
+    @classmethod
+    def allocate(cls, cudart, nbytes: int) -> "DeviceBuffer":
+        ptr = check(cudart, cudart.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc")
+        return cls(cudart, int(ptr), int(nbytes))
+
+    def free(self) -> None:
+        if self.ptr:
+            check(self.cudart, self.cudart.cudaFree(self.ptr), "cudaFree")
+            self.ptr = 0
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A float32 array on the device: a view of ``shape`` at ``ptr`` (the backend owns the
+    memory). What the sampling loop holds between steps on the tensorrt backend."""
+
+    ptr: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+
+class Stream:
+    """One CUDA stream and the copies the backend makes on it."""
+
+    def __init__(self, cudart):
+        self.cudart = cudart
+        self.handle = check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+
+    @property
+    def ptr(self) -> int:
+        return int(self.handle)
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
+        direction = getattr(self.cudart.cudaMemcpyKind, kind)
+        check(self.cudart, self.cudart.cudaMemcpyAsync(dst, src, nbytes, direction, self.handle), "cudaMemcpyAsync")
+
+    def upload(self, dst: int, host: np.ndarray) -> None:
+        """Host to device (``host`` must stay alive until the stream passes the copy)."""
+        self._copy(dst, host.ctypes.data, host.nbytes, "cudaMemcpyHostToDevice")
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        if dst != src:
+            self._copy(dst, src, nbytes, "cudaMemcpyDeviceToDevice")
+
+    def download(self, array: DeviceArray) -> np.ndarray:
+        """Device to host, then wait: a new numpy array."""
+        host = np.empty(array.shape, np.float32)
+        self._copy(host.ctypes.data, array.ptr, array.nbytes, "cudaMemcpyDeviceToHost")
+        self.synchronize()
+        return host
+
+    def synchronize(self) -> None:
+        check(self.cudart, self.cudart.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+    def capture(self, work) -> object:
+        """Record ``work()`` (calls enqueued on this stream) as an instantiated CUDA graph."""
+        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(self.cudart, self.cudart.cudaStreamBeginCapture(self.handle, mode), "cudaStreamBeginCapture")
+        try:
+            work()
+        finally:
+            graph = check(self.cudart, self.cudart.cudaStreamEndCapture(self.handle), "cudaStreamEndCapture")
+        return check(self.cudart, self.cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+
+    def launch(self, graph_exec) -> None:
+        check(self.cudart, self.cudart.cudaGraphLaunch(graph_exec, self.handle), "cudaGraphLaunch")

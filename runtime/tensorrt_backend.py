@@ -1,0 +1,218 @@
+"""Backend ``tensorrt``: the bundle's TensorRT engines of the fused step graphs, with the
+sampling state on the GPU from the first step to the last.
+
+- Every engine is loaded up front (hash-checked like every bundle file), one execution
+  context each; the contexts share one device scratch block sized for the largest at the
+  bundle's max batch (routes run one after another on one stream).
+- Each context's inputs and outputs live in buffers allocated once at the max batch, at
+  fixed addresses, so after one plain run per batch size a step is replayed as a CUDA graph.
+- A step copies the state (device to device) into its engine's input, uploads the white
+  noise ``z`` (the one host-to-device copy per step; it still comes from the seeded numpy
+  generator, so seeds give the same images as on every other backend), and launches.
+  Timesteps and coefficient vectors are uploaded once per distinct value. Nothing comes
+  back to the host until the end (and previews).
+
+Engines are tied to a GPU model, a TensorRT release and an ONNX file: the registry in the
+manifest (``ssd.engine_registry``) picks the set built for this machine or refuses with one
+line that says how to rebuild.
+
+Status: written against TensorRT 10/11's documented Python API and cuda-python; in CI it
+runs against a stand-in (``tests/fake_tensorrt.py``) that checks the calls and computes
+with ONNX Runtime. It has never run with real TensorRT (see the README's backend table).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+
+from ssd.bundle import STEP_OUTPUTS, Bundle, BundleError
+from ssd.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
+
+from .backends import Backend, BackendError
+from .cuda import DeviceArray, DeviceBuffer, Stream, device_properties, import_cudart
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or one line saying what is missing."""
+    error = BackendError
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError:
+        raise error("TensorRT is not installed: pip install 'ssd-diffusion[trt]' (NVIDIA's tensorrt wheels; "
+                    "they need an NVIDIA GPU and driver)") from None
+    except OSError as err:  # the bindings are there, the libraries are not
+        raise error(f"TensorRT's libraries cannot be loaded ({str(err).splitlines()[0][:200]}); "
+                    "install the tensorrt-cu12 or -cu13 libraries that match your CUDA") from None
+
+
+def probe_platform(trt, cudart) -> Platform:
+    """This machine's GPU model and TensorRT version, which engines are tied to."""
+    gpu, capability = device_properties(cudart)
+    return Platform(gpu, capability, str(trt.__version__))
+
+
+def onnx_hashes(bundle: Bundle) -> dict[str, dict[str, str]]:
+    """``{route: {ONNX path: sha256}}`` of every graph the bundle lists."""
+    return {name: {entry.path: entry.sha256 for entry in (*route.files.values(), *route.step_files.values())}
+            for name, route in bundle.routes.items()}
+
+
+class EngineRunner:
+    """One engine: its execution context, I/O buffers at the max batch (fixed addresses),
+    and one CUDA graph per batch size once it has run."""
+
+    def __init__(self, trt, cudart, runtime, data: bytes, where: str, batch_max: int, use_graphs: bool):
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise BundleError(f"TensorRT cannot load {where} (it was built with another TensorRT or for another "
+                              "GPU; rebuild: ssd-export BUNDLE --engine trt)")
+        self.engine, self.cudart = engine, cudart
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        self.user_memory = strategy is not None and hasattr(engine, "create_execution_context")
+        self.context = (engine.create_execution_context(strategy.USER_MANAGED) if self.user_memory
+                        else engine.create_execution_context())
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.shapes = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
+        for name in names:
+            if engine.get_tensor_dtype(name) != trt.float32:
+                raise BundleError(f"{where}: I/O tensor {name!r} is not float32")
+        self.buffers = {n: DeviceBuffer.allocate(cudart, 4 * int(np.prod(self.shape(n, batch_max)))) for n in names}
+        for name, buffer in self.buffers.items():
+            self.context.set_tensor_address(name, buffer.ptr)
+        self.batch: int | None = None
+        self.use_graphs, self.graphs = use_graphs, {}
+
+    def shape(self, name: str, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == -1 else d for d in self.shapes[name])
+
+    def set_batch(self, batch: int) -> None:
+        if batch != self.batch:
+            for name in self.inputs:
+                if -1 in self.shapes[name]:
+                    self.context.set_input_shape(name, self.shape(name, batch))
+            self.batch = batch
+
+    def scratch_bytes(self, batch: int) -> int:
+        """Device scratch this context needs at ``batch`` (after its input shapes are set)."""
+        self.set_batch(batch)
+        return int(self.context.update_device_memory_size_for_shapes())
+
+    def use_scratch(self, buffer: DeviceBuffer) -> None:
+        """Give a user-managed context its device scratch (shared by contexts that run in turn)."""
+        self.context.set_device_memory(buffer.ptr, buffer.nbytes)
+
+    def put(self, stream: Stream, name: str, value) -> None:
+        """Fill input ``name``: upload a host array, or copy a device array on the device."""
+        if isinstance(value, np.ndarray):
+            stream.upload(self.buffers[name].ptr, np.ascontiguousarray(value, np.float32))
+        else:
+            stream.copy(self.buffers[name].ptr, value.ptr, value.nbytes)
+
+    def execute(self, stream: Stream, batch: int) -> None:
+        """Run once on ``stream``: a CUDA graph replay when one was captured for ``batch``."""
+        self.set_batch(batch)
+        graph = self.graphs.get(batch)
+        if graph is not None:
+            stream.launch(graph)
+            return
+        if not self.context.execute_async_v3(stream.ptr):
+            raise BackendError("TensorRT failed to run an engine (execute_async_v3 returned False)")
+        if self.use_graphs:  # TensorRT wants one plain run before capture; replays from now on
+            try:
+                self.graphs[batch] = stream.capture(lambda: self.context.execute_async_v3(stream.ptr))
+            except Exception:  # an engine that cannot be captured still runs, without graphs
+                self.use_graphs = False
+
+    def output(self, name: str, batch: int) -> DeviceArray:
+        return DeviceArray(self.buffers[name].ptr, self.shape(name, batch))
+
+    def free(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.free()
+
+
+class TensorRTBackend(Backend):
+    """The ``tensorrt`` backend; fused step engines only."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, device: str = "cuda", precision: str = "fp32", fused: bool | None = None,
+                 cuda_graphs: bool = True):
+        error = BackendError
+        if device != "cuda":
+            raise error(f"backend 'tensorrt' runs on device 'cuda', not {device!r}")
+        if fused is False:
+            raise error("backend 'tensorrt' runs the fused step engines only; the unfused reference path is "
+                        "--backend onnxruntime or torchscript")
+        trt, cudart = import_tensorrt(), import_cudart()
+        here = probe_platform(trt, cudart)
+        try:
+            self.engine_set: EngineSet = select_engine_set(
+                bundle.engine_sets, here, precision, "step", onnx_hashes(bundle), list(bundle.routes), str(bundle.path))
+        except EngineMismatchError as err:
+            raise error(str(err)) from None
+        super().__init__(bundle, device, fused=True)
+        self.file_format = f"tensorrt-{precision}"
+        self.stream = Stream(cudart)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        batch_max = bundle.batch_range[1]
+        self.runners = {record.route: EngineRunner(trt, cudart, runtime, bundle.read(record), record.path,
+                                                   batch_max, cuda_graphs)
+                        for record in self.engine_set.engines}
+        self.scratch = None
+        if all(runner.user_memory for runner in self.runners.values()):
+            size = max(runner.scratch_bytes(batch_max) for runner in self.runners.values())
+            self.scratch = DeviceBuffer.allocate(cudart, size)
+            for runner in self.runners.values():
+                runner.use_scratch(self.scratch)
+        self.constants: dict[tuple, tuple[DeviceBuffer, DeviceArray]] = {}
+
+    # ------------------------------------------------------------------ arrays
+    def to_array(self, array: np.ndarray) -> DeviceArray:
+        """A device copy of a constant (timesteps, coefficient vectors, zeros), uploaded once
+        per distinct value and kept for the backend's life."""
+        array = np.ascontiguousarray(array, np.float32)
+        key = (array.shape, array.tobytes())
+        if key not in self.constants:
+            buffer = DeviceBuffer.allocate(self.stream.cudart, array.nbytes)
+            self.stream.upload(buffer.ptr, array)
+            self.constants[key] = (buffer, DeviceArray(buffer.ptr, array.shape))
+        return self.constants[key][1]
+
+    def stage_noise(self, array: np.ndarray) -> np.ndarray:
+        """Noise stays on the host until :meth:`run_step` uploads it into the engine's input."""
+        return array
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return array if isinstance(array, np.ndarray) else self.stream.download(array)
+
+    # ------------------------------------------------------------------ running
+    def run(self, route, x, t):
+        raise BackendError("backend 'tensorrt' runs fused step engines only")
+
+    def run_step(self, route: str, x, t, coef, z) -> tuple[DeviceArray, DeviceArray]:
+        runner, batch = self.runners[route], int(x.shape[0])
+        for name, value in (("x", x), ("t", t), ("coef", coef), ("z", z)):
+            runner.put(self.stream, name, value)
+        runner.execute(self.stream, batch)
+        return tuple(runner.output(name, batch) for name in STEP_OUTPUTS)
+
+    def providers(self) -> list[str]:
+        s = self.engine_set
+        return [f"TensorRT {s.tensorrt} on {s.gpu} ({s.precision}, engine set {s.name})"]
+
+    def warmup(self, batch: int) -> None:
+        super().warmup(batch)
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        for runner in self.runners.values():
+            runner.free()
+        for buffer, _ in self.constants.values():
+            buffer.free()
+        if self.scratch is not None:
+            self.scratch.free()
