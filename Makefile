@@ -54,6 +54,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/export_bench.py
 	$(BIN)/python benchmarks/runtime_speed.py
+	$(BIN)/python benchmarks/fused_speed.py
 	$(BIN)/python benchmarks/runtime_memory.py
 	$(BIN)/python benchmarks/ddp_speed.py
 	$(BIN)/python benchmarks/run_all.py

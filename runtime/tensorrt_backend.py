@@ -70,7 +70,7 @@ class EngineRunner:
                               "GPU; rebuild: ssd-export BUNDLE --engine trt)")
         self.engine, self.cudart = engine, cudart
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        self.user_memory = strategy is not None and hasattr(engine, "create_execution_context")
+        self.user_memory = strategy is not None  # TensorRT >= 10: we hand it the scratch
         self.context = (engine.create_execution_context(strategy.USER_MANAGED) if self.user_memory
                         else engine.create_execution_context())
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
