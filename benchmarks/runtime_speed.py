@@ -34,13 +34,13 @@ from ssd.sample import sample_images  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 
 
-def export_bundle(config, folder: Path, seed: int = 0) -> Path:
+def export_bundle(config, folder: Path, seed: int = 0, batch: str = "1:16") -> Path:
     """A random-weight checkpoint exported with ``ssd-export`` (ONNX + TorchScript)."""
     run = folder / "run"
     save_random_checkpoint(run, config, seed)
     bundle = folder / "bundle"
     subprocess.run([str(Path(sys.executable).parent / "ssd-export"), str(run), "--out", str(bundle),
-                    "--engine", "onnx", "--engine", "torchscript", "--batch", "1:16"],
+                    "--engine", "onnx", "--engine", "torchscript", "--batch", batch],
                    check=True, stdout=subprocess.DEVNULL)
     return bundle
 

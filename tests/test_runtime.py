@@ -197,10 +197,17 @@ def test_out_of_range_options(bundles, tmp_path, args, fragment):
     assert not out.exists()
 
 
-def test_wrong_backend_format_is_named(tmp_path, exported_bundle):
-    _, bundle = exported_bundle(tmp_path / "onnx-only", levels=2, seed=5, engines=("onnx",), batch="1:2")
+def test_wrong_backend_format_is_named(bundle_copy):
+    def onnx_only(manifest):  # as if exported with --engine onnx alone
+        for route in manifest["routes"]:
+            route["files"].pop("torchscript")
+            route["step_files"].pop("torchscript")
+
+    edit_manifest(bundle_copy, onnx_only)
     with pytest.raises(BundleError, match="no .torchscript. file for"):
-        Sampler.from_bundle(bundle, backend="torchscript")
+        Sampler.from_bundle(bundle_copy, backend="torchscript")
+    with pytest.raises(BundleError, match="no .torchscript. step graph for .*re-export"):
+        Sampler.from_bundle(bundle_copy, backend="torchscript", fused=True)
 
 
 # ------------------------------------------------------------------ embedding in C++

@@ -1,0 +1,145 @@
+"""The GPU checks of issue 8 in one script, for a machine with an NVIDIA GPU and CUDA torch
+(not a test; never run by CI). Prepared for when a GPU is at hand; it has only been run
+here with ``--device cpu --quick``, which checks the script, not the GPU.
+
+1. TorchScript backend on the device, fused and unfused: the state stays on the device,
+   fused = unfused, and their wall times.
+2. The torch reference sampler on the device.
+3. SSD-4L vs DDPM-1L wall-time ratio at 64 px, batch 64, 1000 and 250 steps (TorchScript
+   fused), next to the MAC ratio.
+4. CUDA graphs through torch: each fused step module captured once per route and replayed.
+
+    python benchmarks/gpu_check.py --out "$OUT"        # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # a dry run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runtime_speed import export_bundle  # noqa: E402
+
+from ssd.checkpoint import load_model  # noqa: E402
+from ssd.config import make_config  # noqa: E402
+from ssd.flops import sampling_mac_ratio  # noqa: E402
+from ssd.method import COEFFICIENTS  # noqa: E402
+from ssd.sample import sample_images  # noqa: E402
+from ssd_runtime import Sampler  # noqa: E402
+
+
+def timed(call, device: str, repeats: int) -> float:
+    """Median seconds of ``call()`` (after one warm-up), synchronising the device."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    call()
+    sync()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def graphed_sampler(sampler: Sampler, steps: int, batch: int):
+    """A sampling function that replays one captured CUDA graph per route (torch.cuda.graphs)."""
+    backend, plan = sampler.backend, sampler.plan(steps)
+    channels = sampler.bundle.config.model.in_channels
+    static, graphs = {}, {}
+    for name, route in sampler.bundle.routes.items():
+        inputs = [torch.zeros(batch, channels, route.in_size, route.in_size, device="cuda"),
+                  torch.zeros(batch, device="cuda"), torch.zeros(len(COEFFICIENTS[route.kind]), device="cuda"),
+                  torch.zeros(batch, channels, route.out_size, route.out_size, device="cuda")]
+        module = backend.modules[name]
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                module(*inputs)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = module(*inputs)
+        static[name], graphs[name] = (inputs, outputs), graph
+    coefs = [torch.as_tensor(step.coefficients(), device="cuda") for step in plan]
+    times = [torch.full((batch,), float(step.t), device="cuda") for step in plan]
+
+    def run(seed: int = 0):
+        rng = np.random.default_rng(seed)
+        x = torch.as_tensor(rng.standard_normal((batch, channels, plan[0].in_size, plan[0].in_size),
+                                                dtype=np.float32), device="cuda")
+        for i, step in enumerate(plan):
+            (xin, tin, cin, zin), (x_s, _) = static[step.route]
+            xin.copy_(x)
+            tin.copy_(times[i])
+            cin.copy_(coefs[i])
+            if step.is_final:
+                zin.zero_()
+            else:
+                zin.copy_(torch.as_tensor(rng.standard_normal(tuple(zin.shape), dtype=np.float32)))
+            graphs[step.route].replay()
+            x = x_s
+        return x.cpu().numpy()
+
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny32, batch 4, 20/10 steps: checks the script")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    preset, batch, step_counts = ("tiny32", 4, (20, 10)) if args.quick else ("cpu64", 64, (1000, 250))
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device visible to torch")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ssd-gpu-"))
+    configs = {"ssd": make_config(preset, levels=4 if not args.quick else 3), "ddpm": make_config(preset, levels=1)}
+    bundles = {key: export_bundle(config, work / key, batch=f"1:{batch}") for key, config in configs.items()}
+    figures = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__,
+               "preset": preset, "batch": batch, "rows": []}
+    for steps in step_counts:
+        row = {"steps": steps, "mac_ratio": sampling_mac_ratio(configs["ssd"], steps)}
+        samplers = {(key, fused): Sampler.from_bundle(bundles[key], backend="torchscript", device=device, fused=fused)
+                    for key in bundles for fused in (True, False)}
+        for (key, fused), sampler in samplers.items():
+            row[f"{key}_{'fused' if fused else 'unfused'}_s"] = timed(
+                lambda s=sampler: s.sample_float(batch, seed=0, steps=steps, batch=batch), device, args.repeats)
+        fused = samplers["ssd", True].sample_float(batch, seed=0, steps=steps, batch=batch)
+        unfused = samplers["ssd", False].sample_float(batch, seed=0, steps=steps, batch=batch)
+        row["fused_vs_unfused_max_abs"] = float(np.abs(fused - unfused).max())
+        state = samplers["ssd", True].backend.to_array(np.zeros(1, np.float32))
+        row["state_device"] = str(state.device)
+        for key in bundles:
+            _, model = load_model(work / key / "run", device=device)
+            row[f"{key}_torch_sampler_s"] = timed(
+                lambda m=model, k=key: sample_images(m, configs[k], batch, steps, seed=0, device=device, batch=batch),
+                device, args.repeats)
+        row["wall_ratio_ddpm_over_ssd"] = row["ddpm_fused_s"] / row["ssd_fused_s"]
+        if device == "cuda":
+            try:
+                run = graphed_sampler(samplers["ssd", True], steps, batch)
+                row["ssd_cuda_graphs_s"] = timed(run, device, args.repeats)
+                row["cuda_graphs_vs_fused_max_abs"] = float(np.abs(run() - fused).max())
+            except Exception as err:  # report, do not hide
+                row["ssd_cuda_graphs_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        figures["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=1))
+    print(f"wrote {args.out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
