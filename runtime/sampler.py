@@ -40,9 +40,9 @@ class Sampler:
         """Load and validate a bundle, check file hashes, open one session per route.
 
         ``device``: cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider); default cpu, and
-        cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (ONNX Runtime's intra-op pool; default all
-        cores). ``low_memory``: ONNX Runtime graphs share one copy of the weights, at some
-        cost in CPU speed. ``fused``: one call per step through the bundle's step graphs
+        cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (ONNX
+        Runtime's intra-op pool; default all cores). ``low_memory``: ONNX Runtime graphs
+        share one copy of the weights, at some cost in CPU speed. ``fused``: one call per step through the bundle's step graphs
         (default: where the bundle has them); ``False`` runs the route graphs and the
         posterior update in numpy, the reference path.
         """
