@@ -32,11 +32,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ssd.bundle import OUTPUT_NAME, STEP_OUTPUTS
-from ssd.method import COEFFICIENTS
+from ssd.bundle import OUTPUT_NAME, STEP_OUTPUTS, step_contract
 from ssd.precision import fp32_nodes
 
-from .options import OPSET, sample_batch
+from .options import OPSET, example_shapes, sample_batch
 
 # Ops that stay float32 in the fp16 variant: normalisation statistics and softmax.
 FP32_OPS = frozenset({"InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax"})
@@ -57,11 +56,8 @@ def export_route(route, contract: dict, batch: tuple[int, int], opset: int = OPS
     """
     import torch
 
-    n = sample_batch(batch)
-    _, channels, size, _ = contract["inputs"][0]["shape"]
-    model = _export(route, {"x": torch.zeros(n, channels, size, size), "t": torch.zeros(n)},
-                    [OUTPUT_NAME], batch, opset)
-    return _finish(model, contract, batch)
+    inputs = {name: torch.zeros(shape) for name, shape in example_shapes(contract, batch).items()}
+    return _finish(_export(route, inputs, [OUTPUT_NAME], batch, opset), contract, batch)
 
 
 def export_update(update, contract: dict, batch: tuple[int, int], opset: int = OPSET) -> onnx.ModelProto:
@@ -69,12 +65,10 @@ def export_update(update, contract: dict, batch: tuple[int, int], opset: int = O
     for the route of ``contract``, to be joined to the route graph by :func:`fuse_step`."""
     import torch
 
-    n = sample_batch(batch)
-    _, channels, size, _ = contract["inputs"][0]["shape"]
-    out = contract["out_size"]
-    inputs = {"x": torch.zeros(n, channels, size, size), "x0_raw": torch.zeros(n, channels, out, out),
-              "coef": torch.zeros(len(COEFFICIENTS[contract["kind"]])), "z": torch.zeros(n, channels, out, out)}
-    return _export(update, inputs, list(STEP_OUTPUTS), batch, opset)
+    shapes = example_shapes(step_contract(contract), batch)  # x, t, coef, z
+    inputs = {"x": shapes["x"], "x0_raw": shapes["z"], "coef": shapes["coef"], "z": shapes["z"]}
+    return _export(update, {name: torch.zeros(shape) for name, shape in inputs.items()}, list(STEP_OUTPUTS),
+                   batch, opset)
 
 
 def _export(module, inputs: dict, output_names: list[str], batch: tuple[int, int], opset: int) -> onnx.ModelProto:
@@ -87,7 +81,7 @@ def _export(module, inputs: dict, output_names: list[str], batch: tuple[int, int
         # torch 2.8/2.9 fix the axis to the traced size when that size is the declared max,
         # so torch.export gets a max above it; the ONNX axis carries no bound anyway (the
         # manifest's batch range is what the runtime enforces and verification covers).
-        n = sample_batch(batch)
+        n = sample_batch(batch)  # the traced size
         axis = torch.export.Dim("batch", min=batch[0], max=max(batch[1], n + 1))
         dynamic = {name: ({0: axis} if name != "coef" else None) for name in inputs}
     with warnings.catch_warnings(), _quiet_logger("torch.onnx"), torch.no_grad():

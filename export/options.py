@@ -44,6 +44,12 @@ def sample_batch(batch: tuple[int, int]) -> int:
     return low if low == high else min(max(2, low), high)
 
 
+def example_shapes(contract: dict, batch: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """``{input name: shape}`` of a route or step contract at the batch exporters trace with."""
+    n = sample_batch(batch)
+    return {io["name"]: tuple(n if d == "batch" else d for d in io["shape"]) for io in contract["inputs"]}
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """What to export. ``formats`` are the bundle's file formats (``onnx``, ``onnx-fp16``,

@@ -26,9 +26,9 @@ import warnings
 
 import torch
 
-from ssd.method import COEFFICIENTS
+from ssd.bundle import step_contract
 
-from .options import sample_batch
+from .options import example_shapes
 
 
 def export_route(route: torch.nn.Module, contract: dict, batch: tuple[int, int], step: bool = False) -> bytes:
@@ -36,12 +36,8 @@ def export_route(route: torch.nn.Module, contract: dict, batch: tuple[int, int],
     fused step module ``forward(x, t, coef [K], z [N,C,o,o]) -> (x_s, x0_pred)``; the
     archive's bytes."""
     route = route.eval()
-    n = sample_batch(batch)
-    _, channels, size, _ = contract["inputs"][0]["shape"]
-    inputs = (torch.zeros(n, channels, size, size), torch.zeros(n))
-    if step:
-        out = contract["out_size"]
-        inputs += (torch.zeros(len(COEFFICIENTS[contract["kind"]])), torch.zeros(n, channels, out, out))
+    shapes = example_shapes(step_contract(contract) if step else contract, batch)
+    inputs = tuple(torch.zeros(shape) for shape in shapes.values())
     with _fresh_compilation_unit() as unit, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace_module(route, {"forward": inputs}, check_trace=False,

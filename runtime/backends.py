@@ -29,6 +29,7 @@ from ssd.errors import UserError, install_hint
 BACKENDS = ("onnxruntime", "torchscript", "tensorrt")
 DEVICES = ("cpu", "cuda", "tensorrt")
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "torchscript": "cpu", "tensorrt": "cuda"}
+STEP_OUTPUT_NAMES = list(STEP_OUTPUTS)  # what ONNX Runtime's run() takes, built once
 
 
 class BackendError(UserError):
@@ -161,7 +162,7 @@ class OnnxRuntimeBackend(Backend):
         return self.sessions[route].run([OUTPUT_NAME], {"x": x, "t": t})[0]
 
     def run_step(self, route, x, t, coef, z):
-        return self.sessions[route].run(list(STEP_OUTPUTS), {"x": x, "t": t, "coef": coef, "z": z})
+        return self.sessions[route].run(STEP_OUTPUT_NAMES, {"x": x, "t": t, "coef": coef, "z": z})
 
 
 def tensorrt_provider_options(bundle: Bundle) -> dict[str, str]:

@@ -36,15 +36,14 @@ from .cuda import DeviceArray, DeviceBuffer, Stream, device_properties, import_c
 
 def import_tensorrt():
     """The ``tensorrt`` module, or one line saying what is missing."""
-    error = BackendError
     try:
         return importlib.import_module("tensorrt")
     except ImportError:
-        raise error("TensorRT is not installed: pip install 'ssd-diffusion[trt]' (NVIDIA's tensorrt wheels; "
-                    "they need an NVIDIA GPU and driver)") from None
+        raise BackendError("TensorRT is not installed: pip install 'ssd-diffusion[trt]' (NVIDIA's tensorrt wheels; "
+                           "they need an NVIDIA GPU and driver)") from None
     except OSError as err:  # the bindings are there, the libraries are not
-        raise error(f"TensorRT's libraries cannot be loaded ({str(err).splitlines()[0][:200]}); "
-                    "install the tensorrt-cu12 or -cu13 libraries that match your CUDA") from None
+        raise BackendError(f"TensorRT's libraries cannot be loaded ({str(err).splitlines()[0][:200]}); "
+                           "install the tensorrt-cu12 or -cu13 libraries that match your CUDA") from None
 
 
 def probe_platform(trt, cudart) -> Platform:
@@ -141,19 +140,18 @@ class TensorRTBackend(Backend):
 
     def __init__(self, bundle: Bundle, device: str = "cuda", precision: str = "fp32", fused: bool | None = None,
                  cuda_graphs: bool = True):
-        error = BackendError
         if device != "cuda":
-            raise error(f"backend 'tensorrt' runs on device 'cuda', not {device!r}")
+            raise BackendError(f"backend 'tensorrt' runs on device 'cuda', not {device!r}")
         if fused is False:
-            raise error("backend 'tensorrt' runs the fused step engines only; the unfused reference path is "
-                        "--backend onnxruntime or torchscript")
+            raise BackendError("backend 'tensorrt' runs the fused step engines only; the unfused reference path is "
+                               "--backend onnxruntime or torchscript")
         trt, cudart = import_tensorrt(), import_cudart()
         here = probe_platform(trt, cudart)
         try:
             self.engine_set: EngineSet = select_engine_set(
                 bundle.engine_sets, here, precision, "step", onnx_hashes(bundle), list(bundle.routes), str(bundle.path))
         except EngineMismatchError as err:
-            raise error(str(err)) from None
+            raise BackendError(str(err)) from None
         super().__init__(bundle, device, fused=True)
         self.file_format = f"tensorrt-{precision}"
         self.stream = Stream(cudart)
