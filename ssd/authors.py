@@ -3,7 +3,8 @@
 The authors (github.com/prateksha/ScaleSpaceDiffusion) released EMA weights of their
 ``FlexiUNet``, an openai/guided-diffusion ``UNetModel`` with per-resolution adapters, as
 ``.pt`` files: a plain state dict, or ``{"model": state_dict, "step": n}``. This module
-reads one without executing any pickled code (``torch.load(weights_only=True)``), renames
+reads one without executing any pickled code (``torch.load(weights_only=True)``), and only
+when every tensor comes from exactly its own uncompressed record of the zip archive, renames
 every tensor to our :class:`ssd.unet.FlexiUNet` layout (built with ``route_style="authors"``
 so that each route runs exactly the blocks theirs does), refuses a file whose tensors are
 missing, unexpected or of another shape, and writes a weights-only checkpoint that
@@ -14,8 +15,10 @@ missing, unexpected or of another shape, and writes a weights-only checkpoint th
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +111,9 @@ def rename(their_key: str, names: dict[str, str]) -> str | None:
 # --------------------------------------------------------------------------- reading
 def read_authors_file(path) -> tuple[dict, int | None]:
     """``(state dict, step or None)`` from one of their ``.pt`` files, never running pickled
-    code: ``torch.load(weights_only=True)`` refuses anything but tensors and plain data."""
+    code: ``torch.load(weights_only=True)`` refuses anything but tensors and plain data, and
+    :func:`check_archive` and :func:`check_storages` first make sure that every tensor is
+    read from exactly its own record."""
     import torch
 
     path = Path(path)
@@ -116,9 +121,12 @@ def read_authors_file(path) -> tuple[dict, int | None]:
         raise AuthorsCheckpointError(f"{path}: no such file")
     if path.stat().st_size > MAX_IMPORT_BYTES:
         raise AuthorsCheckpointError(f"{path}: {path.stat().st_size} bytes is larger than any released checkpoint")
-    check_archive(path)
+    records = check_archive(path)
     try:
+        check_storages(path, records)
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except AuthorsCheckpointError:
+        raise
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0][:200]
         raise AuthorsCheckpointError(f"{path} holds more than tensors, so it is not loaded (weights_only): {first}") from None
@@ -135,11 +143,30 @@ def read_authors_file(path) -> tuple[dict, int | None]:
     return data, step
 
 
-def check_archive(path: Path) -> None:
-    """Refuse anything but an intact zip-format torch file: torch itself reads records
-    without checking their CRC-32, so a damaged or altered tensor would load silently."""
+def check_archive(path: Path) -> dict[str, tuple[int, int]]:
+    """Refuse anything but an intact zip-format torch file whose records torch reads as
+    written; returns ``{record name: (first byte, bytes)}``, names inside the archive folder.
+
+    torch reads a record where the zip directory puts it, without inflating it (``mmap``)
+    or checking its CRC-32. So every record must be stored (torch never compresses them; a
+    compressed one is refused before anything is inflated), start the file or follow the
+    previous one without overlapping it, and then pass its CRC-32: one read of the file."""
+    size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            for info in entries:
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise AuthorsCheckpointError(f"{path}: record {info.filename} is compressed (zip method "
+                                                 f"{info.compress_type}); torch stores records uncompressed")
+                if info.compress_size != info.file_size:
+                    raise AuthorsCheckpointError(f"{path}: record {info.filename} declares {info.file_size} bytes "
+                                                 f"but stores {info.compress_size}")
+                if info.flag_bits & 1:
+                    raise AuthorsCheckpointError(f"{path}: record {info.filename} is encrypted")
+            if sum(info.file_size for info in entries) > size:
+                raise AuthorsCheckpointError(f"{path}: its records declare more bytes than the file's {size}")
+            records = record_layout(path, entries, archive.start_dir)
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
         raise AuthorsCheckpointError(f"{path} is not a zip-format PyTorch checkpoint ({err}); "
@@ -147,6 +174,93 @@ def check_archive(path: Path) -> None:
     if damaged:
         raise AuthorsCheckpointError(f"{path}: record {damaged} fails its CRC-32 check; the file is damaged or "
                                      "was altered, download it again")
+    return records
+
+
+def record_layout(path: Path, entries: list, directory: int) -> dict[str, tuple[int, int]]:
+    """``{name: (first byte, bytes)}`` of the records inside torch's archive folder (the
+    first listed name's), refusing duplicate names (torch looks names up ignoring case),
+    records that overlap and bytes before the first record."""
+    if not entries:
+        raise AuthorsCheckpointError(f"{path} is an empty zip archive, not a PyTorch checkpoint")
+    folder = entries[0].filename.split("/")[0] + "/"
+    records, names, end, previous = {}, set(), 0, None
+    with open(path, "rb") as file:
+        for info in sorted(entries, key=lambda info: info.header_offset):
+            name = info.filename
+            if name.lower() in names:
+                raise AuthorsCheckpointError(f"{path}: record {name} appears twice")
+            names.add(name.lower())
+            if info.header_offset < end:
+                raise AuthorsCheckpointError(f"{path}: record {name} overlaps record {previous}")
+            if previous is None and info.header_offset:
+                raise AuthorsCheckpointError(f"{path}: the file has {info.header_offset} bytes before its first record")
+            file.seek(info.header_offset)
+            header = file.read(30)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise AuthorsCheckpointError(f"{path}: record {name} has no zip header at byte {info.header_offset}")
+            name_bytes, extra_bytes = struct.unpack("<HH", header[26:])
+            start = info.header_offset + 30 + name_bytes + extra_bytes
+            end = start + info.file_size
+            if end > directory:
+                raise AuthorsCheckpointError(f"{path}: record {name} runs into the zip directory")
+            if name.startswith(folder):
+                records[name[len(folder):]] = (start, info.file_size)
+            previous = name
+    return records
+
+
+def check_storages(path: Path, records: dict[str, tuple[int, int]]) -> None:
+    """Refuse a file whose tensors would not come from exactly their own records.
+
+    ``data.pkl`` names each storage as ``(type, key, numel)``; torch reads it from record
+    ``data/<key>`` for numel x element size bytes. Each must be a record torch locates where
+    :func:`record_layout` found it, and of exactly that size, and no tensor may reach past
+    its storage. The pickle is read by torch's own weights-only unpickler (so exactly as
+    ``torch.load`` reads it) onto empty "meta" storages: nothing is allocated, no code runs.
+    """
+    import torch
+    from torch import _weights_only_unpickler
+
+    reader = torch._C.PyTorchFileReader(str(path))
+
+    def located(name: str) -> tuple[int, int]:
+        if name not in records:
+            raise AuthorsCheckpointError(f"{path}: it has no record {name}")
+        start, size = records[name]
+        if reader.get_record_offset(name) != start:
+            raise AuthorsCheckpointError(f"{path}: torch finds record {name} at byte "
+                                         f"{reader.get_record_offset(name)}, its zip directory at {start}")
+        return start, size
+
+    storages = {}
+
+    def persistent_load(saved_id):
+        _, kind, key, _, numel = saved_id if isinstance(saved_id, tuple) and len(saved_id) == 5 else (None,) * 5
+        dtype = torch.uint8 if kind is torch.UntypedStorage else getattr(kind, "dtype", None)
+        if not isinstance(key, str) or not isinstance(dtype, torch.dtype) or type(numel) is not int:
+            raise AuthorsCheckpointError(f"{path}: data.pkl names a storage oddly: {str(saved_id)[:80]}")
+        name = f"data/{key}"
+        size = located(name)[1]
+        if numel * dtype.itemsize != size:
+            raise AuthorsCheckpointError(f"{path}: record {name} holds {size} bytes, but its tensors read it as "
+                                         f"{numel} x {dtype} = {numel * dtype.itemsize} bytes")
+        if key not in storages:
+            storages[key] = torch.storage.TypedStorage(
+                wrap_storage=torch.UntypedStorage(size, device="meta"), dtype=dtype, _internal=True)
+        if storages[key].dtype != dtype:
+            raise AuthorsCheckpointError(f"{path}: record {name} is read both as {storages[key].dtype} and {dtype}")
+        return storages[key]
+
+    start, size = located("data.pkl")
+    with open(path, "rb") as file:
+        file.seek(start)
+        unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(file.read(size)), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    unpickler.load()
+    for key, storage in storages.items():  # a tensor that reaches past its storage has grown it
+        if storage._untyped_storage.nbytes() != records[f"data/{key}"][1]:
+            raise AuthorsCheckpointError(f"{path}: a tensor reaches past the end of its record data/{key}")
 
 
 def guess_release(path: Path, state: dict) -> str:

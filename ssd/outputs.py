@@ -1,0 +1,343 @@
+"""The one owner of every folder an ssd command writes (torch-free).
+
+Every command that writes a folder goes through :func:`output_folder` (write into it, e.g.
+a training run or a samples folder) or :func:`replaced_folder` (build it beside and swap it
+in, e.g. a bundle or a release). The rules, in one place:
+
+- **Markers.** Every folder a command creates carries ``.ssd-folder.json``: its kind (run,
+  bundle, release, samples) and the command that made it. Folders from before markers are
+  recognised by their content (a run's ``checkpoints/``, a bundle's manifest, a release's
+  ``state.json``, a samples folder's PNGs).
+- **Kinds.** A command writes into or replaces only a missing or empty folder, or one of its
+  own kind, and only where the caller allows it (``--force`` = "replace my own kind", never
+  "delete anything"); never the folder it reads from or one inside or around that; never a
+  folder that holds files ssd did not make; nothing inside a training run (only the trainer
+  writes there).
+- **Non-regular paths.** Only regular files and our own folders are replaced; a symlink,
+  device, FIFO or socket at the path is refused (files: :func:`ssd.files.write_atomic`).
+- **One writer at a time.** The command holds ``fcntl.flock`` on ``.ssd-lock`` inside the
+  folder for its whole life; a second command is refused naming the holder's PID. The kernel
+  drops a killed process's lock, so a stale lock file never blocks.
+- **Failure leaves nothing.** If the command fails, what it created is removed (a folder
+  that already held something durable, such as a run with checkpoints, is kept).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import OutputError
+from .files import fsync_dir, overlapping, write_json_atomic
+
+MARKER = ".ssd-folder.json"
+LOCK = ".ssd-lock"
+OURS = {MARKER, LOCK}  # bookkeeping files present in every folder we made
+KINDS = {"run": "a training run", "bundle": "a bundle", "release": "a release", "samples": "a samples folder"}
+_SAMPLE_FILE = re.compile(r"(sample_\d+|grid|preview_\d+)\.png|metrics\.json")
+
+
+class FolderError(OutputError):
+    """An output folder that a command must not write: another kind, foreign files, in use."""
+
+
+# --------------------------------------------------------------------------- what is there
+def describe(path: Path) -> str:
+    """What sits at ``path`` (for messages): 'missing', 'a folder', 'a symlink', 'a FIFO'..."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def kind_of(folder: Path) -> str | None:
+    """``'empty'``, a kind of :data:`KINDS`, or None for a folder ssd did not make."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        kind = _read_marker(marker)
+        if kind in KINDS:
+            return kind
+    names = {child.name for child in folder.iterdir()} - OURS
+    if not names:
+        return "empty"
+    return _legacy_kind(folder, names)
+
+
+def _read_marker(marker: Path) -> str | None:
+    try:
+        with open(marker, "rb") as handle:
+            document = json.loads(handle.read(4096))
+        return document.get("kind") if isinstance(document, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _legacy_kind(folder: Path, names: set[str]) -> str | None:
+    """The kind of a folder an ssd from before markers wrote, judged by its content."""
+    if "checkpoints" in names and names <= {"checkpoints", "samples"} and (folder / "checkpoints").is_dir():
+        return "run"
+    if "manifest.json" in names and _json_format(folder / "manifest.json") == "ssd-bundle":
+        return "bundle"
+    if "state.json" in names and names <= {"state.json", "ema.safetensors", "model.safetensors"}:
+        return "release"
+    if all(_SAMPLE_FILE.fullmatch(name) for name in names):
+        return "samples"
+    return None
+
+
+def _json_format(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            document = json.loads(handle.read(64 << 20))
+        return document.get("format") if isinstance(document, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The training run ``path`` lies inside, if any: nothing but the trainer writes there."""
+    for parent in Path(os.path.abspath(path)).parents:
+        marker = parent / MARKER
+        if marker.is_file() and _read_marker(marker) == "run":
+            return parent
+        if (parent / "checkpoints" / "latest").is_file():
+            return parent
+    return None
+
+
+# --------------------------------------------------------------------------- checks
+def check_target(path: Path, kind: str, command: str, sources: tuple = (), reuse: bool = False) -> str:
+    """What ``command`` finds at ``path`` ('missing', 'empty' or ``kind``), or a one-line
+    refusal; an existing folder of ``kind`` only where ``reuse`` allows it."""
+    path = Path(path)
+    for source in sources:
+        if source is not None and overlapping(path, source):
+            raise FolderError(f"--out {path} overlaps what {command} reads ({source}); choose a folder outside it")
+    outer = enclosing_run(path)
+    if outer is not None:
+        raise FolderError(f"--out {path} lies inside the training run {outer}; choose a folder outside it")
+    found = describe(path)
+    if found == "missing":
+        return "missing"
+    if found != "a folder":
+        raise FolderError(f"--out {path} is {found}, not a folder; {command} replaces only folders it made")
+    try:
+        found = kind_of(path)
+    except OSError as err:
+        raise FolderError(f"cannot read --out {path}: {err.strerror or err}") from None
+    if found is None:
+        shown = ", ".join(sorted(n for n in os.listdir(path) if n not in OURS)[:3])
+        raise FolderError(f"--out {path} holds files ssd did not make ({shown}, ...); "
+                          f"{command} never replaces them: choose another folder")
+    if found not in ("empty", kind):
+        raise FolderError(f"--out {path} is {KINDS[found]}; {command} writes {KINDS[kind]}s and never replaces "
+                          f"{KINDS[found]}: choose another folder")
+    if found == kind and not reuse:
+        raise FolderError(f"--out {path} already holds {KINDS[kind]}; choose another folder")
+    return found
+
+
+# --------------------------------------------------------------------------- locks
+class FolderLock:
+    """``fcntl.flock`` on ``folder/.ssd-lock``: one writing command per folder."""
+
+    def __init__(self, folder: Path, command: str):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise FolderError(f"cannot lock {folder}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"{holder[1]} (pid {holder[0]})" if len(holder) >= 2 else "another ssd command"
+            raise FolderError(f"{folder} is in use by {who}; wait for it to finish or choose another "
+                              "folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (closing twice is harmless)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def write_marker(folder: Path, kind: str, command: str) -> None:
+    write_json_atomic(Path(folder) / MARKER, {"format": "ssd-folder", "kind": kind, "created_by": command})
+
+
+# --------------------------------------------------------------------------- owners
+@dataclass
+class Output:
+    """A folder this command holds: ``path``, what it ``found`` there, whether it ``created`` it."""
+
+    path: Path
+    kind: str
+    found: str
+    created: bool
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create ``path``'s missing parents; returns them, deepest first (to remove on failure)."""
+    parents = Path(os.path.abspath(path)).parents
+    created = [p for p in parents if not os.path.lexists(p)]
+    blocking = next((p for p in parents if os.path.lexists(p) and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"cannot write to {path}: {blocking} is {describe(blocking)}, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot write to {path}: cannot create {err.filename or path.parent}: "
+                          f"{err.strerror or err}") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def output_folder(path, kind: str, command: str, sources: tuple = (), reuse: bool = True,
+                  keep_on_failure: Callable[[Path], bool] | None = None) -> Iterator[Output]:
+    """Hold folder ``path`` of ``kind`` while the block writes into it.
+
+    Refuses (one line) what :func:`check_target` refuses, an existing folder of this kind
+    unless ``reuse``, and a folder another command holds. If the block fails, a folder it
+    created is removed unless ``keep_on_failure(path)`` says it holds something durable.
+    """
+    path = Path(path)
+    found = check_target(path, kind, command, sources, reuse=reuse)
+    parents = _make_parents(path)
+    try:
+        path.mkdir(exist_ok=True)
+        lock = FolderLock(path, command)
+    except OSError as err:
+        _remove_empty([path, *parents] if found == "missing" else parents)
+        raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+    except FolderError:
+        _remove_empty([path, *parents] if found == "missing" else parents)
+        raise
+    try:
+        if kind_of(path) != kind:  # new, empty, or written before markers
+            write_marker(path, kind, command)
+        yield Output(path, kind, found, found == "missing")
+        if found == "missing" and set(os.listdir(path)) <= OURS:  # nothing written after all
+            _clear(path, remove_folder=True)
+            _remove_empty(parents)
+    except BaseException:
+        if found != kind and not (keep_on_failure and keep_on_failure(path)):
+            _clear(path, remove_folder=found == "missing")
+            _remove_empty(parents)
+        raise
+    finally:
+        lock.release()
+
+
+def _clear(path: Path, remove_folder: bool) -> None:
+    """Remove a folder this command created, or empty one it found empty."""
+    if remove_folder:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.name != LOCK:
+            _remove(child)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+class Replacement:
+    """A folder being built beside its target; :meth:`commit` swaps it in."""
+
+    def __init__(self, out: Path, kind: str, command: str, found: str):
+        self.out, self.kind, self.command, self.found = out, kind, command, found
+        self.path = out.parent / f".{out.name}.partial-{os.getpid()}"
+        self.committed = False
+
+    def commit(self) -> None:
+        """Swap the built folder in for ``out`` (the old one is removed after the swap)."""
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        try:
+            fsync_dir(self.path)
+            os.rename(self.out, old)
+            os.rename(self.path, self.out)
+            fsync_dir(self.out.parent)
+        except OSError as err:
+            raise OutputError(f"cannot move the new {self.kind} into {self.out}: {err.strerror or err}") from None
+        _remove(old)
+        self.committed = True
+
+
+@contextlib.contextmanager
+def replaced_folder(path, kind: str, command: str, sources: tuple = (), replace: bool = True
+                    ) -> Iterator[Replacement]:
+    """Build a new ``path`` of ``kind`` in a folder beside it, swapped in by ``commit()``.
+
+    ``path`` must be missing, empty or of this kind (then only if ``replace``). While the
+    block runs, ``path`` exists (created empty if missing) and is locked, so a second command
+    into it is refused. A failure, or a block that does not commit, removes the partial
+    folder and what the command created; the old folder stays as it was.
+    """
+    path = Path(os.path.abspath(path))
+    with output_folder(path, kind, command, sources, reuse=replace) as held:
+        _remove_stale(path)
+        stage = Replacement(path, kind, command, held.found)
+        try:
+            _remove(stage.path)
+            stage.path.mkdir()
+            stage_lock = FolderLock(stage.path, command)  # held on through the swap
+        except OSError as err:
+            raise OutputError(f"cannot write to {path.parent}: {err.strerror or err}") from None
+        try:
+            write_marker(stage.path, kind, command)
+            yield stage
+        finally:
+            stage_lock.release()
+            if not stage.committed:
+                _remove(stage.path)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove partial folders that killed commands into the same ``out`` left behind."""
+    for kind in ("partial", "old"):
+        for leftover in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _running(int(pid)):
+                _remove(leftover)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
