@@ -41,11 +41,14 @@ class Source:
 
 def find_source(path, weights: str) -> Source:
     """Resolve and read a checkpoint's config and step and hash its files; loads no weights."""
-    from ssd.checkpoint import STATE_FILE, TENSOR_FILES, read_checkpoint, resolve_checkpoint
+    from ssd.checkpoint import STATE_FILE, TENSOR_FILES, CheckpointError, read_checkpoint, resolve_checkpoint
 
     folder = resolve_checkpoint(path)
     info = read_checkpoint(folder, parts=())
     weights_file = TENSOR_FILES["ema" if weights == "ema" else "model"]
+    if weights_file not in info.state.files:
+        raise CheckpointError(f"{folder} is a weights-only release: it holds only EMA weights, so it cannot be "
+                              "exported with --raw")
     hashes = {STATE_FILE: sha256_file(folder / STATE_FILE), weights_file: info.state.files[weights_file].sha256}
     run = folder.parent.parent if folder.parent.name == "checkpoints" else folder
     return Source(folder, str(run.resolve()), info.step, info.config, weights, hashes)

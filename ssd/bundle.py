@@ -212,6 +212,9 @@ class Manifest(Typed):
 
     def check(self):
         parse_engine_sets(self.engines)  # the TensorRT registry: typed and bounded too
+        levels = self.config.diffusion.levels
+        if len(self.routes) > 2 * levels - 1:
+            raise ConfigError(f"routes: {len(self.routes)} routes; a {levels}-level model has {2 * levels - 1}")
         names = [route.name for route in self.routes]
         if len(set(names)) != len(names):
             raise ConfigError(f"routes: a route is listed twice in {names}")

@@ -36,8 +36,8 @@ from safetensors.torch import save as save_safetensors
 
 from .config import MAX_STEPS, SSDConfig, TrainConfig
 from .errors import OutputError, UserError
-from .files import (MAX_JSON_BYTES, check_format, fsync_dir, inside, loads_json, read_capped,
-                    read_verified, write_atomic)
+from .files import (check_format, describe, fsync_dir, inside, loads_json, read_capped, read_verified,
+                    write_atomic)
 from .schema import ConfigError, Typed, parse, spec, to_json
 
 FORMAT = "ssd-checkpoint"
@@ -45,6 +45,8 @@ FORMAT_VERSION = 1
 TENSOR_FILES = {"model": "model.safetensors", "ema": "ema.safetensors", "optimizer": "optimizer.safetensors"}
 STATE_FILE = "state.json"
 LATEST_FILE = "latest"
+MAX_STATE_BYTES = 1 << 20  # a state.json is ~10 KB, mostly the torch generator and parameter indices
+MAX_PARAMS = 100_000  # parameter tensors in one model
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -60,11 +62,62 @@ class FileHash(Typed):
 
 
 @dataclass(frozen=True)
+class ParamGroup(Typed):
+    """One AdamW param group as torch writes it: the hyper-parameters, bounded, and the
+    switches the trainer leaves at their defaults, which must stay so (``maximize`` would
+    train uphill, ``amsgrad`` needs state never saved, ``capturable`` a GPU). Defaults fill
+    keys an older torch did not write; unknown keys are refused."""
+
+    params: tuple[int, ...] = spec(lo=0, hi=MAX_PARAMS - 1, max_items=MAX_PARAMS)
+    lr: float = spec(lo=0.0, hi=10.0)
+    betas: tuple[float, ...] = spec(lo=0.0, hi=1.0, min_items=2, max_items=2)
+    eps: float = spec(lo=0.0, hi=1.0)
+    weight_decay: float = spec(lo=0.0, hi=10.0)
+    amsgrad: bool = spec(False, choices=(False,))
+    maximize: bool = spec(False, choices=(False,))
+    foreach: bool | None = spec(None)  # implementation choices, same numbers
+    capturable: bool = spec(False, choices=(False,))
+    differentiable: bool = spec(False, choices=(False,))
+    fused: bool | None = spec(None, choices=(False,))
+    decoupled_weight_decay: bool = spec(True, choices=(True,))  # AdamW, not Adam
+
+    def check(self):
+        if not (self.lr > 0 and self.eps > 0 and max(self.betas) < 1):
+            raise ConfigError(f"lr={self.lr}, eps={self.eps}, betas={list(self.betas)}: need lr > 0, "
+                              "eps > 0 and betas below 1")
+
+
+@dataclass(frozen=True)
 class OptimizerGroups(Typed):
     """AdamW's param groups (hyper-parameters and parameter indices); its tensors are in
     ``optimizer.safetensors``."""
 
-    param_groups: tuple[dict[str, Any], ...] = spec(min_items=1, max_items=1024)
+    param_groups: tuple[ParamGroup, ...] = spec(min_items=1, max_items=1024)
+
+
+@dataclass(frozen=True)
+class PCG64State(Typed):
+    state: int = spec(lo=0, hi=2**128 - 1)
+    inc: int = spec(lo=0, hi=2**128 - 1)
+
+
+@dataclass(frozen=True)
+class NumpyGenerator(Typed):
+    """``numpy.random.default_rng().bit_generator.state``."""
+
+    bit_generator: str = spec(choices=("PCG64",))
+    state: PCG64State = spec()
+    has_uint32: int = spec(lo=0, hi=1)
+    uinteger: int = spec(lo=0, hi=2**32 - 1)
+
+
+@dataclass(frozen=True)
+class GeneratorStates(Typed):
+    """The trainer's generators (``Trainer.rng_state``): numpy's, and torch's CPU generator
+    state as base64 (its length is checked by ``Generator.set_state``)."""
+
+    numpy: NumpyGenerator = spec()
+    torch: str = spec(pattern="[A-Za-z0-9+/]*={0,2}", max_len=16384)
 
 
 @dataclass(frozen=True)
@@ -77,13 +130,15 @@ class CheckpointState(Typed):
     step: int = spec(lo=0, hi=MAX_STEPS)
     config: SSDConfig = spec()
     train: TrainConfig | None = spec()
-    rng: dict[str, Any] = spec(max_items=16)
+    rng: dict[str, Any] = spec(max_items=16)  # empty, or a GeneratorStates (a dict, for the trainer)
     optimizer: OptimizerGroups | None = spec()  # None: a weights-only release (ssd.release)
     files: dict[str, FileHash] = spec(choices=tuple(TENSOR_FILES.values()), min_items=1)
     torch_version: str = spec("", max_len=64)
     world_size: int = spec(1, lo=1, hi=1 << 20)  # processes that trained it (they share one random stream)
 
     def check(self):
+        if self.rng:
+            parse(GeneratorStates, self.rng, "rng")
         if TENSOR_FILES["ema"] not in self.files:
             raise ConfigError(f"files: no {TENSOR_FILES['ema']} listed")
         if (self.optimizer is None) != (TENSOR_FILES["optimizer"] not in self.files):
@@ -146,25 +201,11 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups, params: 
             raise CheckpointError(f"optimizer tensor {key} in {where} is {value.dtype} {list(value.shape)}; "
                                   f"its parameter needs float {list(shape)}")
         state.setdefault(index, {})[name] = value
-    indices = []
-    for group in param_groups:
-        _check_param_group(group, where)
-        indices += group["params"]
+    groups = [parse(ParamGroup, group) for group in param_groups]  # typed already when read
+    indices = [index for group in groups for index in group.params]
     if sorted(indices) != list(range(len(params))):
         raise CheckpointError(f"optimizer param_groups in {where} do not list the model's {len(params)} parameters")
-    return {"state": state, "param_groups": [dict(group) for group in param_groups]}
-
-
-def _check_param_group(group: dict, where: Path) -> None:
-    """AdamW hyper-parameters of one group must be what AdamW can step with."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
-    ids = group.get("params")
-    ok = (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-          and all(number(group.get(key)) for key in ("lr", "eps", "weight_decay"))
-          and isinstance(group.get("betas"), list) and len(group["betas"]) == 2
-          and all(number(b) and b < 1 for b in group["betas"]))
-    if not ok:
-        raise CheckpointError(f"optimizer param_groups in {where} are malformed (params, lr, betas, eps, weight_decay)")
+    return {"state": state, "param_groups": [{**to_json(group), "params": list(group.params)} for group in groups]}
 
 
 def step_dir_name(step: int) -> str:
@@ -207,11 +248,11 @@ def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | 
     return final
 
 
-def save_weights_only(folder, config: SSDConfig, step: int, weights: dict[str, torch.Tensor],
-                      train: TrainConfig | None = None) -> Path:
-    """Write ``folder`` as a weights-only checkpoint: ``weights`` as the EMA tensors and a
+def weights_only_files(config: SSDConfig, step: int, weights: dict[str, torch.Tensor],
+                       train: TrainConfig | None = None) -> dict[str, bytes]:
+    """The files of a weights-only checkpoint: ``weights`` as the EMA tensors and a
     ``state.json`` without optimizer or generator state. Export and sampling read it like
-    any checkpoint; it cannot be resumed. Written atomically (temp folder, then rename)."""
+    any checkpoint; it cannot be resumed."""
     bad = nonfinite_tensors(weights)
     if bad:
         raise CheckpointError(f"refusing to save: {len(bad)} tensors are not finite (e.g. {bad[0]})")
@@ -219,11 +260,18 @@ def save_weights_only(folder, config: SSDConfig, step: int, weights: dict[str, t
     name = TENSOR_FILES["ema"]
     state = CheckpointState(FORMAT, FORMAT_VERSION, int(step), config, train, {}, None,
                             {name: FileHash(len(blob), hashlib.sha256(blob).hexdigest())}, torch.__version__)
+    return {name: blob, STATE_FILE: json.dumps(to_json(state), indent=1).encode()}
+
+
+def save_weights_only(folder, config: SSDConfig, step: int, weights: dict[str, torch.Tensor],
+                      train: TrainConfig | None = None) -> Path:
+    """Write ``folder`` (a new checkpoint folder inside a run) with :func:`weights_only_files`,
+    atomically (temp folder, then rename)."""
+    blobs = weights_only_files(config, step, weights, train)
     folder = Path(folder).resolve()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        return write_dir_atomic(folder.parent, folder.name,
-                                {name: blob, STATE_FILE: json.dumps(to_json(state), indent=1).encode()})
+        return write_dir_atomic(folder.parent, folder.name, blobs)
     except OSError as err:
         raise OutputError(f"cannot write {folder}: {err.strerror or err}") from None
 
@@ -297,11 +345,14 @@ def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).exists() or (path / STATE_FILE).is_symlink():
         return path
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    found = latest_checkpoint(path) if path.is_dir() else None
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"no checkpoint at {path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is {describe(path)}, not a checkpoint folder or a run folder")
+    found = latest_checkpoint(path)
     if found is None:
-        raise CheckpointError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
+        raise CheckpointError(f"{path} is a folder with neither a {STATE_FILE} nor checkpoints: not a checkpoint "
+                              "folder or a run folder")
     return found
 
 
@@ -309,13 +360,18 @@ def resolve_checkpoint(path) -> Path:
 def read_state(path: Path) -> CheckpointState:
     """Parse and check a checkpoint folder's ``state.json``: every field typed and bounded."""
     where = path / STATE_FILE
-    data = read_capped(inside(path, STATE_FILE, CheckpointError, str(path)), MAX_JSON_BYTES, CheckpointError)
+    data = read_capped(inside(path, STATE_FILE, CheckpointError, str(path)), MAX_STATE_BYTES, CheckpointError)
     document = check_format(loads_json(data, where, CheckpointError), where, FORMAT, FORMAT_VERSION,
                             CheckpointError, "checkpoint state")
     try:
-        return parse(CheckpointState, document)
+        state = parse(CheckpointState, document)
     except ConfigError as err:
         raise CheckpointError(f"{where} is malformed: {err}") from None
+    named = _STEP_DIR.match(Path(os.path.abspath(path)).name)
+    if named and int(named.group(1)) != state.step:
+        raise CheckpointError(f"{where} says step {state.step}, but its folder is named for step "
+                              f"{int(named.group(1))}")
+    return state
 
 
 def _read_tensors(folder: Path, name: str, entry: FileHash) -> dict[str, torch.Tensor]:
@@ -368,9 +424,29 @@ def load_model(path, ema: bool = True, device="cpu"):
     if bad:
         raise CheckpointError(f"checkpoint {checkpoint.path} has non-finite {part} weights ({len(bad)} tensors, "
                               f"e.g. {bad[0]}): the run diverged before this step; use an earlier checkpoint")
+    check_shapes(checkpoint.config, checkpoint.tensors[part], f"{part} weights", checkpoint.path)
     model = FlexiUNet(checkpoint.config.model)
     load_state(model, checkpoint.tensors[part], f"{part} weights", checkpoint.path)
     return checkpoint.config, model.to(device).eval()
+
+
+def check_shapes(config: SSDConfig, tensors: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """Refuse weights whose names or shapes are not those of the network ``config``
+    describes, built on the meta device (no memory), so that a config describing a huge
+    network is refused before that network is allocated."""
+    from .unet import FlexiUNet
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in FlexiUNet(config.model).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{what} in {path} do not fit its config: {name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{what} in {path} do not fit its config: {name} is "
+                                  f"{list(tensors[name].shape)}, the config needs {list(shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{what} in {path} do not fit its config: {extra[0][:80]} is not in its network")
 
 
 def save_random_checkpoint(run_dir, config: SSDConfig, seed: int = 0, scale: float = 0.05) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -63,14 +64,70 @@ def read_verified(path: Path, size: int, sha256: str, error: type[UserError], li
     return data
 
 
-def loads_json(data: bytes, path: Path, error: type[UserError]):
-    """Parse JSON ``data`` read from ``path``; one-line errors, deep nesting included."""
+MAX_JSON_VALUES = 4_000_000  # a 2048-px bundle's manifest (its halving matrices) holds ~3 M numbers
+MAX_INT_DIGITS = 40  # a numpy generator's 128-bit state has 39
+
+
+class _Refused(Exception):
+    """Raised by the JSON hooks of :func:`loads_json`; becomes the caller's error."""
+
+
+def _refuse(message: str):
+    raise _Refused(message)
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        _refuse(f"an integer of {len(text.lstrip('-'))} digits is out of range")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _refuse(f"the number {text[:24]} is out of range")
+    return value
+
+
+def _json_object(pairs: list) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        _refuse(f"key {twice[:40]!r} appears twice in one object")
+    return result
+
+
+def loads_json(data: bytes, path: Path, error: type[UserError], max_values: int = MAX_JSON_VALUES):
+    """Parse JSON ``data`` read from ``path`` strictly; one-line errors. Refuses more than
+    about ``max_values`` values or an eighth as many lists and objects (counted in the
+    bytes before parsing, so a flood of empty lists cannot eat memory), duplicate keys,
+    integers of more than 40 digits, NaN and infinities, and nesting too deep to parse."""
+    containers = data.count(b"[") + data.count(b"{")  # an empty list costs 80 bytes, a number 8-32
+    values = data.count(b",") + containers
+    if values > max_values or containers > max_values // 8:
+        raise error(f"{path} holds about {values} JSON values ({containers} lists and objects), more than "
+                    f"any valid document")
     try:
-        return json.loads(data)
+        return json.loads(data, parse_int=_json_int, parse_float=_json_float, object_pairs_hook=_json_object,
+                          parse_constant=lambda name: _refuse(f"{name} is not a number"))
+    except _Refused as err:
+        raise error(f"{path} is not a valid document: {err}") from None
     except RecursionError:
         raise error(f"{path} is nested too deeply to be a valid document") from None
     except (UnicodeDecodeError, ValueError) as err:
         raise error(f"{path} is not valid JSON: {err}") from None
+
+
+def describe(path) -> str:
+    """What is at ``path``, for messages: "a folder", "a FIFO", "a device", ..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def read_json(path: Path, error: type[UserError], limit: int = MAX_JSON_BYTES):
@@ -110,10 +167,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace anything at ``path`` but a regular file (a symlink, device, FIFO,
+    socket or folder stays as it is)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        what = "a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else \
+            "a device, FIFO or socket"
+        raise OutputError(f"{path} is {what}, not a regular file; refusing to replace it")
+
+
 def write_atomic(path, data: bytes, durable: bool = True) -> Path:
-    """Replace ``path`` with ``data`` through a unique temp file in the same folder and a
-    rename; with ``durable``, fsync the file and the folder too."""
+    """Replace ``path`` (missing or a regular file) with ``data`` through a unique temp file
+    in the same folder and a rename; with ``durable``, fsync the file and the folder too."""
     path = Path(path)
+    check_replaceable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -70,6 +70,8 @@ def fail(where: str, message: str):
 
 
 def _show(value) -> str:
+    if isinstance(value, int) and value.bit_length() > 1024:  # repr of a huge int is slow or refused
+        return f"an integer of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -157,15 +159,18 @@ def _convert_leaf(kind, value, where: str, bounds):
     if kind is bool:
         if not isinstance(value, bool):
             fail(where, f"expected true or false, got {_show(value)}")
-        return value
-    if kind is int:
+    elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(where, f"expected an integer, got {_show(value)}")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(where, f"expected a number, got {_show(value)}")
-        if not math.isfinite(value):
-            fail(where, f"expected a finite number, got {value}")
+        try:  # an integer too large for a float overflows, like 1e400 does
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite:
+            fail(where, f"expected a finite number, got {_show(value)}")
         value = float(value)
     elif kind is str:  # lo/hi bound numbers only, so int | str fields can share one spec
         if not isinstance(value, str):
@@ -182,5 +187,5 @@ def _convert_leaf(kind, value, where: str, bounds):
         fail(where, f"{_show(value)}; expected one of {list(choices)}")
     low, high = bounds.get("lo"), bounds.get("hi")
     if kind is not str and ((low is not None and value < low) or (high is not None and value > high)):
-        fail(where, f"{value} is out of range {low if low is not None else ''}..{high if high is not None else ''}")
+        fail(where, f"{_show(value)} is out of range {low if low is not None else ''}..{high if high is not None else ''}")
     return value
