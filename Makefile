@@ -40,8 +40,8 @@ demo: $(BIN)/.installed
 train-demo: $(BIN)/.installed $(FASHION_MNIST)
 	$(BIN)/ssd-train --data fashion-mnist --preset $(TRAIN_PRESET) --steps $(TRAIN_STEPS) \
 	  $(TRAIN_FLAGS) --out $(TRAIN_RUN) $$(test -f $(TRAIN_RUN)/checkpoints/latest && echo --resume)
-	$(BIN)/python -m ssd.release $(TRAIN_RUN) --out $(TRAIN_RUN)/release
-	$(BIN)/ssd-export $(TRAIN_RUN)/release --out $(DEMO_BUNDLE) --engine onnx --engine torchscript --force
+	$(BIN)/python -m ssd.release $(TRAIN_RUN) --out $(TRAIN_RUN)-release --force
+	$(BIN)/ssd-export $(TRAIN_RUN)-release --out $(DEMO_BUNDLE) --engine onnx --engine torchscript --force
 	$(BIN)/ssd-run $(DEMO_BUNDLE) --steps 1000 --n 64 --batch 16 --out $(DEMO_OUT) --preview
 
 test: $(BIN)/.installed

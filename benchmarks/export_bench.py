@@ -47,14 +47,14 @@ def random_checkpoint(folder: Path, preset: str, levels: int | None, top: str) -
 
 def export_timed(checkpoint: Path, out: Path, batch: str) -> tuple[dict, float]:
     """Run the exporter's steps (onnx, verified) and time them."""
-    from ssd_export.bundle_writer import Staging
+    from ssd.outputs import replaced_folder
     from ssd_export.options import ExportOptions
     from ssd_export.pipeline import build_bundle, find_source, load_weights
 
     options = ExportOptions(("onnx",), *map(int, batch.split(":")))
     started = time.perf_counter()
     source = find_source(checkpoint, options.weights)
-    with Staging(out) as stage:
+    with replaced_folder(out, "bundle", "export_bench", sources=(source.checkpoint,)) as stage:
         manifest = build_bundle(load_weights(source), source, options, stage.path, lambda line: None)
         stage.commit()
     return manifest, time.perf_counter() - started

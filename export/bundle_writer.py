@@ -1,26 +1,23 @@
-"""Writing a bundle folder safely: target checks, a staging folder renamed into place, file
-entries, the manifest (checked by parsing it with its one typed definition,
+"""Writing a bundle folder: what an export may replace, file entries, the manifest (checked by parsing it with its one typed definition,
 ``ssd.bundle.Manifest``) and its fingerprint.
 
-A bundle is built in ``.<name>.partial-<pid>`` next to the target and renamed into place
-only after every file was written, checked and verified, so a failed export never leaves a
-half-written folder that looks like a bundle. The manifest's ``fingerprint`` (sha256 of the
-export options, the checkpoint's file hashes and the tool versions) lets a repeated export
+A bundle is built in a folder beside the target and swapped into place only after every
+file was written, checked and verified (``ssd.outputs.replaced_folder``), so a failed export
+never leaves a half-written folder that looks like a bundle. The manifest's
+``fingerprint`` (sha256 of the export options, the checkpoint's file hashes and the tool versions) lets a repeated export
 with the same inputs print "up to date" instead of redoing the work.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ssd.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, Manifest, load_bundle, sha256_file
 from ssd.config import SSDConfig
-from ssd.errors import OutputError, UserError
-from ssd.files import overlapping, write_json_atomic
+from ssd.errors import UserError
+from ssd.files import write_json_atomic
 from ssd.schema import ConfigError, parse
 
 
@@ -50,35 +47,19 @@ class Target:
     note: str = ""
 
 
-def check_apart(out: Path, sources: list[Path]) -> None:
-    """Refuse an ``--out`` that is, contains or lies inside what is exported (a replaced
-    folder would take the source with it), with or without ``--force``."""
-    for source in sources:
-        if overlapping(out, source):
-            raise TargetError(f"--out {out} overlaps the checkpoint being exported ({source}); "
-                              "choose a folder outside the run")
-
-
-def inspect_target(out: Path, config: SSDConfig, run: str, fingerprint_: str, force: bool) -> Target:
-    """Decide what an export into ``out`` may do; refuse to clobber unrelated things unless forced."""
+def inspect_target(out: Path, found: str, config: SSDConfig, run: str, fingerprint_: str, force: bool) -> Target:
+    """Decide what an export into ``out`` may do, given what ``ssd.outputs`` ``found`` there
+    (which owns the folder rules: kinds, markers, sources). This adds the bundle's own rule:
+    a bundle of another model, or one that cannot be read, is replaced only with ``--force``."""
     out = Path(out)
-    if not out.exists() and not out.is_symlink():
-        return Target(out, "new")
-    if not out.is_dir():
-        if force:
-            return Target(out, "replace", "replacing a file")
-        raise TargetError(f"--out {out} is a file, not a bundle folder; pass --force to replace it")
-    names = sorted(child.name for child in out.iterdir())
-    if not names:
+    if found in ("missing", "empty"):
         return Target(out, "new")
     try:
         bundle = load_bundle(out)
     except BundleError as err:
         if force:
-            return Target(out, "replace", "replacing a folder that was not a readable bundle")
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        reason = "no manifest.json" if MANIFEST not in names else str(err)[:200]
-        raise TargetError(f"--out {out} exists and is not a readable ssd bundle ({reason}; it holds {shown}); "
+            return Target(out, "replace", "replacing a bundle that could not be read")
+        raise TargetError(f"--out {out} is a bundle that cannot be read ({str(err)[:200]}); "
                           "pass --force to replace it, or choose another folder") from None
     manifest = bundle.manifest
     same_model = manifest.config == config and manifest.source.get("run") == run
@@ -98,73 +79,6 @@ def _files_intact(bundle) -> bool:
     except BundleError:
         return False
     return True
-
-
-# --------------------------------------------------------------------------- staging
-class Staging:
-    """A temp folder beside ``out``; :meth:`commit` renames it into place, else it is removed."""
-
-    def __init__(self, out: Path):
-        self.out = Path(os.path.abspath(out))
-        self.path = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        self.committed = False
-        self.created = [p for p in self.out.parents if not p.exists()]  # removed again on failure
-
-    def __enter__(self) -> "Staging":
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self._remove_stale()
-            _remove(self.path)
-            self.path.mkdir()
-        except OSError as err:
-            raise OutputError(f"cannot write to {self.out.parent}: {err.strerror or err}") from None
-        return self
-
-    def _remove_stale(self) -> None:
-        """Remove staging folders that killed exports into the same ``out`` left behind."""
-        for kind in ("partial", "old"):
-            for leftover in self.out.parent.glob(f".{self.out.name}.{kind}-*"):
-                pid = leftover.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not _running(int(pid)):
-                    _remove(leftover)
-
-    def commit(self) -> None:
-        """Swap the staging folder in for ``out`` (the old one is removed after the swap)."""
-        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        try:
-            if self.out.exists() or self.out.is_symlink():
-                os.rename(self.out, old)
-            os.rename(self.path, self.out)
-        except OSError as err:
-            raise OutputError(f"cannot move the bundle into {self.out}: {err.strerror or err}") from None
-        _remove(old)
-        self.committed = True
-
-    def __exit__(self, *exc) -> None:
-        if not self.committed:
-            _remove(self.path)
-            for folder in self.created:  # deepest first; only where still empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 # --------------------------------------------------------------------------- the manifest

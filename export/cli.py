@@ -64,7 +64,8 @@ def require_extras(options: ExportOptions) -> None:
 @click.option("--refit", is_flag=True,
               help="TensorRT: build refittable engines; where --out already has engines for this GPU, "
                    "refit them with the new weights instead of rebuilding.")
-@click.option("--force", is_flag=True, help="Rebuild even if up to date; replace whatever is in --out.")
+@click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a bundle of another model in "
+              "--out (only a bundle: never other files).")
 @cli_errors
 def export_command(checkpoint: Path, out: Path | None, engines, batch: str, precision: str, verify: bool,
                    ema: bool, step_graphs: bool, refit: bool, force: bool):
@@ -78,22 +79,24 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
     out = DEFAULT_OUT if out is None else out
     require_extras(options)
     machine = check_trt(options)  # TensorRT and a GPU, before any work
-    from .bundle_writer import Staging, check_apart, inspect_target
+    from ssd.outputs import replaced_folder
+
+    from .bundle_writer import inspect_target
     from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
 
     source = find_source(checkpoint, options.weights)
-    check_apart(out, [source.checkpoint, Path(source.run)])
-    target = inspect_target(out, source.config, source.run, export_fingerprint(source, options), force)
-    if target.state == "up-to-date":
-        click.echo(f"{out} is up to date (same checkpoint, options and tools); --force rebuilds it")
-        if machine is not None:
-            build_engines_here(out, options, machine, previous=None)
-        return
-    with Staging(out) as stage:  # an unwritable --out fails here, before any work
+    # the whole export holds --out (locked; a missing one is created empty until the swap)
+    with replaced_folder(out, "bundle", "ssd-export", sources=(source.checkpoint, Path(source.run))) as stage:
+        target = inspect_target(out, stage.found, source.config, source.run, export_fingerprint(source, options), force)
+        if target.state == "up-to-date":
+            click.echo(f"{out} is up to date (same checkpoint, options and tools); --force rebuilds it")
+            if machine is not None:
+                build_engines_here(out, options, machine, previous=None)
+            return
         model = load_weights(source)
         manifest = build_bundle(model, source, options, stage.path, click.echo)
         if machine is not None:
-            build_engines_here(stage.path, options, machine, previous=out if out.exists() else None)
+            build_engines_here(stage.path, options, machine, previous=out if target.state == "replace" else None)
         stage.commit()
     click.echo(summary(out, manifest, target.note))
 
@@ -121,7 +124,11 @@ def engines_for_bundle(bundle: Path, out: Path | None, options: ExportOptions) -
                         "other formats come from a checkpoint")
     if out is not None and Path(out).resolve() != Path(bundle).resolve():
         raise UserError(f"--engine trt on a bundle builds into that bundle; drop --out {out}")
-    build_engines_here(bundle, options, check_trt(options), previous=None)
+    machine = check_trt(options)
+    from ssd.outputs import output_folder
+
+    with output_folder(bundle, "bundle", "ssd-export"):  # one writer at a time
+        build_engines_here(bundle, options, machine, previous=None)
 
 
 def build_engines_here(bundle: Path, options: ExportOptions, machine, previous: Path | None) -> None:

@@ -1,11 +1,11 @@
 """The export steps ``ssd-export`` names, as importable functions.
 
     source = find_source(checkpoint, options.weights)   # resolve + hash, no weights yet
-    target = inspect_target(out, ...)                    # new / up-to-date / replace
-    with Staging(out) as stage:                          # temp folder beside out
+    with replaced_folder(out, "bundle", ...) as stage:   # out locked; a folder beside it
+        target = inspect_target(out, stage.found, ...)   # new / up-to-date / replace
         model = load_weights(source)
         manifest = build_bundle(model, source, options, stage.path, echo)  # export, verify
-        stage.commit()                                   # rename into place
+        stage.commit()                                   # swapped into place
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``ssd-run``: sample PNGs from a bundle with the torch-free runtime."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -8,7 +9,7 @@ import click
 from ssd.bundle import BundleError
 from ssd.config import MAX_BATCH
 from ssd.errors import cli_errors, run_cli
-from ssd.files import make_output_folder, removed_on_failure
+from ssd.outputs import output_folder
 from ssd.images import SampleWriter, make_grid, save_png
 
 from .backends import BACKENDS, DEVICES
@@ -17,17 +18,29 @@ from .sampler import Sampler
 DEFAULT_BUNDLE = Path("bundles/default")
 
 
-def progress_bar(total_steps: int, batches: int):
+def progress_bar(total_steps: int, batches: int, enabled: bool = True):
     """A tqdm bar over all network calls, showing the current resolution; returns a callback."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps * batches, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps * batches, unit="step", dynamic_ncols=True, disable=not enabled)
 
     def on_step(index, total, t, resolution):
         bar.set_postfix(t=t, res=resolution, refresh=False)
         bar.update(1)
 
     return bar, on_step
+
+
+def first_batch_previews(out: Path, params: dict):
+    """A preview callback that writes ``preview_<res>.png`` from the first batch only."""
+    written: set[int] = set()
+
+    def on_preview(resolution, images):
+        if resolution not in written:
+            written.add(resolution)
+            save_png(out / f"preview_{resolution:04d}.png", make_grid(images), {**params, "batch_index": 0})
+
+    return on_preview
 
 
 @click.command("ssd-run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,15 +57,17 @@ def progress_bar(total_steps: int, batches: int):
               help="cpu, cuda, or tensorrt (ONNX Runtime's TensorRT provider). [default: cpu; cuda for "
                    "--backend tensorrt]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--preview", is_flag=True, help="Also write the clean prediction at each resolution.")
+@click.option("--preview", is_flag=True,
+              help="Also write the first batch's clean prediction at each resolution (preview_<res>.png).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @click.option("--low-memory", is_flag=True, help="ONNX Runtime shares one copy of the weights (slower on CPU).")
 @click.option("--fused/--unfused", default=None,
               help="One call per step through the bundle's step graphs (default where it has them), "
                    "or route graphs + the numpy update.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (on stderr).")
 @cli_errors
 def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads, low_memory,
-                fused):
+                fused, progress):
     """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`).
 
     PNGs are written as each batch finishes, so memory stays bounded by one batch."""
@@ -66,18 +81,20 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
     steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
     params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend, "precision": precision,
               "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest}
-    with removed_on_failure(out):
-        writer = SampleWriter(make_output_folder(out), params)
-        on_preview = None
-        if preview:
-            on_preview = lambda res, images: save_png(out / f"preview_{res:04d}.png", make_grid(images), params)
-        bar, on_step = progress_bar(steps, -(-n // batch))
+    started = time.perf_counter()
+    with output_folder(out, "samples", "ssd-run", sources=(bundle,)):
+        writer = SampleWriter(out, params)
+        on_preview = first_batch_previews(out, params) if preview else None
+        bar, on_step = progress_bar(steps, -(-n // batch), enabled=progress)
         with bar:
             for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
                                                preview=on_preview):
                 writer.add(images)
         writer.finish()
-    click.echo(f"wrote {writer.count} samples and grid.png to {out}")
+    seconds = time.perf_counter() - started
+    previews = " and the first batch's previews" if preview else ""
+    click.echo(f"wrote {writer.count} samples, grid.png{previews} to {out}: {seconds:.1f} s, "
+               f"{writer.count / seconds:.2f} images/s")
 
 
 def main(args=None):

@@ -5,6 +5,7 @@ every other user-caused error: ``error: ...`` on stderr and a non-zero exit code
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from click.core import ParameterSource
 
 from .config import MAX_BATCH, MODEL_PRESETS, TrainConfig
 from .errors import UserError, cli_errors, require, run_cli
-from .files import make_output_folder, removed_on_failure, sha256_file
+from .files import sha256_file
+from .outputs import output_folder
 
 # --help shows TrainConfig's defaults. Options not given on the command line are not passed
 # on, so a resumed run keeps its checkpoint's values.
@@ -92,12 +94,24 @@ def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, *
 
 
 def _train(ctx, out: Path, resume: bool, progress: bool, options: dict, dist) -> None:
+    from .checkpoint import latest_checkpoint
+    from .train import check_run_dir
+
+    check_run_dir(out, resume)
+    # rank 0 holds the run folder (locked for the whole run; removed again if the run fails
+    # before its first checkpoint); the other ranks write nothing
+    held = (output_folder(out, "run", "ssd-train", reuse=True, keep_on_failure=latest_checkpoint)
+            if dist.is_main else contextlib.nullcontext())
+    with held:
+        _train_in(ctx, out, resume, progress, options, dist)
+
+
+def _train_in(ctx, out: Path, resume: bool, progress: bool, options: dict, dist) -> None:
     from .distributed import TerminatedError
     from .train import start_run
 
     say = click.echo if dist.is_main else (lambda text: None)
-    with removed_on_failure(out):  # a failed start leaves no empty run folder
-        trainer = start_run(out, given_options(ctx, options), resume, dist=dist)
+    trainer = start_run(out, given_options(ctx, options), resume, dist=dist)
     cfg = trainer.cfg
     ranks = f", {dist.world_size} processes" if dist.active else ""
     say(f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L at step {trainer.step} on "
@@ -117,20 +131,27 @@ def _train(ctx, out: Path, resume: bool, progress: bool, options: dict, dist) ->
 
 
 def _shared_by_all_ranks(err: BaseException) -> bool:
-    """Errors every rank meets at once (divergence, interruption, a failed peer)."""
+    """Errors every rank meets at once (a bad option such as an indivisible batch,
+    divergence, interruption, a failed peer)."""
     from .distributed import PeerFailedError
+    from .schema import ConfigError
     from .train import DivergedError
 
-    return isinstance(err, (KeyboardInterrupt, DivergedError, PeerFailedError)) or getattr(err, "exit_code", 0) in (130, 143)
+    shared = (KeyboardInterrupt, ConfigError, DivergedError, PeerFailedError)
+    return isinstance(err, shared) or getattr(err, "exit_code", 0) in (130, 143)
 
 
 def interrupted(out: Path, step: int, what: str = "interrupted", code: int = 130) -> UserError:
     """Ctrl-C or SIGTERM during training: say what is kept and how to go on."""
     from .checkpoint import latest_checkpoint
 
-    last = latest_checkpoint(out)
-    kept = f"the checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
-    err = UserError(f"{what} at step {step}; {kept}; continue with: ssd-train --out {out} --resume")
+    last = latest_checkpoint(out) if out.is_dir() else None
+    if last is not None:
+        err = UserError(f"{what} at step {step}; the checkpoint {last.name} is kept; "
+                        f"continue with: ssd-train --out {out} --resume")
+    else:
+        err = UserError(f"{what} at step {step}, before the first checkpoint: nothing was kept; "
+                        "run the same command again to start over")
     err.exit_code = code
     return err
 
@@ -160,8 +181,8 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
     batch = batch or min(n, SAMPLE_BATCH)
     params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema"}
-    with removed_on_failure(out):
-        writer = SampleWriter(make_output_folder(out), params)
+    with output_folder(out, "samples", "ssd-sample", sources=(checkpoint,)):
+        writer = SampleWriter(out, params)
         for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch):
             writer.add(images)  # written as each batch finishes: memory bounded by one batch
         grid = writer.finish()
@@ -214,10 +235,8 @@ def import_command(checkpoint: Path, out: Path, preset, config_file):
 
     if preset and config_file:
         raise UserError("give --preset or --config, not both")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
     config = config_from_file(config_file) if config_file else None
-    with removed_on_failure(out):
+    with output_folder(out, "run", "ssd-import", sources=(checkpoint,), reuse=False):
         folder = import_checkpoint(checkpoint, out, preset, config)
     click.echo(f"imported {checkpoint} (sha256 {sha256_file(checkpoint)}) into {folder}")
     click.echo(f"next: ssd-export {out} --out bundles/{out.name}")

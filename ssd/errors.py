@@ -6,7 +6,9 @@ prints ``error: <message>`` on one line and exits non-zero instead of a tracebac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 
 
@@ -52,12 +54,14 @@ def require(module: str, command: str, extra: str):
 
 
 def cli_errors(main):
-    """Run a CLI ``main``; print user errors and OS errors as one line, exit non-zero."""
+    """Run a CLI ``main``; print user errors and OS errors as one line, exit non-zero.
+    Output to a closed pipe (``| head``) is dropped without failing the command."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            with pipe_safe_output():
+                return main(*args, **kwargs)
         except UserError as err:
             _fail(str(err), err.exit_code)
         except KeyboardInterrupt:
@@ -70,8 +74,72 @@ def cli_errors(main):
 
 
 def _fail(message: str, code: int):
-    print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    try:
+        print(f"error: {one_line(message) or 'failed'}", file=sys.stderr)
+    except BrokenPipeError:
+        pass
     sys.exit(code)
+
+
+MAX_WORD = 120  # longer words (a 5000-digit --seed) are cut in messages
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: line breaks (a path may hold one) shown as ``\\n``, and any
+    word longer than ``MAX_WORD`` characters cut."""
+    words = message.replace("\r", "\\r").replace("\n", "\\n").split(" ")
+    return " ".join(w if len(w) <= MAX_WORD else f"{w[:MAX_WORD // 2]}...({len(w)} characters)" for w in words)
+
+
+class _PipeSafe:
+    """A text stream that, once its reader has gone (a closed pipe), drops further output
+    instead of failing the command: the files a command writes never depend on who reads
+    its messages."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        """Point the stream's file descriptor at /dev/null, so later writes and the final
+        flush at exit succeed."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def pipe_safe_output():
+    """Within the block, ``sys.stdout`` and ``sys.stderr`` survive a closed pipe."""
+    saved = sys.stdout, sys.stderr
+    if isinstance(sys.stdout, _PipeSafe):  # nested
+        yield
+        return
+    sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 def run_cli(command, args=None, prog_name: str | None = None):

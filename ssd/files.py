@@ -5,7 +5,8 @@ symlinks, inside its folder and be a regular file (no device, FIFO or socket); r
 capped at the size the document promises, so ``weights -> /dev/zero`` cannot eat memory.
 JSON documents are capped in size and nesting. Writing: every file goes through a unique
 temp file in the same folder and a rename, so a reader never sees half a file and two
-writers never share a temp name. Folders a failed command created are removed again.
+writers never share a temp name; only a regular file is ever replaced. Folders are owned
+by ``ssd.outputs``.
 """
 from __future__ import annotations
 
@@ -119,14 +120,18 @@ def loads_json(data: bytes, path: Path, error: type[UserError], max_values: int 
         raise error(f"{path} is not valid JSON: {err}") from None
 
 
-def describe(path) -> str:
-    """What is at ``path``, for messages: "a folder", "a FIFO", "a device", ..."""
+def describe(path, follow_symlinks: bool = True) -> str:
+    """What is at ``path``, for messages: "missing", "a folder", "a FIFO", "a device", ...
+    (with ``follow_symlinks=False``, a link is "a symlink")."""
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
     except OSError as err:
         return f"unreadable ({err.strerror or err})"
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
-             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+    kinds = ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+             (stat.S_ISSOCK, "a socket"))
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
@@ -170,14 +175,9 @@ def fsync_dir(path: Path) -> None:
 def check_replaceable(path: Path) -> None:
     """Refuse to replace anything at ``path`` but a regular file (a symlink, device, FIFO,
     socket or folder stays as it is)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(mode):
-        what = "a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else \
-            "a device, FIFO or socket"
-        raise OutputError(f"{path} is {what}, not a regular file; refusing to replace it")
+    found = describe(path, follow_symlinks=False)
+    if found not in ("missing", "a file"):
+        raise OutputError(f"{path} is {found}, not a regular file; refusing to replace it")
 
 
 def write_atomic(path, data: bytes, durable: bool = True) -> Path:
@@ -204,42 +204,3 @@ def write_atomic(path, data: bytes, durable: bool = True) -> Path:
 
 def write_json_atomic(path, data) -> Path:
     return write_atomic(path, json.dumps(data, indent=1).encode())
-
-
-# --------------------------------------------------------------------------- folders
-def overlapping(a, b) -> bool:
-    """Whether folders ``a`` and ``b`` are the same, or one lies inside the other."""
-    a, b = Path(a).resolve(), Path(b).resolve()
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
-
-
-@contextlib.contextmanager
-def removed_on_failure(path):
-    """If the block fails, remove ``path`` and the parents it creates, where still empty.
-    Creates nothing itself: wrap a whole command in it, create the folder once inputs are
-    checked, and a failed command leaves no empty folder behind."""
-    path = Path(path)
-    created = [p for p in (path, *path.parents) if not p.exists() and not p.is_symlink()]
-    try:
-        yield path
-    except BaseException:
-        for folder in created:  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def make_output_folder(path, what: str = "output folder") -> Path:
-    """Create ``path`` (with its parents) and prove it writable; one-line error otherwise."""
-    path = Path(path)
-    with removed_on_failure(path):
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".ssd-write-test-", dir=path)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            raise OutputError(f"cannot write to {what} {path}: {err.strerror or err}") from None
-    return path

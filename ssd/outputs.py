@@ -29,13 +29,12 @@ import json
 import os
 import re
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import OutputError
-from .files import fsync_dir, overlapping, write_json_atomic
+from .files import describe, fsync_dir, write_json_atomic
 
 MARKER = ".ssd-folder.json"
 LOCK = ".ssd-lock"
@@ -49,20 +48,6 @@ class FolderError(OutputError):
 
 
 # --------------------------------------------------------------------------- what is there
-def describe(path: Path) -> str:
-    """What sits at ``path`` (for messages): 'missing', 'a folder', 'a symlink', 'a FIFO'..."""
-    try:
-        mode = os.lstat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing"
-    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def kind_of(folder: Path) -> str | None:
     """``'empty'``, a kind of :data:`KINDS`, or None for a folder ssd did not make."""
     folder = Path(folder)
@@ -120,6 +105,12 @@ def enclosing_run(path: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- checks
+def overlapping(a, b) -> bool:
+    """Whether folders ``a`` and ``b`` are the same, or one lies inside the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def check_target(path: Path, kind: str, command: str, sources: tuple = (), reuse: bool = False) -> str:
     """What ``command`` finds at ``path`` ('missing', 'empty' or ``kind``), or a one-line
     refusal; an existing folder of ``kind`` only where ``reuse`` allows it."""
@@ -130,7 +121,7 @@ def check_target(path: Path, kind: str, command: str, sources: tuple = (), reuse
     outer = enclosing_run(path)
     if outer is not None:
         raise FolderError(f"--out {path} lies inside the training run {outer}; choose a folder outside it")
-    found = describe(path)
+    found = describe(path, follow_symlinks=False)
     if found == "missing":
         return "missing"
     if found != "a folder":
@@ -202,7 +193,8 @@ def _make_parents(path: Path) -> list[Path]:
     created = [p for p in parents if not os.path.lexists(p)]
     blocking = next((p for p in parents if os.path.lexists(p) and not p.is_dir()), None)
     if blocking is not None:
-        raise OutputError(f"cannot write to {path}: {blocking} is {describe(blocking)}, not a folder")
+        what = describe(blocking, follow_symlinks=False)
+        raise OutputError(f"cannot write to {path}: {blocking} is {what}, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -26,7 +26,6 @@ from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset, normalize_spec
 from .distributed import Dist, PeerFailedError, is_collective_failure
 from .errors import OutputError, UserError
-from .files import make_output_folder
 from .images import make_grid, save_png
 from .method import ScaleSpace
 from .torch_process import TorchScaleSpace
@@ -280,9 +279,9 @@ class Trainer:
 
     def peer_failed(self) -> PeerFailedError:
         last = latest_checkpoint(self.run_dir)
-        kept = f"the checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
-        return PeerFailedError(f"another process of the run failed at step {self.step}; {kept}; "
-                               f"continue with --resume")
+        then = (f"the checkpoint {last.name} is kept; continue with --resume" if last
+                else "no checkpoint was written yet; run the same command again to start over")
+        return PeerFailedError(f"another process of the run failed at step {self.step}; {then}")
 
 
 # --------------------------------------------------------------------------- runs
@@ -301,8 +300,8 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
     """A Trainer for run folder ``out``: fresh from ``given`` options, or resumed from its
     latest checkpoint with ``given`` overriding the options that may change.
 
-    Everything is checked (options, checkpoint, data, device) before the folder is created,
-    so a failed start leaves nothing behind.
+    Writes nothing itself: the folder is created by the first checkpoint (``ssd-train``
+    holds it through ``ssd.outputs.output_folder``).
     """
     out = Path(out)
     if "data" in given:  # a folder by absolute path, so a resume from elsewhere finds it
@@ -311,7 +310,6 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
     checkpoint = read_checkpoint(latest_checkpoint(out)) if resume else None
     cfg = config_for_resume(checkpoint, given) if resume else TrainConfig(**given)
     trainer = Trainer(cfg, out, dataset, dist)  # writes nothing yet
-    make_output_folder(out, "run folder")
     if checkpoint is not None:
         trainer.restore(checkpoint)
         if checkpoint.state.world_size != dist.world_size:

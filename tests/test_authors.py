@@ -208,7 +208,7 @@ def test_existing_output_and_conflicting_options_are_refused(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     result = run_main(import_main, [THEIRS, "--config", CONFIG, "--out", tmp_path / "full"], capsys)
-    assert_one_line_error(result, r"already exists and is not empty")
+    assert_one_line_error(result, r"holds files ssd did not make \(keep.txt")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     result = run_main(import_main, [THEIRS, "--config", CONFIG, "--preset", "celeba64-2L", "--out", tmp_path / "y"],
                       capsys)

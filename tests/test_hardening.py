@@ -115,7 +115,7 @@ def test_export_never_replaces_its_own_source(copy_of, where):
     source, out = {"run": (run, run), "checkpoint": (checkpoint, run), "inside": (run, run / "bundle"),
                    "parent": (checkpoint, run.parent)}[where]
     code, _, err = export(source, "--out", out, "--force", "--no-verify")
-    assert code != 0 and "overlaps the checkpoint" in err, err
+    assert code != 0 and "overlaps" in err, err
     assert read_checkpoint(run).step == 0  # intact
 
 
@@ -333,7 +333,7 @@ def test_ssd_sample_has_a_default_batch_and_checks_out_first(bundle, tmp_path, c
     assert len(list((tmp_path / "s").glob("sample_*.png"))) == 70
     (tmp_path / "file").write_text("")
     assert_one_line_error(call(sample_main, [bundle[0], "--n", 1, "--steps", 2, "--out", tmp_path / "file" / "s"], capsys),
-             r"cannot write to output folder")
+             r"cannot write to .*file is a file, not a folder")
     assert len(batches) == 1  # refused before sampling
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,12 +99,14 @@ def test_ssd_run_writes_pngs_without_importing_torch(bundles, tmp_path):
             "assert 'torch' not in sys.modules, 'runtime imported torch'\n")
     result = subprocess.run(
         [sys.executable, "-c", code, str(bundles[3][1]), "--steps", "6", "--n", "3",
-         "--batch", "2", "--out", str(out), "--preview"],
+         "--batch", "2", "--out", str(out), "--preview", "--no-progress"],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert names == ["grid.png", "preview_0016.png", "preview_0032.png",
                      "sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    assert Image.open(out / "preview_0016.png").width == 2 * (16 + 2) + 2  # the first batch (2), not the last (1)
+    assert result.stderr == "" and re.search(r"wrote 3 samples.* s, [\d.]+ images/s", result.stdout), result
     text = Image.open(out / "sample_00001.png").text
     assert text["seed"] == "0" and text["steps"] == "6" and text["backend"] == "onnxruntime"
     assert len(text["bundle_sha256"]) == 64 and text["index"] == "1"
@@ -185,7 +188,7 @@ def test_gpu_device_without_gpu_is_refused(bundles):
 def test_unwritable_output_folder(bundles, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_one_line_error(run_cli(bundles[3][1], "--out", blocker / "sub"), "cannot write to output folder")
+    assert_one_line_error(run_cli(bundles[3][1], "--out", blocker / "sub"), "is a file, not a folder")
 
 
 @pytest.mark.parametrize("args, fragment", [
