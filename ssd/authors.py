@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .config import MODEL_PRESETS, ConfigError, DiffusionConfig, ModelConfig, SSDConfig
 from .errors import UserError
+from . import files
 
 MAX_IMPORT_BYTES = 4 << 30  # the largest release (CelebA-256) is well under 1 GB
 
@@ -118,7 +119,9 @@ def read_authors_file(path) -> tuple[dict, int | None]:
 
     path = Path(path)
     if not path.is_file():
-        raise AuthorsCheckpointError(f"{path}: no such file")
+        found = files.describe(path)
+        raise AuthorsCheckpointError(f"{path}: " + ("no such file" if found == "missing" else
+                                                     f"is {found}, not a checkpoint file"))
     if path.stat().st_size > MAX_IMPORT_BYTES:
         raise AuthorsCheckpointError(f"{path}: {path.stat().st_size} bytes is larger than any released checkpoint")
     records = check_archive(path)

@@ -26,6 +26,7 @@ from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset, normalize_spec
 from .distributed import Dist, PeerFailedError, is_collective_failure
 from .errors import OutputError, UserError
+from .files import describe
 from .images import make_grid, save_png
 from .method import ScaleSpace
 from .torch_process import TorchScaleSpace
@@ -288,7 +289,9 @@ class Trainer:
 def check_run_dir(out: Path, resume: bool) -> None:
     """Refuse to resume nothing, or to mix a fresh run into a folder that has checkpoints."""
     if resume and not out.is_dir():
-        raise UserError(f"nothing to resume: {out} does not exist")
+        found = describe(out)
+        raise UserError(f"nothing to resume: {out} " + ("does not exist" if found == "missing" else
+                                                          f"is {found}, not a run folder"))
     if resume and latest_checkpoint(out) is None:
         raise UserError(f"nothing to resume: {out} has no checkpoints")
     if not resume and out.is_dir() and latest_checkpoint(out) is not None:

@@ -342,3 +342,26 @@ def test_a_checkpoint_path_says_what_it_is(tmp_path, capsys, reader, kind, patte
     main = {"ssd-sample": sample_main, "ssd-export": export_main, "ssd.release": release_main}[reader]
     extra = ["--steps", "3"] if reader == "ssd-sample" else []
     assert_one_line_error(call(main, [path, "--out", tmp_path / "out", *extra], capsys), pattern, code=None)
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("device", r"is a device"), ("fifo", r"is a FIFO"), ("folder", r"is a folder"), ("missing", r"no such file")])
+def test_an_import_source_says_what_it_is(tmp_path, capsys, kind, pattern):
+    from ssd.cli import import_main
+
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "x.pt"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    assert_one_line_error(call(import_main, [path, "--out", tmp_path / "out"], capsys), pattern)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind, pattern", [("device", r"/dev/zero is a device, not a run folder"),
+                                           ("missing", r"does not exist")])
+def test_resume_of_what_is_not_a_run_says_what_it_is(tmp_path, capsys, kind, pattern):
+    from ssd.cli import train_main
+
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "none"
+    assert_one_line_error(call(train_main, ["--resume", "--out", path], capsys), "nothing to resume: .*" + pattern)
