@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,13 @@ def sigterm_raises(quiet_after: bool):
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN if quiet_after else previous)
+
+
+def sigterm_grace(seconds: float = 1.0) -> None:
+    """Wait briefly after a peer went away: when torchrun's agent or a scheduler stops the
+    run, every rank gets SIGTERM at about the same time, and this rank's own one (raising
+    :class:`TerminatedError` out of the sleep) should say so rather than "a peer failed"."""
+    time.sleep(seconds)
 
 
 def is_collective_failure(err: BaseException) -> bool:

@@ -105,6 +105,13 @@ def test_batch_must_split_across_processes():
                 load_dataset("fixture", 32), Dist(rank=0, world_size=2))
 
 
+def test_an_indivisible_batch_under_torchrun_is_said_once(tmp_path):
+    done = torchrun(*QUICK, "--batch-size", 3, "--steps", 1, "--out", tmp_path / "run")
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(ours) == 1 and "split evenly into 2 processes" in ours[0], done.stderr
+    assert not our_frames(done.stderr) and not (tmp_path / "run").exists()
+
+
 def test_resume_under_two_processes_is_bit_exact(tmp_path):
     args = QUICK + ["--batch-size", 4, "--save-every", 2, "--ema-decay", 0.9]
     assert torchrun(*args, "--steps", 4, "--out", tmp_path / "straight").returncode == 0
