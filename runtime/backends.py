@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ssd.bundle import OUTPUT_NAME, STEP_OUTPUTS, Bundle, BundleError, RouteFile
+from ssd.bundle import (OUTPUT_NAME, STEP_OUTPUTS, Bundle, BundleError, RouteFile, route_contract,
+                        step_contract)
 from ssd.method import COEFFICIENTS
 from ssd.config import ConfigError, integer
 from ssd.errors import UserError, install_hint
+from ssd.torchscript_check import ROUTE_OPS, load_checked
 
 BACKENDS = ("onnxruntime", "torchscript", "tensorrt")
 DEVICES = ("cpu", "cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "torchscript": "cpu", "tensorrt": "cuda"}
 STEP_OUTPUT_NAMES = list(STEP_OUTPUTS)  # what ONNX Runtime's run() takes, built once
 
@@ -45,6 +47,31 @@ class Backend:
 
     def __init__(self, bundle: Bundle, device: str, fused: bool = False):
         self.bundle, self.device, self.fused = bundle, device, fused
+        channels = bundle.config.model.in_channels
+        self.out_shapes = {name: (channels, r.out_size, r.out_size) for name, r in bundle.routes.items()}
+        self.files = {name: name for name in bundle.routes}  # route -> the file it runs, for errors
+
+    def contract(self, route: str) -> dict:
+        """The manifest's I/O contract of a route's graph (its step graph's when fused)."""
+        r, (low, high) = self.bundle.routes[route], self.bundle.batch_range
+        contract = route_contract(route, r.in_size, r.out_size, self.bundle.config.model.in_channels,
+                                  low if low == high else "batch")
+        return step_contract(contract) if self.fused else contract
+
+    def check_outputs(self, route: str, outputs, batch: int):
+        """``outputs`` if they are what the route promises (one, or two when fused, of
+        [batch, C, out, out]); a graph whose outputs differ is refused naming its file."""
+        want = (batch, *self.out_shapes[route])
+        shapes = [tuple(getattr(out, "shape", ())) for out in outputs]
+        if len(shapes) != (2 if self.fused else 1) or any(shape != want for shape in shapes):
+            raise BackendError(f"{self.files[route]} returned shapes {shapes}; route {route} must return "
+                               f"{2 if self.fused else 1} of {list(want)}")
+        return outputs
+
+    def all_finite(self, array: Any) -> Any:
+        """Whether ``array`` holds no NaN or inf, as something ``bool()`` can read later (so a
+        GPU backend need not wait for it); None where checking would cost a copy."""
+        return None
 
     def to_array(self, array: np.ndarray) -> Any:
         return array
@@ -89,10 +116,39 @@ def use_step_graphs(bundle: Bundle, backend_format: str, fused: bool | None) -> 
     return bool(fused)
 
 
+def first_line(err: Exception, last: bool = False) -> str:
+    """One line of an error's message: the first, or the last (TorchScript's own, after its trace)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return lines[-1 if last else 0][:300]
+
+
 def load_error(path: str, backend: str, err: Exception) -> BundleError:
     """A file that passed its hash check but that the backend refuses to load."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return BundleError(f"{backend} cannot load {path}: {first[:300]}")
+    return BundleError(f"{backend} cannot load {path}: {first_line(err)}")
+
+
+def run_error(path: str, backend: str, err: Exception) -> BackendError:
+    """A graph that loaded but fails when run (shapes it lied about, memory it cannot get)."""
+    return BackendError(f"{backend} failed running {path}: {first_line(err, last=backend == 'TorchScript')}")
+
+
+def check_graph_io(session, contract: dict, path: str) -> None:
+    """Refuse an ONNX graph whose declared inputs or outputs differ from the manifest's
+    contract: names, float32, and every static dimension (axis 0, the batch, may be symbolic)."""
+    for kind, declared, wanted in (("inputs", session.get_inputs(), contract["inputs"]),
+                                   ("outputs", session.get_outputs(), contract["outputs"])):
+        got = {arg.name: (arg.type, list(arg.shape)) for arg in declared}
+        if sorted(got) != sorted(io["name"] for io in wanted):
+            raise BundleError(f"{path} has {kind} {sorted(got)}; the manifest's contract for "
+                              f"{contract['name']} says {[io['name'] for io in wanted]}")
+        for io in wanted:
+            dtype, shape = got[io["name"]]
+            fits = len(shape) == len(io["shape"]) and all(
+                have == want if isinstance(have, int) else axis == 0
+                for axis, (have, want) in enumerate(zip(shape, io["shape"])))
+            if dtype != "tensor(float)" or not fits:
+                raise BundleError(f"{path}: {io['name']} is {dtype} {shape}; the manifest's contract for "
+                                  f"{contract['name']} says float32 {list(io['shape'])}")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -139,11 +195,13 @@ class OnnxRuntimeBackend(Backend):
         self.sessions = {}
         for name, entry in routes.items():
             options = ort.SessionOptions()
-            options.log_severity_level = 3
+            options.log_severity_level = 4  # fatal only: errors become one line of ours, naming the file
             options.graph_optimization_level = level.ORT_ENABLE_EXTENDED if low_memory else level.ORT_ENABLE_ALL
             if threads is not None:
                 options.intra_op_num_threads = threads
             self.sessions[name] = self._session(ort, entry, options, providers)
+            self.files[name] = entry.path
+            check_graph_io(self.sessions[name], self.contract(name), entry.path)
 
     def _session(self, ort, entry: RouteFile, options, providers):
         path = self.bundle.verified_path(entry)
@@ -159,10 +217,20 @@ class OnnxRuntimeBackend(Backend):
         return next(iter(self.sessions.values())).get_providers()
 
     def run(self, route, x, t):
-        return self.sessions[route].run([OUTPUT_NAME], {"x": x, "t": t})[0]
+        return self._run(route, [OUTPUT_NAME], {"x": x, "t": t})[0]
 
     def run_step(self, route, x, t, coef, z):
-        return self.sessions[route].run(STEP_OUTPUT_NAMES, {"x": x, "t": t, "coef": coef, "z": z})
+        return self._run(route, STEP_OUTPUT_NAMES, {"x": x, "t": t, "coef": coef, "z": z})
+
+    def _run(self, route, names, feeds):
+        try:
+            outputs = self.sessions[route].run(names, feeds)
+        except Exception as err:  # ORT's own Fail/RuntimeException types: one line naming the file
+            raise run_error(self.files[route], "ONNX Runtime", err) from None
+        return self.check_outputs(route, outputs, feeds["x"].shape[0])
+
+    def all_finite(self, array):
+        return np.isfinite(array).all()
 
 
 def tensorrt_provider_options(bundle: Bundle) -> dict[str, str]:
@@ -202,7 +270,11 @@ def _missing_provider(provider: str, device: str, available: list[str]) -> str:
 
 
 class TorchScriptBackend(Backend):
-    """TorchScript modules on CPU or CUDA, for users who have torch; state stays on device."""
+    """TorchScript modules on CPU or CUDA, for users who have torch; state stays on device.
+
+    A TorchScript file is code: each is loaded through :func:`ssd.torchscript_check.load_checked`
+    (no ``__setstate__``, no hooks, only the operators our exporter emits), and, as such files
+    declare no shapes, run once at the bundle's smallest batch to check its outputs' shapes."""
 
     name = "torchscript"
     file_format = "torchscript"
@@ -222,11 +294,10 @@ class TorchScriptBackend(Backend):
         self.modules = {}
         for name in bundle.routes:
             entry = bundle.route_file(name, self.file_format, self.fused)
-            data = bundle.read(entry)
-            try:
-                self.modules[name] = torch.jit.load(io.BytesIO(data), map_location=device).eval()
-            except Exception as err:  # torch raises RuntimeError or pickle/zip errors
-                raise load_error(entry.path, "TorchScript", err) from None
+            self.files[name] = entry.path
+            self.modules[name] = load_checked(bundle.read(entry), entry.path, ROUTE_OPS, BundleError, device)
+        self.checked_batch = bundle.batch_range[0]
+        super().warmup(self.checked_batch)  # one call per module: output shapes, before any sampling
 
     def to_array(self, array):
         return self.torch.as_tensor(np.asarray(array, np.float32), device=self.device)
@@ -234,30 +305,46 @@ class TorchScriptBackend(Backend):
     def to_numpy(self, array):
         return array.detach().cpu().numpy()
 
+    def warmup(self, batch: int) -> None:
+        if batch != self.checked_batch:  # loading already ran every module at that batch
+            super().warmup(batch)
+
     def run(self, route, x, t):
-        with self.torch.inference_mode():
-            return self.modules[route](x, t)
+        return self._run(route, x, t)[0]
 
     def run_step(self, route, x, t, coef, z):
-        with self.torch.inference_mode():
-            return self.modules[route](x, t, coef, z)
+        return self._run(route, x, t, coef, z)
+
+    def _run(self, route, *inputs):
+        try:
+            with self.torch.inference_mode():
+                outputs = self.modules[route](*inputs)
+        except Exception as err:  # torch.jit.Error and friends: one line naming the file
+            raise run_error(self.files[route], "TorchScript", err) from None
+        return self.check_outputs(route, outputs if isinstance(outputs, tuple) else (outputs,), inputs[0].shape[0])
+
+    def all_finite(self, array):
+        return self.torch.isfinite(array).all()  # stays on the device until read
 
 
 def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str | None = None,
                  precision: str = "fp32", threads: int | None = None, low_memory: bool = False,
                  fused: bool | None = None) -> Backend:
-    """Pick and load a backend by name; one-line errors for unknown or missing ones.
-    ``fused``: sample with the bundle's step graphs (None: where it has them)."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+    """Pick and load a backend by name; one-line errors for unknown or missing ones, and for
+    options of the wrong type. ``fused``: sample with the bundle's step graphs (None: where
+    it has them)."""
+    check_choice(backend, "backend", BACKENDS)
     device = DEFAULT_DEVICE[backend] if device is None else device
-    if device not in DEVICES:
-        raise BackendError(f"unknown device {device!r}; choose from {list(DEVICES)}")
+    check_choice(device, "device", DEVICES)
+    check_choice(precision, "precision", PRECISIONS)
+    check_flag(low_memory, "low_memory")
+    check_flag(fused, "fused", optional=True)
     if threads is not None:
+        cores = available_cores()
         try:
-            threads = integer(threads, "threads", 1)
+            threads = integer(threads, "threads", 1, cores)
         except ConfigError as err:
-            raise BackendError(f"{err} (or None for all cores)") from None
+            raise BackendError(f"{err} (the cores this process may use; or None for all)") from None
     if backend == "onnxruntime":
         return OnnxRuntimeBackend(bundle, device, precision, threads, low_memory, fused)
     if backend == "tensorrt":
@@ -267,3 +354,21 @@ def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str | Non
     if precision != "fp32":
         raise BackendError("backend 'torchscript' runs fp32 only")
     return TorchScriptBackend(bundle, device, threads, fused)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def check_choice(value, name: str, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise BackendError(f"{name}={value!r}; choose from {list(choices)}")
+
+
+def check_flag(value, name: str, optional: bool = False) -> None:
+    """Booleans must be bools: ``fused="no"`` would otherwise mean True."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise BackendError(f"{name}={value!r}; expected True or False{' or None' if optional else ''}")

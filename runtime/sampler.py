@@ -7,18 +7,19 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
-from ssd.bundle import Bundle, load_bundle
+from ssd.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from ssd.config import ConfigError, check_seed, integer
 from ssd.errors import UserError
 from ssd.images import to_uint8
 from ssd.method import SampleState, Step, StepFn, denoise_then_update, initial_noise, sample_loop
 
-from .backends import Backend, make_backend
+from .backends import Backend, check_flag, make_backend
 
 # callback(step_index, total_steps, t, resolution) after every network call
 StepCallback = Callable[[int, int, int, int], None]
@@ -44,9 +45,14 @@ class Sampler:
         Runtime's intra-op pool; default all cores). ``low_memory``: ONNX Runtime graphs
         share one copy of the weights, at some cost in CPU speed. ``fused``: one call per step through the bundle's step graphs
         (default: where the bundle has them); ``False`` runs the route graphs and the
-        posterior update in numpy, the reference path.
+        posterior update in numpy, the reference path. Options of the wrong type (``"no"``
+        for a bool, ``"4"`` for an int) are refused, as are more threads than cores.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise BundleError(f"bundle path {path!r}; expected a str or a path")
+        check_flag(warmup, "warmup")
         bundle = load_bundle(path)
+        check_covariances(bundle)
         sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused))
         if warmup:
             sampler.backend.warmup(sampler.batch_range[0])
@@ -75,7 +81,9 @@ class Sampler:
     def plan(self, steps: int | None = None) -> list[Step]:
         """The per-step coefficients for ``steps`` (default T); unfused, with the update's
         matrices in the backend's type (fused step graphs hold their own)."""
-        plan = self.bundle.space.plan(steps)
+        with np.errstate(invalid="ignore"):  # refused below, with one line, not a warning
+            plan = self.bundle.space.plan(steps)
+        check_plan(self.bundle, plan)
         if self.backend.fused:
             return plan
         to_array = lambda a: self.backend.to_array(np.asarray(a, np.float32))
@@ -160,13 +168,41 @@ class Sampler:
         channels = self.bundle.config.model.in_channels
         x = backend.stage_noise(initial_noise(rng, batch, channels, plan[0].in_size))
         state: SampleState | None = None
+        finite = []  # per step, read only if the batch ends non-finite (no GPU sync per step)
         for state in sample_loop(plan, step_fn, x, rng, backend.stage_noise):
             step = state.step
+            finite.append(backend.all_finite(state.x))
             if callback is not None:
                 callback(step.index, len(plan), step.t, step.in_size)
             if preview is not None and step.changes_size:
                 preview(step.out_size, to_uint8(backend.to_numpy(state.x0_pred)))
-        return backend.to_numpy(state.x)
+        x = backend.to_numpy(state.x)
+        if not np.isfinite(x).all():
+            bad = next((s for s, ok in zip(plan, finite) if ok is not None and not bool(ok)), plan[-1])
+            raise BundleError(f"sampling produced NaN or inf at step {bad.index + 1}/{len(plan)} (t={bad.t}, "
+                               f"route {bad.route}, {backend.files[bad.route]}); no images written from this batch")
+        return x
+
+
+def check_covariances(bundle: Bundle) -> None:
+    """Refuse halving matrices whose ``A^T A`` has an eigenvalue above 1 (a true averaging
+    filter stays near 0.5): the noise covariance ``1 - rho alpha l_i l_j`` of a size-doubling
+    step could turn negative and its square root NaN."""
+    for size in bundle.space.ladder[1:]:
+        largest = float(bundle.space.update_constants(size)[2].max())
+        if not largest <= 1.0:
+            raise BundleError(f"{bundle.path / MANIFEST}: process.halving.{size} is no averaging filter "
+                              f"(A^T A has eigenvalue {largest ** 0.5:.3g} > 1), so the noise covariance "
+                              "can turn negative")
+
+
+def check_plan(bundle: Bundle, plan: list[Step]) -> None:
+    """Refuse a plan with a non-finite coefficient (a negative variance's square root)."""
+    for step in plan:
+        if not (np.isfinite(step.coefficients()).all()
+                and (step.noise_scale is None or np.isfinite(step.noise_scale).all())):
+            raise BundleError(f"{bundle.path / MANIFEST}: the process gives step {step.index + 1}/{len(plan)} "
+                              f"(t={step.t}, route {step.route}) a negative noise variance")
 
 
 __all__ = ["Sampler", "to_uint8", "UserError"]

@@ -24,12 +24,16 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import FASHION_MNIST, IMAGE_EXTENSIONS, DataError, read_idx
+from .data import FASHION_MNIST, DataError, decode_image, find_images, read_idx
 from .errors import UserError
 from .files import write_atomic
 
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: caches are keyed by it
 FEATURES = 128
+INCEPTION_FEATURES = 2048
+MIN_IMAGES = 4  # precision/recall's k=3 nearest neighbours need 4 points in each set (KID and FD 2)
+MIN_SIZE = 8  # px: the classifier pools twice and SWD's pyramid stops at 8
+TRAIN_BATCH = 128
 
 
 @dataclass
@@ -57,36 +61,36 @@ def fashion_mnist_split(split: str) -> ImageSet:
 
 
 def read_folder(folder, channels: int | None = None, size: int | None = None, limit: int | None = None) -> ImageSet:
-    """PNG/JPEG files under ``folder`` (sorted); class subfolders become labels. Images are
-    converted to ``channels`` (1: grey, 3: RGB) and resized to ``size`` where given."""
+    """Image files under ``folder`` (sorted), decoded as the training data is (16-bit and float
+    images rescaled; see :func:`ssd.data.decode_image`); two or more class subfolders become
+    labels. Images are converted to ``channels`` (1: grey, else RGB) and resized to ``size``
+    where given. Any unreadable file is a one-line :class:`DataError` naming it."""
     from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"no image folder at {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not p.name.startswith(("grid", "preview", ".")))
+    paths = [p for p in find_images(folder) if not p.name.startswith(("grid", "preview", "."))]
     if limit is not None:
         paths = paths[:limit]
     if not paths:
         raise DataError(f"no images in {folder}")
     classes = sorted({p.parent.name for p in paths if p.parent != folder})
-    labelled = classes and all(p.parent != folder for p in paths)
+    labelled = len(classes) > 1 and all(p.parent != folder for p in paths)
     images = []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                if size is not None and image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BICUBIC)
-                array = np.asarray(image, np.uint8)
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {path}: {err}") from None
+        image = decode_image(path, "L" if channels == 1 else "RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, np.uint8)
         images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     try:
         stacked = np.stack(images)
     except ValueError:
         raise DataError(f"images in {folder} differ in size; pass them through one resize first") from None
+    if min(stacked.shape[-2:]) < MIN_SIZE:
+        raise DataError(f"images in {folder} are {stacked.shape[-1]}x{stacked.shape[-2]} px; "
+                        f"ssd-eval needs at least {MIN_SIZE}x{MIN_SIZE}")
     labels = np.array([classes.index(p.parent.name) for p in paths]) if labelled else None
     return ImageSet(stacked, str(folder), labels)
 
@@ -136,13 +140,14 @@ def train_classifier(data: ImageSet, epochs: int = 2, seed: int = 0, log=print) 
     rng = np.random.default_rng(seed)
     net = FeatureNet(data.images.shape[1], int(data.labels.max()) + 1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    steps = epochs * (len(data.images) // 128)
+    batch = min(TRAIN_BATCH, len(data.images))
+    steps = epochs * (len(data.images) // batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=max(steps, 1))
     net.train()
     for epoch in range(epochs):
         order = rng.permutation(len(data.images))
-        for start in range(0, len(order) - 127, 128):
-            index = order[start:start + 128]
+        for start in range(0, len(order) - batch + 1, batch):
+            index = order[start:start + batch]
             x = torch.from_numpy(data.images[index]).float() / 127.5 - 1.0
             flip = torch.from_numpy(rng.random(len(index)) < 0.5)
             x[flip] = x[flip].flip(-1)
@@ -182,6 +187,9 @@ def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> Fea
         except Exception:  # a damaged cache file is retrained, not fatal
             log(f"retraining the classifier: cannot load {path}")
     log(f"training the feature classifier on {train.source} ({len(train.images)} images, once; cached in {path.parent})")
+    if len(train.images) < TRAIN_BATCH:
+        log(f"warning: {len(train.images)} labelled images are under one training batch ({TRAIN_BATCH}); "
+            "the classifier metrics (FD, KID, precision/recall) will be rough")
     net = train_classifier(train, log=log)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,11 +202,15 @@ def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> Fea
 # --------------------------------------------------------------------------- Inception
 def inception_features(images: np.ndarray, weights: Path, batch: int = 100) -> np.ndarray:
     """2048-d pool features of NVIDIA's TorchScript Inception (``inception-2015-12-05.pt``),
-    which takes uint8 RGB [N, 3, H, W] and resizes to 299 itself."""
+    which takes uint8 RGB [N, 3, H, W] and resizes to 299 itself. The file is code, so it is
+    loaded through :func:`ssd.torchscript_check.load_checked` (Inception's operators only)."""
+    from .torchscript_check import INCEPTION_OPS, load_checked
+
     try:
-        model = torch.jit.load(str(weights), map_location="cpu").eval()
-    except Exception as err:
-        raise UserError(f"cannot load --inception-weights {weights} as TorchScript: {str(err).splitlines()[0][:200]}") from None
+        data = Path(weights).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read --inception-weights {weights}: {err.strerror or err}") from None
+    model = load_checked(data, f"--inception-weights {weights}", INCEPTION_OPS)
     rgb = images if images.shape[1] == 3 else np.repeat(images, 3, axis=1)
     with torch.no_grad():
         out = [model(torch.from_numpy(rgb[i:i + batch]), return_features=True).numpy()
@@ -206,11 +218,34 @@ def inception_features(images: np.ndarray, weights: Path, batch: int = 100) -> n
     return np.concatenate(out).astype(np.float64)
 
 
+def checked_inception_features(images: np.ndarray, weights: Path) -> np.ndarray:
+    """:func:`inception_features`, or a one-line :class:`UserError` when the model fails on
+    the images or gives anything but finite features [N, 2048]."""
+    try:
+        features = inception_features(images, weights)
+    except UserError:
+        raise
+    except Exception as err:  # a foreign TorchScript file can fail in any way when called
+        raise UserError(f"--inception-weights {weights} failed on the images: "
+                        f"{(str(err) or type(err).__name__).splitlines()[0][:200]}") from None
+    expected = (len(images), INCEPTION_FEATURES)
+    if features.shape != expected:
+        raise UserError(f"--inception-weights {weights} gave features of shape {list(features.shape)}, "
+                        f"not {list(expected)}: is it inception-2015-12-05.pt?")
+    if not np.isfinite(features).all():
+        raise UserError(f"--inception-weights {weights} gave NaN or infinite features: the weights are damaged")
+    return features
+
+
 # --------------------------------------------------------------------------- the report
 def evaluate(samples: ImageSet, train: ImageSet | None, reference: ImageSet, inception: Path | None = None,
              cache: Path | None = None, log=print) -> dict:
     """Every metric this data allows, as a JSON-able dict."""
     n = min(len(samples.images), len(reference.images))
+    if n < MIN_IMAGES:
+        raise DataError(f"ssd-eval needs at least {MIN_IMAGES} samples and {MIN_IMAGES} reference images "
+                        f"(precision/recall use 3 nearest neighbours); got {len(samples.images)} samples "
+                        f"and {len(reference.images)} reference images")
     result = {"samples": samples.source, "n_samples": len(samples.images), "reference": reference.source,
               "n_reference": len(reference.images)}
     if train is not None:
@@ -226,8 +261,8 @@ def evaluate(samples: ImageSet, train: ImageSet | None, reference: ImageSet, inc
         }
     result["swd"] = metrics.sliced_wasserstein(reference.as_float()[:n], samples.as_float()[:n])
     if inception is not None:
-        result["fid"] = metrics.frechet_distance(inception_features(reference.images, inception),
-                                                 inception_features(samples.images, inception))
+        result["fid"] = metrics.frechet_distance(checked_inception_features(reference.images, inception),
+                                                 checked_inception_features(samples.images, inception))
     return result
 
 
