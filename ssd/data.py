@@ -7,12 +7,15 @@ trainer draws batches from it and applies its own seeded random flips.
 Image folders: every file with a common image extension, recursively, is read as RGB,
 centre-cropped to a square and resized to the model size. Files that cannot be read, or
 whose shorter side is below the model size, are skipped with a warning (upscaling would
-teach the model blur); if no file is left, :class:`DataError` says why.
+teach the model blur); if no file is left, :class:`DataError` says why. :func:`decode_image`
+is the one image decoder (``ssd-eval`` uses it too): 16-bit and float images are rescaled,
+not clipped, and images over :data:`MAX_PIXELS` are refused before they are decoded.
 """
 from __future__ import annotations
 
 import gzip
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,12 +29,17 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture" / "images"  # ships inside the package
 DATA_CHOICES = ("fashion-mnist", "fixture")  # or a folder path
 MAX_WARNINGS = 5  # skipped files reported one by one; the rest are counted
+MAX_PIXELS = 8192 * 8192  # larger images are refused from their header, before decoding
 
 Warn = Callable[[str], None]
 
 
 class DataError(UserError, ValueError):
     """A data set is missing, empty, unreadable or too small for the model."""
+
+
+class UnreadableImageError(DataError):
+    """One image file that cannot be decoded, or is too large to; the message names it."""
 
 
 class _TooSmall(Exception):
@@ -96,19 +104,42 @@ def square_resize(image, size: int):
     return image.resize((size, size), resample=resample)
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One file as uint8 ``[3, size, size]``; ``_TooSmall`` if its shorter side is below ``size``.
+def decode_image(path: Path, mode: str = "RGB", min_side: int = 0):
+    """One image file as a loaded 8-bit PIL image in ``mode`` ("L" or "RGB").
 
     16- and 32-bit integer images are scaled by their bit depth, float images from [0, 1]
-    (Pillow's own RGB conversion would clip them to white or black).
+    (Pillow's own conversion would clip them to white or black). Raises
+    :class:`UnreadableImageError` for a file that is not a readable image or declares more
+    than :data:`MAX_PIXELS`, and ``_TooSmall`` if its shorter side is below ``min_side``.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        if min(image.size) < size:
-            raise _TooSmall(f"{image.size[0]}x{image.size[1]} is smaller than {size}x{size}")
-        image = square_resize(to_8bit(image, path), size)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    too_large = f"is over the {MAX_PIXELS:,} pixels this reads; resize it first"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise UnreadableImageError(f"cannot read {path}: {width}x{height} {too_large}")
+                if min(width, height) < min_side:
+                    raise _TooSmall(f"{width}x{height} is smaller than {min_side}x{min_side}")
+                return to_8bit(image, path).convert(mode)
+    except UnreadableImageError:  # a DataError, so a ValueError too: not to be wrapped twice
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger limits
+        raise UnreadableImageError(f"cannot read {path}: it {too_large}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot read {path}: not an image in a format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        reason = (getattr(err, "strerror", None) or str(err) or type(err).__name__).splitlines()[0]
+        raise UnreadableImageError(f"cannot read {path}: {reason}") from None
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One file as uint8 ``[3, size, size]``; ``_TooSmall`` if its shorter side is below ``size``."""
+    image = square_resize(decode_image(path, "RGB", min_side=size), size)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def to_8bit(image, path: Path):
@@ -131,8 +162,6 @@ def to_8bit(image, path: Path):
 
 def load_image_folder(folder, image_size: int, warn: Warn | None = warn_stderr) -> ImageDataset:
     """Every readable image under ``folder`` at ``image_size``; see the module docstring."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"data folder not found: {folder}")
@@ -147,8 +176,8 @@ def load_image_folder(folder, image_size: int, warn: Warn | None = warn_stderr) 
             images.append(read_image(path, image_size))
         except _TooSmall as err:
             too_small.append(f"{path} is {err}")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            unreadable.append(f"cannot read {path}: {err}")
+        except UnreadableImageError as err:
+            unreadable.append(str(err))
     if not images:
         if too_small and not unreadable:
             raise DataError(f"every image in {folder} is too small for the model, e.g. {too_small[0]}")

@@ -17,7 +17,9 @@ import numpy as np
 def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean [d] and covariance [d, d] (float64) of features [n, d]."""
     features = np.asarray(features, np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"a Gaussian fit needs features [n >= 2, d], got shape {list(features.shape)}")
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
 
 
 def frechet_distance_gaussians(mu1, cov1, mu2, cov2) -> float:
@@ -40,6 +42,8 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subs
     """KID: mean and standard deviation over ``subsets`` random subsets of the unbiased MMD²."""
     x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     d, m = x.shape[1], min(subset_size, len(x), len(y))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 feature vectors in each set, got {len(x)} and {len(y)}")
     rng = np.random.default_rng(seed)
     kernel = lambda a, b: (a @ b.T / d + 1.0) ** 3
     values = []
@@ -79,6 +83,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     """Improved precision (fake inside the real manifold) and recall (real inside the fake
     one), each manifold the union of k-NN balls around its samples."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} need at least {k + 1} points in each set, "
+                         f"got {len(real)} and {len(fake)}")
     precision = _coverage(fake, real, _knn_radii(real, k))
     recall = _coverage(real, fake, _knn_radii(fake, k))
     return precision, recall
