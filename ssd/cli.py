@@ -55,7 +55,10 @@ def _need_train_extra(tool: str) -> None:
 @_option("grad_accum", click.IntRange(min=1), "Split each batch into K micro-batches (gradient accumulation).")
 @_option("lr", float, "AdamW learning rate.")
 @_option("weight_decay", float, "AdamW weight decay.")
-@_option("ema_decay", float, "EMA decay (0.999 suits short demos).")
+@_option("ema_decay", float, "EMA decay (reached after the warm-up).")
+@click.option("--ema-warmup/--no-ema-warmup", "ema_warmup", default=True, show_default=True,
+              help="Warm the EMA decay up, min(--ema-decay, (1+t)/(10+t)) at step t, so short runs "
+                   "get a usable EMA; off = a fixed --ema-decay. --resume keeps the checkpoint's.")
 @_option("grad_clip", float, "Max gradient norm.")
 @_option("save_every", click.IntRange(min=1), "Checkpoint every N steps (and at the end).")
 @_option("sample_every", click.IntRange(min=0), "Sample grid every N steps (0 = never).")

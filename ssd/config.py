@@ -201,6 +201,9 @@ class TrainConfig(Typed):
     lr: float = spec(1e-4, lo=0.0, hi=10.0)
     weight_decay: float = spec(0.0, lo=0.0, hi=10.0)
     ema_decay: float = spec(0.9999, lo=0.0, hi=1.0)
+    # Warm the EMA decay up (ssd.train.ema_decay_at). False, a fixed decay, is what a checkpoint
+    # from before this field means, so it resumes unchanged; new runs turn it on (ssd.train.start_run).
+    ema_warmup: bool = False
     grad_clip: float | None = spec(None, lo=0.0)  # max gradient norm; None = off
     steps: int = spec(10_000, lo=1, hi=MAX_STEPS)
     save_every: int = spec(1000, lo=1, hi=MAX_STEPS)

@@ -24,7 +24,7 @@ from .checkpoint import (Checkpoint, latest_checkpoint, load_optimizer, load_sta
                          save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset, normalize_spec
-from .distributed import Dist, PeerFailedError, is_collective_failure
+from .distributed import Dist, PeerFailedError, is_collective_failure, sigterm_grace
 from .errors import OutputError, UserError
 from .files import describe
 from .images import make_grid, save_png
@@ -33,13 +33,31 @@ from .torch_process import TorchScaleSpace
 from .unet import FlexiUNet
 
 # Fields a resumed run must share with its checkpoint (the others may change, e.g. --steps).
-RESUME_FIXED = ("preset", "levels", "data", "batch_size", "lr", "weight_decay", "ema_decay", "grad_clip", "seed")
+RESUME_FIXED = ("preset", "levels", "data", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup",
+                "grad_clip", "seed")
+# Defaults of a new run that differ from TrainConfig's, which are what older checkpoints mean.
+NEW_RUN_DEFAULTS = {"ema_warmup": True}
 SAMPLE_COUNT = 16  # images in each sample grid
 
 
 class DivergedError(UserError):
     """The loss or the weights became NaN or infinite; nothing after the last good checkpoint
     was saved."""
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The decay of the EMA update that follows ``step`` earlier ones (the global step).
+
+    Without ``warmup``: ``decay``, fixed, as the SSD authors' ``update_ema`` with ``ema_rate``
+    0.9999 (prateksha/ScaleSpaceDiffusion, guided_diffusion/nn.py and train_util.py). With it:
+    ``min(decay, (1 + step) / (10 + step))``, and 0 for the first update (the EMA starts as the
+    trained weights), as diffusers' ``EMAModel.get_decay`` with ``use_ema_warmup=False``
+    (src/diffusers/training_utils.py). It reaches 0.85 after 50 steps, 0.999 after 9k and
+    0.9999 after 90k, so a short run's EMA is no longer stuck at the random initial weights.
+    """
+    if not warmup:
+        return decay
+    return 0.0 if step == 0 else min(decay, (1 + step) / (10 + step))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,9 +229,11 @@ class Trainer:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """``ema <- decay * ema + (1 - decay) * weights``; buffers are copied."""
+        """``ema <- decay * ema + (1 - decay) * weights`` with the decay of :func:`ema_decay_at`
+        at the global step (restored on resume); buffers are copied. Call before ``step += 1``."""
+        decay = ema_decay_at(self.step, self.cfg.ema_decay, self.cfg.ema_warmup)
         for averaged, current in zip(self.ema.parameters(), self.model.parameters()):
-            averaged.lerp_(current, 1.0 - self.cfg.ema_decay)
+            averaged.lerp_(current, 1.0 - decay)
         for averaged, current in zip(self.ema.buffers(), self.model.buffers()):
             averaged.copy_(current)
 
@@ -265,6 +285,7 @@ class Trainer:
                     loss = self.run_step()
                 except Exception as err:
                     if self.dist.active and is_collective_failure(err):
+                        sigterm_grace()  # a stop of every rank reads as a stop, not a failure
                         raise self.peer_failed() from None
                     raise
                 if not math.isfinite(loss):  # every rank sees the same averaged loss
@@ -311,7 +332,7 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
         given = {**given, "data": normalize_spec(given["data"])}
     check_run_dir(out, resume)
     checkpoint = read_checkpoint(latest_checkpoint(out)) if resume else None
-    cfg = config_for_resume(checkpoint, given) if resume else TrainConfig(**given)
+    cfg = config_for_resume(checkpoint, given) if resume else TrainConfig(**{**NEW_RUN_DEFAULTS, **given})
     trainer = Trainer(cfg, out, dataset, dist)  # writes nothing yet
     if checkpoint is not None:
         trainer.restore(checkpoint)
