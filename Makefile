@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned so installs stay small; GPU users install their own torch first.
 TORCH_PIN ?= torch==2.13.0
 
-# The shipped model (models/fashion-mnist, see README) exported and sampled: a few minutes.
-DEMO_MODEL ?= models/fashion-mnist
+# The shipped model (ssd/models/fashion-mnist, package data, see README) exported and sampled:
+# a few minutes. (A wheel install gets the same model from `ssd-run` with no bundle.)
+DEMO_MODEL ?= ssd/models/fashion-mnist
 DEMO_BUNDLE ?= bundles/default
 DEMO_OUT ?= samples
 # Retraining it from scratch (make train-demo): the exact recipe of the shipped model.

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from ssd.bundle import BundleError
 from ssd.config import MAX_BATCH
 from ssd.errors import cli_errors, run_cli
-from ssd.outputs import output_folder
+from ssd.outputs import check_target, output_folder
 from ssd.images import SampleWriter, make_grid, save_png
 
 from .backends import BACKENDS, DEVICES
@@ -22,7 +21,9 @@ def progress_bar(total_steps: int, batches: int, enabled: bool = True):
     """A tqdm bar over all network calls, showing the current resolution; returns a callback."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps * batches, unit="step", dynamic_ncols=True, disable=not enabled)
+    # on a terminal only (a log file gets no bar updates), cleared when done or failed
+    bar = tqdm(total=total_steps * batches, unit="step", dynamic_ncols=True, disable=None if enabled else True,
+               leave=False)
 
     def on_step(index, total, t, resolution):
         bar.set_postfix(t=t, res=resolution, refresh=False)
@@ -68,13 +69,20 @@ def first_batch_previews(out: Path, params: dict):
 @cli_errors
 def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads, low_memory,
                 fused, progress):
-    """Sample images from an SSD BUNDLE (default: bundles/default from `make demo`).
+    """Sample images from an SSD BUNDLE.
+
+    Without BUNDLE: bundles/default where it exists (a source checkout's `make demo`), else
+    the packaged Fashion-MNIST model, exported once into the user cache ($SSD_CACHE, or
+    ~/.cache/ssd; needs the 'export' extra that once) and reused from there.
 
     PNGs are written as each batch finishes, so memory stays bounded by one batch."""
-    if bundle is None and not DEFAULT_BUNDLE.exists():
-        raise BundleError(f"no BUNDLE given and {DEFAULT_BUNDLE} does not exist: `make demo` exports the shipped "
-                          f"model there, or: ssd-export RUN --out {DEFAULT_BUNDLE}")
-    bundle = bundle or DEFAULT_BUNDLE
+    if bundle is None and DEFAULT_BUNDLE.exists():
+        bundle = DEFAULT_BUNDLE
+    elif bundle is None:
+        from .default_model import default_bundle
+
+        check_target(out, "samples", "ssd-run", reuse=True)  # refuse a bad --out before a long export
+        bundle = default_bundle(lambda line: click.echo(line, err=True))
     sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
                                   threads=threads, low_memory=low_memory, fused=fused)
     batch = sampler.check_batch(n, batch)

@@ -28,7 +28,7 @@ from ssd_runtime.cli import main as run_main
 from conftest import assert_one_line_error, run_main as call
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASE = ROOT / "models" / "fashion-mnist"  # weights-only: ema.safetensors and state.json
+RELEASE = ROOT / "ssd" / "models" / "fashion-mnist"
 QUICK = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress"]
 SHA = "0" * 64
 
