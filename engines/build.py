@@ -29,19 +29,18 @@ engine (see the README's backend table).
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ssd.bundle import MANIFEST, Bundle, load_bundle, sha256_file, step_contract
+from ssd.bundle import Bundle, load_bundle, sha256_file, step_contract
 from ssd.engine_registry import (EngineMismatchError, EngineRecord, EngineSet, Platform, select_engine_set,
                                  set_name, tensorrt_major)
+from ssd.cases import route_cases, step_coefficients
 from ssd.errors import UserError
+from ssd.files import write_atomic
 from ssd.precision import fp32_nodes
 from ssd.schema import to_json
 
@@ -185,11 +184,9 @@ def refit_engine(trt, engine_bytes: bytes, onnx_path: Path) -> bytes:
 # --------------------------------------------------------------------------- the bundle
 def build_engines(bundle_path: Path, precision: str, refit: bool, echo: Echo, previous: Path | None = None,
                   workspace_mib: int = WORKSPACE_MIB, machine=None) -> EngineSet:
-    """Build (or with ``refit``, refit) one engine per route into ``bundle_path`` and register
-    the set in its manifest (replacing a set of the same name). ``previous``: the bundle
-    this one replaces, whose engines a refit starts from."""
-    from ssd_export import bundle_writer
-
+    """Build (or with ``refit``, refit) one engine per route into ``bundle_path``; returns the
+    engine set's record, for the bundle writer to register in the manifest. ``previous``:
+    the bundle this one replaces, whose engines a refit starts from."""
     trt, cudart, here = machine or check_machine()
     bundle = load_bundle(bundle_path)
     plan = plan_build(here.tensorrt, precision, bundle.formats())
@@ -214,7 +211,7 @@ def build_engines(bundle_path: Path, precision: str, refit: bool, echo: Echo, pr
             data, timing = build_engine(trt, onnx_path, plan, shapes, refit, timing, workspace_mib)
             how = "built"
         path = folder / f"{route_name}.plan"
-        _write_atomic(path, data)
+        write_atomic(path, data)
         comparison = compare_with_onnxruntime(trt, cudart, bundle, route_name, data, precision)
         echo(f"  {how} {route_name:<12} {len(data) / 1e6:.1f} MB, max |diff| vs ONNX Runtime fp32 "
              f"{comparison['max_abs']:.2e} ({'ok' if comparison['passed'] else 'FAILED'})")
@@ -223,15 +220,11 @@ def build_engines(bundle_path: Path, precision: str, refit: bool, echo: Echo, pr
                                    f"{comparison['max_abs']:.2e} > {comparison['tolerance']:.0e}")
         records.append(EngineRecord(route_name, path.relative_to(bundle_path).as_posix(), sha256_file(path),
                                     path.stat().st_size, entry.path, entry.sha256, comparison))
-    _write_atomic(cache_path, timing)
+    write_atomic(cache_path, timing)
     engine_set = EngineSet(
         name, here.gpu, here.compute_capability, here.tensorrt, precision, "step", plan.onnx_format,
         low, high, high, plan.strongly_typed, refit, cache_path.relative_to(bundle_path).as_posix(),
         tuple(records), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    manifest = json.loads((bundle_path / MANIFEST).read_text())  # as written, checked by load_bundle
-    sets = [s for s in manifest.get("engines", {}).get("sets", []) if s["name"] != name]
-    manifest["engines"] = {"sets": [*sets, json.loads(json.dumps(to_json(engine_set)))]}
-    bundle_writer.write_manifest(bundle_path, manifest)
     return engine_set
 
 
@@ -266,25 +259,11 @@ def _refit_source(bundle_path: Path, name: str) -> dict[str, bytes] | None:
     return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: bytes, precision: str) -> dict:
     """Run the engine and ONNX Runtime fp32 (CPU) on the same seeded step inputs, at the
     bundle's smallest and largest batch; max |difference| over both outputs."""
     import onnxruntime as ort
 
-    from ssd_export.verify import route_cases, step_coefficients
     from ssd_runtime.cuda import DeviceBuffer, Stream
     from ssd_runtime.tensorrt_backend import EngineRunner
 
@@ -312,8 +291,9 @@ def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: by
             worst = max(worst, *(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ours, ref)))
     finally:
         stream.synchronize()
-        runner.free()
+        runner.close()
         if scratch is not None:
             scratch.free()
+        stream.close()
     return {"max_abs": worst, "tolerance": TOLERANCES[precision], "cases": len(cases),
             "passed": bool(worst <= TOLERANCES[precision])}

@@ -18,7 +18,7 @@ from ssd.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, Manifest, 
 from ssd.config import SSDConfig
 from ssd.errors import UserError
 from ssd.files import write_json_atomic
-from ssd.schema import ConfigError, parse
+from ssd.schema import ConfigError, parse, to_json
 
 
 class TargetError(UserError):
@@ -97,6 +97,15 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     path = Path(folder) / MANIFEST
     write_json_atomic(path, manifest)
     return path
+
+
+def record_engine_set(folder: Path, engine_set) -> Path:
+    """Register ``engine_set`` (from ``ssd_engines.build``) in ``folder``'s manifest,
+    replacing a set of the same name."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())  # as written, checked by load_bundle
+    sets = [s for s in manifest.get("engines", {}).get("sets", []) if s["name"] != engine_set.name]
+    manifest["engines"] = {"sets": [*sets, json.loads(json.dumps(to_json(engine_set)))]}
+    return write_manifest(folder, manifest)
 
 
 def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], routes: list[dict],

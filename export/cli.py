@@ -134,11 +134,14 @@ def engines_for_bundle(bundle: Path, out: Path | None, options: ExportOptions) -
 def build_engines_here(bundle: Path, options: ExportOptions, machine, previous: Path | None) -> None:
     from ssd_engines.build import build_engines, engines_current
 
+    from .bundle_writer import record_engine_set
+
     if engines_current(bundle, options.precision, machine):
         click.echo(f"{bundle} already has current TensorRT engines for this GPU ({options.precision})")
         return
     click.echo(f"building TensorRT engines ({options.precision}) for {machine[2].gpu} into {bundle}")
     engine_set = build_engines(bundle, options.precision, options.refit, click.echo, previous, machine=machine)
+    record_engine_set(bundle, engine_set)
     click.echo(f"engine set {engine_set.name}: {len(engine_set.engines)} engines, TensorRT {engine_set.tensorrt}")
 
 

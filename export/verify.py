@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ssd.cases import SEED, route_cases, step_coefficients  # noqa: F401 (the pipeline calls them here)
 from ssd.errors import UserError
 
 TOLERANCES = {"onnx": 1e-3, "onnx-fp16": 5e-2, "torchscript": 1e-4}  # route and step graphs alike
 END_TO_END_TOLERANCE = 1e-3  # max |x_0| difference after sampling, float space
 END_TO_END_MAX_LEVELS = 1  # uint8 images may differ by one level at rounding edges
-SEED = 0
 
 
 class VerificationError(UserError):
@@ -39,15 +39,6 @@ def check_timesteps(space) -> list[int]:
     for t in space.change_steps.tolist():
         values |= {t - 1, t, min(t + 1, last)}
     return sorted(values)
-
-
-def batches(t_values: list[int], batch: tuple[int, int]) -> list[np.ndarray]:
-    """Split the check timesteps into batches the export accepts (cycling to fill a fixed one)."""
-    low, high = batch
-    size = min(max(len(t_values), low), high)
-    count = -(-len(t_values) // size)
-    cycled = np.resize(np.asarray(t_values, np.float32), count * size)
-    return [cycled[i * size:(i + 1) * size] for i in range(count)]
 
 
 def onnx_runner(path: Path):
@@ -82,22 +73,6 @@ def _as_list(outputs) -> list[np.ndarray]:
 RUNNERS = {"onnx": onnx_runner, "onnx-fp16": onnx_runner, "torchscript": torchscript_runner}
 
 
-def route_cases(contract: dict, t_values: list[int], batch: tuple[int, int], seed: int = SEED,
-                coefs: list[np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
-    """Seeded inputs for one route: ``x`` and ``t`` per check batch; with ``coefs`` (a step
-    graph's check) also ``coef``, cycling through the given vectors, and white noise ``z``."""
-    channels, size, out = contract["inputs"][0]["shape"][1], contract["in_size"], contract["out_size"]
-    rng = np.random.default_rng([seed, size, out])
-    cases = []
-    for i, t in enumerate(batches(t_values, batch)):
-        case = {"x": rng.standard_normal((len(t), channels, size, size), dtype=np.float32), "t": t}
-        if coefs is not None:
-            case["coef"] = np.asarray(coefs[i % len(coefs)], np.float32)
-            case["z"] = rng.standard_normal((len(t), channels, out, out), dtype=np.float32)
-        cases.append(case)
-    return cases
-
-
 def verify_route(module, cases: list[dict[str, np.ndarray]], files: dict[str, Path],
                  t_values: list[int]) -> dict[str, dict]:
     """Compare each format's file of one route (or one step graph) with the eager PyTorch
@@ -124,13 +99,6 @@ def verify_route(module, cases: list[dict[str, np.ndarray]], files: dict[str, Pa
             "passed": bool(max_abs <= TOLERANCES[fmt]),
         }
     return results
-
-
-def step_coefficients(space, route: str) -> list[np.ndarray]:
-    """Real ``coef`` vectors of a route's steps (full T): first, middle and last, so the
-    final step's (x_s = x0_pred) is among them where the route makes it."""
-    vectors = [step.coefficients() for step in space.plan() if step.route == route]
-    return [vectors[i] for i in sorted({0, len(vectors) // 2, len(vectors) - 1})]
 
 
 def _errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -173,12 +141,21 @@ def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", s
     ``Sampler.sample_float`` with ``ssd.sample.sample_states`` in float space, and the same
     images as uint8 with ``ssd.sample.sample_images`` (rounding edges may differ by a level).
     """
-    from ssd.images import to_uint8
-    from ssd.method import ScaleSpace
-    from ssd.sample import sample_images, sample_states
     from ssd_runtime import Sampler
 
     samplers = {mode: Sampler.from_bundle(bundle_path, backend=backend, warmup=False, fused=mode) for mode in fused}
+    try:
+        return _compare(samplers, model, config, backend, seed)
+    finally:
+        for sampler in samplers.values():
+            sampler.close()
+
+
+def _compare(samplers: dict, model, config, backend: str, seed: int) -> dict:
+    from ssd.images import to_uint8
+    from ssd.method import ScaleSpace
+    from ssd.sample import sample_images, sample_states
+
     low, high = next(iter(samplers.values())).batch_range
     n = min(max(2, low), high)
     space = ScaleSpace.from_config(config)

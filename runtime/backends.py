@@ -6,12 +6,17 @@ GPU, so the whole step (network and posterior update) stays on the device. A fut
 TensorRT backend plugs in the same way. Heavy imports happen inside the backend that needs
 them, never at module import.
 
+A backend holds what it loaded (sessions, modules, device memory) until :meth:`Backend.close`;
+a failure part-way through its construction releases what it had already taken.
+
 Every file a backend loads was first checked by :class:`ssd.bundle.Bundle` (inside the
 bundle, a regular file, size and sha256); a file that passes its hash but still cannot be
 loaded is a :class:`BundleError` naming it.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import importlib.metadata
 import os
@@ -38,18 +43,58 @@ class BackendError(UserError):
     """A backend or device that is not installed or cannot serve this bundle."""
 
 
+def release_all(steps) -> None:
+    """Call every release step even when one fails, then raise the first failure."""
+    first = None
+    for step in steps:
+        try:
+            step()
+        except Exception as err:
+            first = first or err
+    if first is not None:
+        raise first
+
+
+@contextlib.contextmanager
+def closing_on_error(resource):
+    """Close ``resource`` if the block fails, then raise the block's error (not a cleanup
+    error: the first failure is the one worth reading)."""
+    try:
+        yield resource
+    except BaseException:
+        with contextlib.suppress(Exception):
+            resource.close()
+        raise
+
+
 class Backend:
     """Interface: ``run(route, x, t) -> x0_pred`` on the backend's own array type, or with
-    fused step graphs (``fused``) ``run_step(route, x, t, coef, z) -> (x_s, x0_pred)``."""
+    fused step graphs (``fused``) ``run_step(route, x, t, coef, z) -> (x_s, x0_pred)``;
+    :meth:`close` releases what the backend holds."""
 
     name = "base"
     file_format = ""
+    closed = False
 
     def __init__(self, bundle: Bundle, device: str, fused: bool = False):
         self.bundle, self.device, self.fused = bundle, device, fused
         channels = bundle.config.model.in_channels
         self.out_shapes = {name: (channels, r.out_size, r.out_size) for name, r in bundle.routes.items()}
         self.files = {name: name for name in bundle.routes}  # route -> the file it runs, for errors
+
+    def close(self) -> None:
+        """Release what the backend holds (see ``_release``); closing twice is harmless."""
+        if not self.closed:
+            self.closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """What :meth:`close` releases; each backend its own."""
+
+    def check_open(self) -> None:
+        """One line instead of a crash when a closed backend is used."""
+        if self.closed:
+            raise BackendError(f"backend {self.name!r} is closed")
 
     def contract(self, route: str) -> dict:
         """The manifest's I/O contract of a route's graph (its step graph's when fused)."""
@@ -94,6 +139,7 @@ class Backend:
 
     def warmup(self, batch: int) -> None:
         """Run every graph once so that first-call costs are paid before timing starts."""
+        self.check_open()
         channels = self.bundle.config.model.in_channels
         t = self.to_array(np.zeros(batch, np.float32))
         zeros = lambda size: self.to_array(np.zeros((batch, channels, size, size), np.float32))
@@ -193,15 +239,22 @@ class OnnxRuntimeBackend(Backend):
         del weights
         level = ort.GraphOptimizationLevel
         self.sessions = {}
-        for name, entry in routes.items():
-            options = ort.SessionOptions()
-            options.log_severity_level = 4  # fatal only: errors become one line of ours, naming the file
-            options.graph_optimization_level = level.ORT_ENABLE_EXTENDED if low_memory else level.ORT_ENABLE_ALL
-            if threads is not None:
-                options.intra_op_num_threads = threads
-            self.sessions[name] = self._session(ort, entry, options, providers)
-            self.files[name] = entry.path
-            check_graph_io(self.sessions[name], self.contract(name), entry.path)
+        with closing_on_error(self):  # a later session that fails to load drops the earlier ones
+            for name, entry in routes.items():
+                options = ort.SessionOptions()
+                options.log_severity_level = 4  # fatal only: errors become one line of ours, naming the file
+                options.graph_optimization_level = level.ORT_ENABLE_EXTENDED if low_memory else level.ORT_ENABLE_ALL
+                if threads is not None:
+                    options.intra_op_num_threads = threads
+                self.sessions[name] = self._session(ort, entry, options, providers)
+                self.files[name] = entry.path
+                check_graph_io(self.sessions[name], self.contract(name), entry.path)
+
+    def _release(self) -> None:
+        """Drop the sessions, then the weights they shared (ONNX Runtime frees both with
+        their last reference)."""
+        self.sessions.clear()
+        self.shared.clear()
 
     def _session(self, ort, entry: RouteFile, options, providers):
         path = self.bundle.verified_path(entry)
@@ -214,6 +267,7 @@ class OnnxRuntimeBackend(Backend):
             raise load_error(entry.path, "ONNX Runtime", err) from None
 
     def providers(self) -> list[str]:
+        self.check_open()
         return next(iter(self.sessions.values())).get_providers()
 
     def run(self, route, x, t):
@@ -223,6 +277,7 @@ class OnnxRuntimeBackend(Backend):
         return self._run(route, STEP_OUTPUT_NAMES, {"x": x, "t": t, "coef": coef, "z": z})
 
     def _run(self, route, names, feeds):
+        self.check_open()
         try:
             outputs = self.sessions[route].run(names, feeds)
         except Exception as err:  # ORT's own Fail/RuntimeException types: one line naming the file
@@ -292,12 +347,20 @@ class TorchScriptBackend(Backend):
         if threads is not None:
             torch.set_num_threads(threads)
         self.modules = {}
-        for name in bundle.routes:
-            entry = bundle.route_file(name, self.file_format, self.fused)
-            self.files[name] = entry.path
-            self.modules[name] = load_checked(bundle.read(entry), entry.path, ROUTE_OPS, BundleError, device)
         self.checked_batch = bundle.batch_range[0]
-        super().warmup(self.checked_batch)  # one call per module: output shapes, before any sampling
+        with closing_on_error(self):  # a module that fails to load or to run drops the others
+            for name in bundle.routes:
+                entry = bundle.route_file(name, self.file_format, self.fused)
+                self.files[name] = entry.path
+                self.modules[name] = load_checked(bundle.read(entry), entry.path, ROUTE_OPS, BundleError, device)
+            super().warmup(self.checked_batch)  # one call per module: output shapes, before any sampling
+
+    def _release(self) -> None:
+        """Drop the modules; on CUDA, hand the memory they held back to the device."""
+        self.modules.clear()
+        if self.device == "cuda":
+            gc.collect()  # so that tensors only a reference cycle still held are free before emptying
+            self.torch.cuda.empty_cache()
 
     def to_array(self, array):
         return self.torch.as_tensor(np.asarray(array, np.float32), device=self.device)
@@ -306,6 +369,7 @@ class TorchScriptBackend(Backend):
         return array.detach().cpu().numpy()
 
     def warmup(self, batch: int) -> None:
+        self.check_open()
         if batch != self.checked_batch:  # loading already ran every module at that batch
             super().warmup(batch)
 
@@ -316,6 +380,7 @@ class TorchScriptBackend(Backend):
         return self._run(route, x, t, coef, z)
 
     def _run(self, route, *inputs):
+        self.check_open()
         try:
             with self.torch.inference_mode():
                 outputs = self.modules[route](*inputs)

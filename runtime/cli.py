@@ -83,22 +83,22 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
 
         check_target(out, "samples", "ssd-run", reuse=True)  # refuse a bad --out before a long export
         bundle = default_bundle(lambda line: click.echo(line, err=True))
-    sampler = Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
-                                  threads=threads, low_memory=low_memory, fused=fused)
-    batch = sampler.check_batch(n, batch)
-    steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
-    params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend, "precision": precision,
-              "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest}
-    started = time.perf_counter()
-    with output_folder(out, "samples", "ssd-run", sources=(bundle,)):
-        writer = SampleWriter(out, params)
-        on_preview = first_batch_previews(out, params) if preview else None
-        bar, on_step = progress_bar(steps, -(-n // batch), enabled=progress)
-        with bar:
-            for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
-                                               preview=on_preview):
-                writer.add(images)
-        writer.finish()
+    with Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
+                             threads=threads, low_memory=low_memory, fused=fused) as sampler:
+        batch = sampler.check_batch(n, batch)
+        steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
+        params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend, "precision": precision,
+                  "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest}
+        started = time.perf_counter()
+        with output_folder(out, "samples", "ssd-run", sources=(bundle,)):
+            writer = SampleWriter(out, params)
+            on_preview = first_batch_previews(out, params) if preview else None
+            bar, on_step = progress_bar(steps, -(-n // batch), enabled=progress)
+            with bar:
+                for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
+                                                   preview=on_preview):
+                    writer.add(images)
+            writer.finish()
     seconds = time.perf_counter() - started
     previews = " and the first batch's previews" if preview else ""
     click.echo(f"wrote {writer.count} samples, grid.png{previews} to {out}: {seconds:.1f} s, "

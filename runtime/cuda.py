@@ -1,5 +1,8 @@
 """The little of CUDA the TensorRT backend needs, through ``cuda-python`` (no torch):
-device buffers, one stream, copies, device properties and CUDA graphs.
+device buffers, one stream, copies, device properties and CUDA graphs. Whatever is created
+here has its release: :meth:`DeviceBuffer.free`, :meth:`Stream.close` (cudaStreamDestroy),
+:func:`destroy_graph_exec` (cudaGraphExecDestroy); a captured graph is destroyed
+(cudaGraphDestroy) as soon as it is instantiated.
 
 cuda-python's runtime functions return ``(error, *values)``; :func:`check` turns a failure
 into one :class:`CudaError` line naming the call. Imported only by the ``tensorrt`` backend.
@@ -88,7 +91,7 @@ class DeviceArray:
 
 
 class Stream:
-    """One CUDA stream and the copies the backend makes on it."""
+    """One CUDA stream and the copies the backend makes on it; destroyed by :meth:`close`."""
 
     def __init__(self, cudart):
         self.cudart = cudart
@@ -97,6 +100,13 @@ class Stream:
     @property
     def ptr(self) -> int:
         return int(self.handle)
+
+    def close(self) -> None:
+        """Destroy the stream (work still queued completes first, by CUDA's rules); a second
+        call does nothing."""
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            check(self.cudart, self.cudart.cudaStreamDestroy(handle), "cudaStreamDestroy")
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
         direction = getattr(self.cudart.cudaMemcpyKind, kind)
@@ -121,14 +131,35 @@ class Stream:
         check(self.cudart, self.cudart.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def capture(self, work) -> object:
-        """Record ``work()`` (calls enqueued on this stream) as an instantiated CUDA graph."""
-        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        check(self.cudart, self.cudart.cudaStreamBeginCapture(self.handle, mode), "cudaStreamBeginCapture")
+        """Record ``work()`` (calls enqueued on this stream) as an instantiated CUDA graph, to
+        be released with :func:`destroy_graph_exec`. The captured graph itself is destroyed
+        once instantiated (or once ``work`` failed): the executable does not need it."""
+        cudart = self.cudart
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(cudart, cudart.cudaStreamBeginCapture(self.handle, mode), "cudaStreamBeginCapture")
         try:
             work()
+        except BaseException:  # leave capture mode, drop what was captured, report the failure
+            destroy_graph(cudart, self._end_capture())
+            raise
+        graph = self._end_capture()
+        try:
+            return check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         finally:
-            graph = check(self.cudart, self.cudart.cudaStreamEndCapture(self.handle), "cudaStreamEndCapture")
-        return check(self.cudart, self.cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            destroy_graph(cudart, graph)
+
+    def _end_capture(self):
+        return check(self.cudart, self.cudart.cudaStreamEndCapture(self.handle), "cudaStreamEndCapture")
 
     def launch(self, graph_exec) -> None:
         check(self.cudart, self.cudart.cudaGraphLaunch(graph_exec, self.handle), "cudaGraphLaunch")
+
+
+def destroy_graph(cudart, graph) -> None:
+    """Release a captured graph (cudaStreamEndCapture's)."""
+    check(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+
+
+def destroy_graph_exec(cudart, graph_exec) -> None:
+    """Release a graph executable made by :meth:`Stream.capture`."""
+    check(cudart, cudart.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")

@@ -1,9 +1,12 @@
 """The embeddable sampler: a bundle, a backend, and ``ssd.method.sample_loop``.
 
-    sampler = Sampler.from_bundle("bundles/default", backend="onnxruntime", device="cpu")
-    images = sampler.sample(16, seed=0, steps=250)  # uint8 [16, H, W, 3]
-    for batch in sampler.iter_batches(30_000, seed=0, steps=250, batch=16):
-        ...  # uint8 [16, H, W, 3] as each batch finishes; memory bounded by one batch
+    with Sampler.from_bundle("bundles/default", backend="onnxruntime", device="cpu") as sampler:
+        images = sampler.sample(16, seed=0, steps=250)  # uint8 [16, H, W, 3]
+        for batch in sampler.iter_batches(30_000, seed=0, steps=250, batch=16):
+            ...  # uint8 [16, H, W, 3] as each batch finishes; memory bounded by one batch
+
+Leaving the ``with`` block (or :meth:`Sampler.close`) releases the backend's sessions,
+modules or device memory; a closed sampler refuses further use with one line.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from ssd.errors import UserError
 from ssd.images import to_uint8
 from ssd.method import SampleState, Step, StepFn, denoise_then_update, initial_noise, sample_loop
 
-from .backends import Backend, check_flag, make_backend
+from .backends import Backend, BackendError, check_flag, closing_on_error, make_backend
 
 # callback(step_index, total_steps, t, resolution) after every network call
 StepCallback = Callable[[int, int, int, int], None]
@@ -55,8 +58,28 @@ class Sampler:
         check_covariances(bundle)
         sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused))
         if warmup:
-            sampler.backend.warmup(sampler.batch_range[0])
+            with closing_on_error(sampler):  # a failed warmup releases the backend
+                sampler.backend.warmup(sampler.batch_range[0])
         return sampler
+
+    def close(self) -> None:
+        """Release the backend (sessions, modules, device memory); closing twice is harmless."""
+        self.backend.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.backend.closed
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise BackendError("the sampler is closed")
+
+    def __enter__(self) -> "Sampler":
+        self.check_open()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def batch_range(self) -> tuple[int, int]:
@@ -64,6 +87,7 @@ class Sampler:
 
     def info(self) -> dict:
         """Routes, ladder, backend and providers, for logs and apps."""
+        self.check_open()
         return {
             "bundle": str(self.bundle.path),
             "image_size": self.bundle.config.model.image_size,
@@ -81,6 +105,7 @@ class Sampler:
     def plan(self, steps: int | None = None) -> list[Step]:
         """The per-step coefficients for ``steps`` (default T); unfused, with the update's
         matrices in the backend's type (fused step graphs hold their own)."""
+        self.check_open()
         with np.errstate(invalid="ignore"):  # refused below, with one line, not a warning
             plan = self.bundle.space.plan(steps)
         check_plan(self.bundle, plan)
@@ -117,6 +142,7 @@ class Sampler:
                            batch: int | None = None, callback: StepCallback | None = None,
                            preview: PreviewCallback | None = None) -> Iterator[np.ndarray]:
         """Like :meth:`iter_batches`, with float32 [b, 3, H, W] images in [-1, 1]."""
+        self.check_open()
         batch = self.check_batch(n, batch)
         plan = self.plan(self.check_steps(steps))
         rng = np.random.default_rng(check_seed(seed))
@@ -164,6 +190,7 @@ class Sampler:
 
     def _sample_batch(self, plan, step_fn, batch, rng, callback, preview) -> np.ndarray:
         """One batch through the loop; a fixed-batch engine still gets full batches."""
+        self.check_open()  # closed between two batches of an iterator
         backend = self.backend
         channels = self.bundle.config.model.in_channels
         x = backend.stage_noise(initial_noise(rng, batch, channels, plan[0].in_size))

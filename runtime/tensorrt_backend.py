@@ -22,6 +22,7 @@ with ONNX Runtime. It has never run with real TensorRT (see the README's backend
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -30,8 +31,8 @@ import numpy as np
 from ssd.bundle import STEP_OUTPUTS, Bundle, BundleError
 from ssd.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
 
-from .backends import Backend, BackendError
-from .cuda import DeviceArray, DeviceBuffer, Stream, device_properties, import_cudart
+from .backends import Backend, BackendError, closing_on_error, release_all
+from .cuda import DeviceArray, DeviceBuffer, Stream, destroy_graph_exec, device_properties, import_cudart
 
 
 def import_tensorrt():
@@ -60,29 +61,34 @@ def onnx_hashes(bundle: Bundle) -> dict[str, dict[str, str]]:
 
 class EngineRunner:
     """One engine: its execution context, I/O buffers at the max batch (fixed addresses),
-    and one CUDA graph per batch size once it has run."""
+    and one CUDA graph per batch size once it has run. :meth:`close` releases them all (as
+    does a failure part-way through construction)."""
 
     def __init__(self, trt, cudart, runtime, data: bytes, where: str, batch_max: int, use_graphs: bool):
-        engine = runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise BundleError(f"TensorRT cannot load {where} (it was built with another TensorRT or for another "
-                              "GPU; rebuild: ssd-export BUNDLE --engine trt)")
-        self.engine, self.cudart = engine, cudart
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        self.user_memory = strategy is not None  # TensorRT >= 10: we hand it the scratch
-        self.context = (engine.create_execution_context(strategy.USER_MANAGED) if self.user_memory
-                        else engine.create_execution_context())
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.shapes = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
-        for name in names:
-            if engine.get_tensor_dtype(name) != trt.float32:
-                raise BundleError(f"{where}: I/O tensor {name!r} is not float32")
-        self.buffers = {n: DeviceBuffer.allocate(cudart, 4 * int(np.prod(self.shape(n, batch_max)))) for n in names}
-        for name, buffer in self.buffers.items():
-            self.context.set_tensor_address(name, buffer.ptr)
+        self.cudart, self.engine, self.context = cudart, None, None
+        self.buffers: dict[str, DeviceBuffer] = {}
         self.batch: int | None = None
         self.use_graphs, self.graphs = use_graphs, {}
+        with closing_on_error(self):  # no local name for the engine: close() drops its last reference
+            self.engine = runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                raise BundleError(f"TensorRT cannot load {where} (it was built with another TensorRT or for "
+                                  "another GPU; rebuild: ssd-export BUNDLE --engine trt)")
+            strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+            self.user_memory = strategy is not None  # TensorRT >= 10: we hand it the scratch
+            self.context = (self.engine.create_execution_context(strategy.USER_MANAGED) if self.user_memory
+                            else self.engine.create_execution_context())
+            if self.context is None:
+                raise BackendError(f"TensorRT cannot create an execution context for {where}")
+            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+            self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            self.shapes = {n: tuple(int(d) for d in self.engine.get_tensor_shape(n)) for n in names}
+            for name in names:
+                if self.engine.get_tensor_dtype(name) != trt.float32:
+                    raise BundleError(f"{where}: I/O tensor {name!r} is not float32")
+            for name in names:
+                self.buffers[name] = DeviceBuffer.allocate(cudart, 4 * int(np.prod(self.shape(name, batch_max))))
+                self.context.set_tensor_address(name, self.buffers[name].ptr)
 
     def shape(self, name: str, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == -1 else d for d in self.shapes[name])
@@ -128,9 +134,18 @@ class EngineRunner:
     def output(self, name: str, batch: int) -> DeviceArray:
         return DeviceArray(self.buffers[name].ptr, self.shape(name, batch))
 
-    def free(self) -> None:
-        for buffer in self.buffers.values():
-            buffer.free()
+    def close(self) -> None:
+        """Destroy the graph executables, drop the context and the engine (TensorRT's Python
+        objects are released with their last reference), then free the I/O buffers. The
+        caller synchronizes the stream first; a second call does nothing."""
+        graphs, self.graphs, self.use_graphs = list(self.graphs.values()), {}, False
+        buffers, self.buffers = list(self.buffers.values()), {}
+        self.context = None  # before the engine it came from, and before the memory it uses
+        self.engine = None
+        release_all([*(functools.partial(destroy_graph_exec, self.cudart, g) for g in graphs),
+                     *(buffer.free for buffer in buffers)])
+
+    free = close  # the name engines/build.py calls
 
 
 class TensorRTBackend(Backend):
@@ -154,24 +169,29 @@ class TensorRTBackend(Backend):
             raise BackendError(str(err)) from None
         super().__init__(bundle, device, fused=True)
         self.file_format = f"tensorrt-{precision}"
-        self.stream = Stream(cudart)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        batch_max = bundle.batch_range[1]
-        self.runners = {record.route: EngineRunner(trt, cudart, runtime, bundle.read(record), record.path,
-                                                   batch_max, cuda_graphs)
-                        for record in self.engine_set.engines}
-        self.scratch = None
-        if all(runner.user_memory for runner in self.runners.values()):
-            size = max(runner.scratch_bytes(batch_max) for runner in self.runners.values())
-            self.scratch = DeviceBuffer.allocate(cudart, size)
-            for runner in self.runners.values():
-                runner.use_scratch(self.scratch)
+        self.stream: Stream | None = None
+        self.runtime = None
+        self.runners: dict[str, EngineRunner] = {}
+        self.scratch: DeviceBuffer | None = None
         self.constants: dict[tuple, tuple[DeviceBuffer, DeviceArray]] = {}
+        with closing_on_error(self):  # a failure part-way releases what was already taken
+            self.stream = Stream(cudart)
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+            batch_max = bundle.batch_range[1]
+            for record in self.engine_set.engines:
+                self.runners[record.route] = EngineRunner(trt, cudart, self.runtime, bundle.read(record), record.path,
+                                                          batch_max, cuda_graphs)
+            if all(runner.user_memory for runner in self.runners.values()):
+                size = max(runner.scratch_bytes(batch_max) for runner in self.runners.values())
+                self.scratch = DeviceBuffer.allocate(cudart, size)
+                for runner in self.runners.values():
+                    runner.use_scratch(self.scratch)
 
     # ------------------------------------------------------------------ arrays
     def to_array(self, array: np.ndarray) -> DeviceArray:
         """A device copy of a constant (timesteps, coefficient vectors, zeros), uploaded once
         per distinct value and kept for the backend's life."""
+        self.check_open()
         array = np.ascontiguousarray(array, np.float32)
         key = (array.shape, array.tobytes())
         if key not in self.constants:
@@ -185,13 +205,17 @@ class TensorRTBackend(Backend):
         return array
 
     def to_numpy(self, array: Any) -> np.ndarray:
-        return array if isinstance(array, np.ndarray) else self.stream.download(array)
+        if isinstance(array, np.ndarray):
+            return array
+        self.check_open()
+        return self.stream.download(array)
 
     # ------------------------------------------------------------------ running
     def run(self, route, x, t):
         raise BackendError("backend 'tensorrt' runs fused step engines only")
 
     def run_step(self, route: str, x, t, coef, z) -> tuple[DeviceArray, DeviceArray]:
+        self.check_open()
         runner, batch = self.runners[route], int(x.shape[0])
         for name, value in (("x", x), ("t", t), ("coef", coef), ("z", z)):
             runner.put(self.stream, name, value)
@@ -206,11 +230,18 @@ class TensorRTBackend(Backend):
         super().warmup(batch)
         self.stream.synchronize()
 
-    def close(self) -> None:
-        self.stream.synchronize()
-        for runner in self.runners.values():
-            runner.free()
-        for buffer, _ in self.constants.values():
-            buffer.free()
-        if self.scratch is not None:
-            self.scratch.free()
+    def _release(self) -> None:
+        """Wait for the stream, then release the runners (graph executables, contexts,
+        engines, I/O buffers), the scratch block, the constants, the runtime and the stream."""
+        stream, self.stream = self.stream, None
+        runners, self.runners = list(self.runners.values()), {}
+        constants, self.constants = [buffer for buffer, _ in self.constants.values()], {}
+        scratch, self.scratch = self.scratch, None
+        steps = [stream.synchronize] if stream is not None else []
+        steps += [runner.close for runner in runners]
+        steps += [buffer.free for buffer in constants] + ([scratch.free] if scratch is not None else [])
+        steps += [stream.close] if stream is not None else []
+        try:
+            release_all(steps)
+        finally:
+            self.runtime = None  # after the engines it deserialized

@@ -10,6 +10,14 @@ registry, refusals and buffer logic. What it cannot prove: that real TensorRT ac
 graphs or matches its numbers (the README says which paths never ran on a GPU).
 
     fake = install(monkeypatch, version="10.13.0.35")   # then import ssd_engines / backends
+
+Lifecycle: the fake cudart keeps what is live (``memory``, ``streams``, ``graphs``,
+``graph_execs``; ``cudart.live()`` counts them) and its destroy calls fail on a handle that
+is unknown or already destroyed, as do calls on a destroyed stream or graph executable.
+``trt.live`` holds (weakly) the engines and contexts still referenced. ``faults`` (shared by
+both) makes the k-th call of a point fail: ``cudart.faults.fail("cudaMalloc", 3)``; points
+are cudaMalloc, cudaStreamCreate, cudaGraphInstantiate (an error code) and
+deserialize_cuda_engine (returns None, as TensorRT does).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import enum
 import json
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +40,46 @@ class Calls(list):
         return sum(1 for n, d in self if n == name and all(d.get(k) == v for k, v in match.items()))
 
 
+class Faults:
+    """Failures on request: ``fail(point, k)`` makes the k-th call of ``point`` from now fail."""
+
+    def __init__(self):
+        self.armed, self.counts = {}, {}
+
+    def fail(self, point: str, k: int = 1) -> None:
+        self.armed[point], self.counts[point] = k, 0
+
+    def hit(self, point: str) -> bool:
+        """Count a call of ``point``; whether it is the one that must fail."""
+        if point not in self.armed:
+            return False
+        self.counts[point] += 1
+        if self.counts[point] == self.armed[point]:
+            del self.armed[point]
+            return True
+        return False
+
+
+class _Handle:
+    """An opaque CUDA handle (stream, graph, graph executable), compared by identity."""
+
+    def __init__(self, kind: str, number: int, work=None):
+        self.kind, self.number, self.work = kind, number, work
+
+    def __int__(self):
+        return self.number
+
+    def __repr__(self):
+        return f"<fake {self.kind} {self.number}>"
+
+
 # --------------------------------------------------------------------------- cuda runtime
 class _Error(enum.IntEnum):
     cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
     cudaErrorNoDevice = 100
+    cudaErrorInvalidResourceHandle = 400
 
 
 class _Kind(enum.IntEnum):
@@ -47,11 +92,15 @@ class _CaptureMode(enum.IntEnum):
     cudaStreamCaptureModeThreadLocal = 1
 
 
-def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1):
+def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, faults: Faults | None = None):
     cudart = types.ModuleType("cuda.bindings.runtime")
     memory: dict[int, np.ndarray] = {}
+    streams, graphs, graph_execs = set(), set(), set()  # live handles
+    numbers = iter(range(7, 1 << 30))
     state = {"capturing": None}
+    faults = faults or Faults()
     cudart.cudaError_t, cudart.cudaMemcpyKind, cudart.cudaStreamCaptureMode = _Error, _Kind, _CaptureMode
+    ok = (_Error.cudaSuccess,)
 
     def device_count():
         return (_Error.cudaSuccess, devices) if devices else (_Error.cudaErrorNoDevice, 0)
@@ -60,6 +109,8 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1):
         return _Error.cudaSuccess, types.SimpleNamespace(name=gpu[0].encode() + b"\0\0", major=gpu[1], minor=gpu[2])
 
     def malloc(nbytes):
+        if faults.hit("cudaMalloc"):
+            return _Error.cudaErrorMemoryAllocation, 0
         block = np.zeros(nbytes + 64, np.uint8)
         ptr = block.ctypes.data
         memory[ptr] = block
@@ -67,38 +118,97 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1):
         return _Error.cudaSuccess, ptr
 
     def free(ptr):
-        memory.pop(int(ptr))
-        return (_Error.cudaSuccess,)
+        if memory.pop(int(ptr), None) is None:  # unknown, or freed already
+            return (_Error.cudaErrorInvalidValue,)
+        calls.append(("cudaFree", {}))
+        return ok
+
+    def stream_create():
+        if faults.hit("cudaStreamCreate"):
+            return _Error.cudaErrorMemoryAllocation, None
+        stream = _Handle("stream", next(numbers))
+        streams.add(stream)
+        return _Error.cudaSuccess, stream
+
+    def live_stream(stream):
+        return stream in streams
+
+    def stream_destroy(stream):
+        if not live_stream(stream):
+            return (_Error.cudaErrorInvalidResourceHandle,)
+        streams.remove(stream)
+        calls.append(("cudaStreamDestroy", {}))
+        return ok
+
+    def synchronize(stream):
+        return ok if live_stream(stream) else (_Error.cudaErrorInvalidResourceHandle,)
 
     def memcpy(dst, src, nbytes, kind, stream):
+        if not live_stream(stream):
+            return (_Error.cudaErrorInvalidResourceHandle,)
         calls.append(("cudaMemcpyAsync", {"kind": _Kind(kind).name, "bytes": nbytes}))
         ctypes.memmove(int(dst), int(src), int(nbytes))
-        return (_Error.cudaSuccess,)
+        return ok
 
     def begin_capture(stream, mode):
+        if not live_stream(stream):
+            return (_Error.cudaErrorInvalidResourceHandle,)
         state["capturing"] = []
-        return (_Error.cudaSuccess,)
+        return ok
 
     def end_capture(stream):
-        graph, state["capturing"] = state["capturing"], None
-        calls.append(("capture", {"calls": len(graph)}))
+        work, state["capturing"] = state["capturing"], None
+        calls.append(("capture", {"calls": len(work)}))
+        graph = _Handle("graph", next(numbers), work)
+        graphs.add(graph)
         return _Error.cudaSuccess, graph
 
-    def launch(graph, stream):
+    def graph_destroy(graph):
+        if graph not in graphs:
+            return (_Error.cudaErrorInvalidValue,)
+        graphs.remove(graph)
+        calls.append(("cudaGraphDestroy", {}))
+        return ok
+
+    def instantiate(graph, flags):
+        if graph not in graphs:
+            return _Error.cudaErrorInvalidValue, None
+        if faults.hit("cudaGraphInstantiate"):
+            return _Error.cudaErrorMemoryAllocation, None
+        graph_exec = _Handle("graph exec", next(numbers), list(graph.work))  # independent of the graph
+        graph_execs.add(graph_exec)
+        return _Error.cudaSuccess, graph_exec
+
+    def graph_exec_destroy(graph_exec):
+        if graph_exec not in graph_execs:
+            return (_Error.cudaErrorInvalidValue,)
+        graph_execs.remove(graph_exec)
+        calls.append(("cudaGraphExecDestroy", {}))
+        return ok
+
+    def launch(graph_exec, stream):
+        if graph_exec not in graph_execs or not live_stream(stream):
+            return (_Error.cudaErrorInvalidResourceHandle,)
         calls.append(("cudaGraphLaunch", {}))
-        for work in graph:
+        for work in graph_exec.work:
             work()
-        return (_Error.cudaSuccess,)
+        return ok
+
+    def live() -> dict[str, int]:
+        """How many of each resource are live (allocated and not yet released)."""
+        return {"memory": len(memory), "streams": len(streams), "graphs": len(graphs),
+                "graph_execs": len(graph_execs)}
 
     cudart.cudaGetDeviceCount = device_count
     cudart.cudaGetDeviceProperties = properties
     cudart.cudaMalloc, cudart.cudaFree, cudart.cudaMemcpyAsync = malloc, free, memcpy
-    cudart.cudaStreamCreate = lambda: (_Error.cudaSuccess, 7)
-    cudart.cudaStreamSynchronize = lambda stream: (_Error.cudaSuccess,)
+    cudart.cudaStreamCreate, cudart.cudaStreamDestroy = stream_create, stream_destroy
+    cudart.cudaStreamSynchronize = synchronize
     cudart.cudaStreamBeginCapture, cudart.cudaStreamEndCapture = begin_capture, end_capture
-    cudart.cudaGraphInstantiate = lambda graph, flags: (_Error.cudaSuccess, graph)
-    cudart.cudaGraphLaunch = launch
-    cudart.capture_state, cudart.memory = state, memory
+    cudart.cudaGraphInstantiate, cudart.cudaGraphDestroy = instantiate, graph_destroy
+    cudart.cudaGraphLaunch, cudart.cudaGraphExecDestroy = launch, graph_exec_destroy
+    cudart.capture_state, cudart.memory, cudart.faults, cudart.live = state, memory, faults, live
+    cudart.streams, cudart.graphs, cudart.graph_execs = streams, graphs, graph_execs
     return cudart
 
 
@@ -106,6 +216,8 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1):
 def make_tensorrt(calls: Calls, version: str, cudart):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    trt.live = weakref.WeakSet()  # engines and execution contexts still referenced
+    trt.faults = faults = cudart.faults
     major = int(version.split(".")[0])
     trt.float32 = "float32"
 
@@ -255,6 +367,7 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             self.io = {v.name: (mode, tuple(-1 if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim))
                        for v, mode in io}
             self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            trt.live.add(self)
 
         num_io_tensors = property(lambda self: len(self.io))
 
@@ -279,6 +392,7 @@ def make_tensorrt(calls: Calls, version: str, cudart):
     class Context:
         def __init__(self, engine, strategy):
             self.engine, self.strategy, self.addresses, self.shapes, self.scratch = engine, strategy, {}, {}, None
+            trt.live.add(self)
 
         def set_tensor_address(self, name, ptr):
             self.addresses[name] = int(ptr)
@@ -329,7 +443,7 @@ def make_tensorrt(calls: Calls, version: str, cudart):
 
         def deserialize_cuda_engine(self, data):
             data = bytes(data)
-            if not data.startswith(b"FAKEPLAN"):
+            if faults.hit("deserialize_cuda_engine") or not data.startswith(b"FAKEPLAN"):
                 return None
             record = json.loads(data[len(b"FAKEPLAN"):])
             if record["version"] != version:  # what a real plan from another release does

@@ -1,0 +1,265 @@
+"""Backends with a lifecycle: ``close()`` releases what a backend acquired (ONNX Runtime
+sessions and their file handles, TorchScript modules, TensorRT device memory, stream,
+CUDA graphs, contexts and engines), ``Sampler`` is a context manager, a closed one refuses
+use with one line, and a failure part-way through loading releases what was taken.
+TensorRT runs against ``fake_tensorrt``, which tracks what is live."""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import fake_tensorrt
+from ssd.bundle import BundleError
+from ssd.errors import UserError
+from ssd_runtime import Sampler
+from ssd_runtime.backends import BackendError
+from ssd_runtime.cuda import CudaError, Stream, check
+
+NOTHING_LIVE = {"memory": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+
+
+def held(folder: Path) -> list[str]:
+    """Files under ``folder`` this process holds open (/proc/self/fd) or mapped (/proc/self/maps)."""
+    gc.collect()
+    prefix = str(Path(folder).resolve()) + os.sep
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the fd of the listing itself, closed by now
+            pass
+    with open("/proc/self/maps") as maps:
+        paths += [line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6]
+    return sorted(p for p in paths if p.startswith(prefix))
+
+
+def assert_one_line(err: Exception, pattern: str) -> None:
+    assert isinstance(err, UserError) and "\n" not in str(err), repr(err)
+    assert pattern in str(err), str(err)
+
+
+def sample(sampler: Sampler):
+    return sampler.sample_float(1, seed=0, steps=4, batch=1)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+needs_proc = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_onnxruntime_close_releases_sessions_and_bundle_files(bundles, low_memory):
+    bundle = bundles[3][1]
+    before = held(bundle)
+    sampler = Sampler.from_bundle(bundle, low_memory=low_memory)
+    sample(sampler)
+    backend = sampler.backend
+    sessions = [weakref.ref(s) for s in backend.sessions.values()]
+    sampler.close()
+    assert backend.sessions == {} and backend.shared == [] and sampler.closed
+    assert held(bundle) == before
+    assert all(ref() is None for ref in sessions)
+    sampler.close()  # twice: harmless
+    for use in (lambda: sample(sampler), sampler.info, lambda: sampler.plan(4),
+                lambda: sampler.iter_batches(1, steps=4)):
+        with pytest.raises(BackendError) as err:
+            use()
+        assert_one_line(err.value, "the sampler is closed")
+    with pytest.raises(BackendError) as err:
+        backend.warmup(1)
+    assert_one_line(err.value, "backend 'onnxruntime' is closed")
+
+
+def test_a_sampler_closed_between_batches_refuses_the_next(bundles):
+    sampler = Sampler.from_bundle(bundles[1][1], warmup=False)
+    batches = sampler.iter_float_batches(2, steps=4, batch=1)
+    next(batches)
+    sampler.close()
+    with pytest.raises(BackendError, match="the sampler is closed"):
+        next(batches)
+
+
+@needs_proc
+def test_with_block_closes_the_sampler_also_when_it_raises(bundles):
+    bundle = bundles[1][1]
+    before = held(bundle)
+    with Sampler.from_bundle(bundle) as sampler:
+        assert sample(sampler).shape[0] == 1
+    assert sampler.closed and held(bundle) == before
+    with pytest.raises(ZeroDivisionError):
+        with Sampler.from_bundle(bundle) as sampler:
+            1 / 0
+    assert sampler.closed and sampler.backend.sessions == {} and held(bundle) == before
+    with pytest.raises(BackendError, match="the sampler is closed"):
+        with sampler:
+            pass
+
+
+@needs_proc
+def test_onnxruntime_a_later_session_failing_drops_the_earlier_ones(bundles, monkeypatch):
+    import onnxruntime as ort
+
+    bundle = bundles[3][1]
+    before = held(bundle)
+    made, real = [], ort.InferenceSession
+
+    def second_fails(*args, **kwargs):
+        if len(made) == 1:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : out of memory\nsecond line")
+        session = real(*args, **kwargs)
+        made.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(ort, "InferenceSession", second_fails)
+    with pytest.raises(BundleError) as err:  # kept: its frames hold the backend
+        Sampler.from_bundle(bundle)
+    assert_one_line(err.value, "ONNX Runtime cannot load onnx/")
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None
+    assert held(bundle) == before
+
+
+def test_a_failed_warmup_closes_the_backend(bundles, monkeypatch):
+    import ssd_runtime.sampler as sampler_module
+
+    made, real = [], sampler_module.make_backend
+
+    def fail(batch):
+        raise BackendError("warmup failed")
+
+    def make_backend(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        made[-1].warmup = fail
+        return made[-1]
+
+    monkeypatch.setattr(sampler_module, "make_backend", make_backend)
+    with pytest.raises(BackendError, match="warmup failed"):
+        Sampler.from_bundle(bundles[1][1])
+    assert made[0].closed and made[0].sessions == {}
+
+
+# --------------------------------------------------------------------------- TorchScript
+def test_torchscript_close_releases_the_modules(bundles):
+    sampler = Sampler.from_bundle(bundles[3][1], backend="torchscript")
+    sample(sampler)
+    modules = [weakref.ref(m) for m in sampler.backend.modules.values()]
+    with sampler:
+        pass
+    gc.collect()
+    assert sampler.backend.modules == {} and all(ref() is None for ref in modules)
+    with pytest.raises(BackendError, match="the sampler is closed"):
+        sample(sampler)
+
+
+def test_torchscript_a_later_module_failing_drops_the_earlier_ones(bundles, monkeypatch):
+    import ssd_runtime.backends as backends
+
+    made, real = [], backends.load_checked
+
+    def second_fails(data, where, *args):
+        if len(made) == 1:
+            raise BundleError(f"TorchScript cannot load {where}: broken")
+        module = real(data, where, *args)
+        made.append(weakref.ref(module))
+        return module
+
+    monkeypatch.setattr(backends, "load_checked", second_fails)
+    with pytest.raises(BundleError, match="TorchScript cannot load") as err:  # kept: its frames hold the backend
+        Sampler.from_bundle(bundles[3][1], backend="torchscript")
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None and err.value
+
+
+# --------------------------------------------------------------------------- TensorRT (stand-in)
+@pytest.fixture(scope="module")
+def engines(bundles, tmp_path_factory):
+    """A copy of the 3-level bundle (five routes) with fake TensorRT 10 engines."""
+    from ssd_export.cli import export_command
+
+    folder = tmp_path_factory.mktemp("lifecycle") / "bundle"
+    shutil.copytree(bundles[3][1], folder)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fake_tensorrt.install(monkeypatch)
+        result = CliRunner().invoke(export_command, [str(folder), "--engine", "trt"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def live(trt, cudart) -> tuple[dict, int]:
+    """What the stand-in holds: CUDA resources, and TensorRT engines and contexts."""
+    gc.collect()
+    return cudart.live(), len(trt.live)
+
+
+def test_tensorrt_close_releases_memory_stream_graphs_contexts_and_engines(engines, monkeypatch):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    with Sampler.from_bundle(engines, backend="tensorrt") as sampler:
+        sample(sampler)
+        during, objects = live(trt, cudart)
+        assert during["graphs"] == 0 and during["graph_execs"] == calls.number("capture") > 0
+        assert during["memory"] > 0 and during["streams"] == 1 and objects == 2 * 5  # engine + context per route
+        backend = sampler.backend
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+    assert calls.number("cudaStreamDestroy") == 1 and calls.number("cudaGraphExecDestroy") == during["graph_execs"]
+    sampler.close()  # twice: harmless
+    with pytest.raises(BackendError) as err:
+        backend.run_step("keep_8", None, None, None, None)
+    assert_one_line(err.value, "backend 'tensorrt' is closed")
+    with pytest.raises(BackendError, match="the sampler is closed"):
+        sample(sampler)
+
+
+@pytest.mark.parametrize("point, k, pattern", [
+    ("deserialize_cuda_engine", 2, "TensorRT cannot load engines/"),
+    ("cudaMalloc", 9, "CUDA call cudaMalloc failed: cudaErrorMemoryAllocation"),  # in the 2nd engine's buffers
+    ("cudaMalloc", 31, "CUDA call cudaMalloc failed"),  # the scratch block, after all 5 x 6 buffers
+    ("cudaStreamCreate", 1, "CUDA call cudaStreamCreate failed"),
+])
+def test_tensorrt_a_failure_while_loading_releases_what_was_taken(engines, monkeypatch, point, k, pattern):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    cudart.faults.fail(point, k)
+    with pytest.raises(UserError) as err:
+        Sampler.from_bundle(engines, backend="tensorrt")
+    assert_one_line(err.value, pattern)
+    assert point not in cudart.faults.armed  # the failure did happen where asked
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
+def test_tensorrt_a_failed_warmup_releases_everything(engines, monkeypatch):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    Sampler.from_bundle(engines, backend="tensorrt", warmup=False).close()
+    loading = calls.number("cudaMalloc")  # the I/O buffers and the scratch block
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    cudart.faults.fail("cudaMalloc", loading + 2)  # a constant's upload during warmup
+    with pytest.raises(CudaError, match="cudaMalloc failed"):
+        Sampler.from_bundle(engines, backend="tensorrt")
+    assert calls.number("execute") == 0 and live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
+def test_tensorrt_a_graph_that_fails_to_instantiate_is_still_destroyed(engines, monkeypatch):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    cudart.faults.fail("cudaGraphInstantiate", 1)
+    with Sampler.from_bundle(engines, backend="tensorrt") as sampler:
+        sample(sampler)  # runs on without CUDA graphs for that engine
+        assert cudart.live()["graphs"] == 0
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
+def test_fake_destroy_calls_refuse_unknown_or_destroyed_handles(monkeypatch):
+    _, _, cudart = fake_tensorrt.install(monkeypatch)
+    stream = Stream(cudart)
+    handle = stream.handle
+    stream.close()
+    stream.close()  # ours: a second close does nothing
+    for call, name in ((lambda: cudart.cudaStreamDestroy(handle), "cudaStreamDestroy"),
+                       (lambda: cudart.cudaGraphDestroy(object()), "cudaGraphDestroy"),
+                       (lambda: cudart.cudaGraphExecDestroy(object()), "cudaGraphExecDestroy"),
+                       (lambda: cudart.cudaFree(12345), "cudaFree")):
+        with pytest.raises(CudaError, match=f"{name} failed"):
+            check(cudart, call(), name)
