@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned so installs stay small; GPU users install their own torch first.
 TORCH_PIN ?= torch==2.13.0
 
-# The shipped model (ssd/models/fashion-mnist, package data, see README) exported and sampled:
+# The shipped model (runtime/models/fashion-mnist, package data, see README) exported and sampled:
 # a few minutes. (A wheel install gets the same model from `ssd-run` with no bundle.)
-DEMO_MODEL ?= ssd/models/fashion-mnist
+DEMO_MODEL ?= runtime/models/fashion-mnist
 DEMO_BUNDLE ?= bundles/default
 DEMO_OUT ?= samples
 # Retraining it from scratch (make train-demo): the exact recipe of the shipped model.
@@ -46,7 +46,7 @@ train-demo: $(BIN)/.installed $(FASHION_MNIST)
 	$(BIN)/ssd-run $(DEMO_BUNDLE) --steps 1000 --n 64 --batch 16 --out $(DEMO_OUT) --preview
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20
 
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import machine_name  # noqa: E402
 
-from ssd.config import TrainConfig  # noqa: E402
+from ssd_core.config import TrainConfig  # noqa: E402
 from ssd.data import ImageDataset  # noqa: E402
 from ssd.distributed import Dist  # noqa: E402
 from ssd.train import Trainer  # noqa: E402

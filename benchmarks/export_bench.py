@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssd.config import SSDConfig, make_config
+from ssd_core.config import SSDConfig, make_config
 
 
 def cpu_name() -> str:
@@ -47,7 +47,7 @@ def random_checkpoint(folder: Path, preset: str, levels: int | None, top: str) -
 
 def export_timed(checkpoint: Path, out: Path, batch: str) -> tuple[dict, float]:
     """Run the exporter's steps (onnx, verified) and time them."""
-    from ssd.outputs import replaced_folder
+    from ssd_core.outputs import replaced_folder
     from ssd_export.options import ExportOptions
     from ssd_export.pipeline import build_bundle, find_source, load_weights
 
@@ -75,7 +75,7 @@ def latencies(bundle: Path, checkpoint: Path, batches: list[int], repeats: int,
               threads: int | None) -> list[tuple]:
     import onnxruntime as ort
 
-    from ssd.bundle import load_bundle
+    from ssd_core.bundle import load_bundle
     from ssd.checkpoint import load_model
 
     loaded = load_bundle(bundle)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtime_speed import TimedSampler, export_bundle  # noqa: E402
 from train_speed import machine_name  # noqa: E402
 
-from ssd.config import make_config  # noqa: E402
+from ssd_core.config import make_config  # noqa: E402
 
 
 def main(argv=None):

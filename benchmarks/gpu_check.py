@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtime_speed import export_bundle  # noqa: E402
 
 from ssd.checkpoint import load_model  # noqa: E402
-from ssd.config import make_config  # noqa: E402
+from ssd_core.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
-from ssd.method import COEFFICIENTS  # noqa: E402
+from ssd_core.method import COEFFICIENTS  # noqa: E402
 from ssd.sample import sample_images  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 

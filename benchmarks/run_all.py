@@ -36,16 +36,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_speed  # noqa: E402
 
 from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
-from ssd.config import make_config  # noqa: E402
+from ssd_core.config import make_config  # noqa: E402
 from ssd.data import load_dataset  # noqa: E402
 from ssd.evaluate import ImageSet, evaluate, fashion_mnist_split  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
-from ssd.images import make_grid  # noqa: E402
+from ssd_core.images import make_grid  # noqa: E402
 from ssd.sample import sample_batches  # noqa: E402
 from ssd.train import start_run  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 
-AUTHORS = {1000: {2: 1.18, 4: 1.58}, 250: {2: 4.80, 4: 5.91}}  # SPEC §8, x vs DDPM-x0 at 1000 steps
+AUTHORS = {1000: {2: 1.18, 4: 1.58}, 250: {2: 4.80, 4: 5.91}}  # docs/method.md §8, x vs DDPM-x0 at 1000 steps
 
 
 @dataclass(frozen=True)

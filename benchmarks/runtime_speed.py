@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import machine_name  # noqa: E402
 
 from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
-from ssd.config import make_config  # noqa: E402
+from ssd_core.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
 from ssd.sample import sample_images  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402

@@ -4,7 +4,7 @@ For every route the model trains on, one optimizer step (forward, backward, Adam
 timed at a fixed batch, ``--repeats`` times, interleaved across level counts so machine
 noise hits all of them alike; the median is kept. Training images/s for nL is then
 ``batch / sum_route p(route) * time(route)`` with ``p`` the exact share of timesteps each
-route gets under SPEC §6's uniform t. ``--direct N`` also runs N real mixed steps per
+route gets under docs/method.md §6's uniform t. ``--direct N`` also runs N real mixed steps per
 level count (timestep rule and all) as a cross-check. MAC ratios come from ``ssd.flops``.
 
     python benchmarks/train_speed.py --preset cpu64 --batch 16
@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from ssd.config import make_config
+from ssd_core.config import make_config
 from ssd.flops import route_counts, sampling_mac_ratio
-from ssd.method import ScaleSpace, route_name
+from ssd_core.method import ScaleSpace, route_name
 from ssd.torch_process import TorchScaleSpace
 from ssd.unet import FlexiUNet
 

@@ -2,7 +2,7 @@
 
 One engine per route, built from the route's fused step graph on the machine that will run
 it (engines are tied to the GPU model and the TensorRT release), into
-``engines/<set>/<route>.plan``, and registered in the manifest (``ssd.engine_registry``).
+``engines/<set>/<route>.plan``, and registered in the manifest (``ssd_core.engine_registry``).
 
 Build decisions (:func:`plan_build`, tested in CI without TensorRT):
 
@@ -15,7 +15,7 @@ Build decisions (:func:`plan_build`, tested in CI without TensorRT):
   (``--precision fp16`` at export writes it).
 - **fp16 on TensorRT 10** (JetPack 6's): the fp32 graph with ``BuilderFlag.FP16`` and
   ``OBEY_PRECISION_CONSTRAINTS``, the same layers pinned to float32 by the same rule
-  (``ssd.precision``), so both versions keep the parts that turn fp16 images black in fp32.
+  (``ssd_core.precision``), so both versions keep the parts that turn fp16 images black in fp32.
 - A **timing cache** per GPU and TensorRT release (``engines/timing-<set>.cache``) makes
   rebuilds fast; ``--refit`` builds refittable engines and, when a set for this machine
   exists, refits its engines with the new weights instead of rebuilding.
@@ -35,14 +35,14 @@ from typing import Callable
 
 import numpy as np
 
-from ssd.bundle import Bundle, load_bundle, sha256_file, step_contract
-from ssd.engine_registry import (EngineMismatchError, EngineRecord, EngineSet, Platform, select_engine_set,
-                                 set_name, tensorrt_major)
-from ssd.cases import route_cases, step_coefficients
-from ssd.errors import UserError
-from ssd.files import write_atomic
-from ssd.precision import fp32_nodes
-from ssd.schema import to_json
+from ssd_core.bundle import Bundle, load_bundle, sha256_file, step_contract
+from ssd_core.engine_registry import (EngineMismatchError, EngineRecord, EngineSet, Platform, select_engine_set,
+                                      set_name, tensorrt_major)
+from ssd_core.cases import route_cases, step_coefficients
+from ssd_core.errors import UserError
+from ssd_core.files import write_atomic
+from ssd_core.precision import fp32_nodes
+from ssd_core.schema import to_json
 
 Echo = Callable[[str], None]
 WORKSPACE_MIB = 4096
@@ -118,7 +118,7 @@ def profile_shapes(contract: dict, batch: tuple[int, int]) -> dict[str, tuple[tu
 
 def pin_fp32_layers(trt, network) -> int:
     """TensorRT 10 weak typing: keep normalisation, softmax and the timestep path in fp32
-    (the rule of ``ssd.precision``); returns how many layers were pinned."""
+    (the rule of ``ssd_core.precision``); returns how many layers were pinned."""
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     constants = {layer.get_output(0).name for layer in layers if layer.type == trt.LayerType.CONSTANT}
     nodes = [(layer.name, layer.type.name,

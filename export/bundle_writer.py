@@ -1,8 +1,8 @@
 """Writing a bundle folder: what an export may replace, file entries, the manifest (checked by parsing it with its one typed definition,
-``ssd.bundle.Manifest``) and its fingerprint.
+``ssd_core.bundle.Manifest``) and its fingerprint.
 
 A bundle is built in a folder beside the target and swapped into place only after every
-file was written, checked and verified (``ssd.outputs.replaced_folder``), so a failed export
+file was written, checked and verified (``ssd_core.outputs.replaced_folder``), so a failed export
 never leaves a half-written folder that looks like a bundle. The manifest's
 ``fingerprint`` (sha256 of the export options, the checkpoint's file hashes and the tool versions) lets a repeated export
 with the same inputs print "up to date" instead of redoing the work.
@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, Manifest, load_bundle, sha256_file
-from ssd.config import SSDConfig
-from ssd.errors import UserError
-from ssd.files import write_json_atomic
-from ssd.schema import ConfigError, parse, to_json
+from ssd_core.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, Manifest, load_bundle, sha256_file
+from ssd_core.config import SSDConfig
+from ssd_core.errors import UserError
+from ssd_core.files import write_json_atomic
+from ssd_core.schema import ConfigError, parse, to_json
 
 
 class TargetError(UserError):
@@ -48,7 +48,7 @@ class Target:
 
 
 def inspect_target(out: Path, found: str, config: SSDConfig, run: str, fingerprint_: str, force: bool) -> Target:
-    """Decide what an export into ``out`` may do, given what ``ssd.outputs`` ``found`` there
+    """Decide what an export into ``out`` may do, given what ``ssd_core.outputs`` ``found`` there
     (which owns the folder rules: kinds, markers, sources). This adds the bundle's own rule:
     a bundle of another model, or one that cannot be read, is replaced only with ``--force``."""
     out = Path(out)
@@ -111,7 +111,7 @@ def record_engine_set(folder: Path, engine_set) -> Path:
 def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], routes: list[dict],
                  shared_files: dict, created_by: dict, source: dict, options: dict,
                  fingerprint_: str, sizes: dict) -> dict:
-    """The manifest in the key order of ``ssd.bundle`` (verification is filled in later)."""
+    """The manifest in the key order of ``ssd_core.bundle`` (verification is filled in later)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

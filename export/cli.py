@@ -1,4 +1,4 @@
-"""``ssd-export``: a training checkpoint -> a verified, self-describing bundle (SPEC §9).
+"""``ssd-export``: a training checkpoint -> a verified, self-describing bundle (docs/method.md §9).
 
     ssd-export runs/demo --out bundles/default --engine onnx --engine torchscript --batch 1:64
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ssd.errors import UserError, cli_errors, require, run_cli
+from ssd_core.errors import UserError, cli_errors, require, run_cli
 
 from .options import DEFAULT_BATCH, ENGINES, PRECISIONS, ExportOptions
 
@@ -79,7 +79,7 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
     out = DEFAULT_OUT if out is None else out
     require_extras(options)
     machine = check_trt(options)  # TensorRT and a GPU, before any work
-    from ssd.outputs import replaced_folder
+    from ssd_core.outputs import replaced_folder
 
     from .bundle_writer import inspect_target
     from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
@@ -103,7 +103,7 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
 
 def is_bundle(path: Path) -> bool:
     """Whether ``path`` is a bundle folder (rather than a checkpoint or run folder)."""
-    from ssd.bundle import MANIFEST
+    from ssd_core.bundle import MANIFEST
 
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
@@ -125,7 +125,7 @@ def engines_for_bundle(bundle: Path, out: Path | None, options: ExportOptions) -
     if out is not None and Path(out).resolve() != Path(bundle).resolve():
         raise UserError(f"--engine trt on a bundle builds into that bundle; drop --out {out}")
     machine = check_trt(options)
-    from ssd.outputs import output_folder
+    from ssd_core.outputs import output_folder
 
     with output_folder(bundle, "bundle", "ssd-export"):  # one writer at a time
         build_engines_here(bundle, options, machine, previous=None)

@@ -1,4 +1,4 @@
-"""One ONNX graph per route (SPEC §7, §9): export, clean-up, fp16 variant, checks.
+"""One ONNX graph per route (docs/method.md §7, §9): export, clean-up, fp16 variant, checks.
 
 Exporter **[decision]**: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript),
 torch's default and maintained path since 2.9; the TorchScript-based ``dynamo=False`` warns
@@ -15,8 +15,8 @@ InstanceNormalization -> Reshape -> Mul -> Add``, which TensorRT has always pars
 into its normalisation layer); opset 18's ``GroupNormalization`` was ill-specified and is
 deprecated, and opset 21's corrected one needs newer runtimes than we want to require.
 Attention stays the UNet's own ``MatMul -> Softmax -> MatMul`` (no SDPA op), which TensorRT
-parses and fuses itself. (Not checked against a TensorRT install here: the engine builder is
-a later issue.)
+parses and fuses itself. (Not checked against a TensorRT install here: no TensorRT runs on
+these machines; docs/tensorrt.md.)
 
 Each graph is cleaned of the exporter's per-node metadata (stack traces with absolute source
 paths) so that bytes depend only on the weights and the tool versions. The route's
@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ssd.bundle import OUTPUT_NAME, STEP_OUTPUTS, step_contract
-from ssd.precision import fp32_nodes
+from ssd_core.bundle import OUTPUT_NAME, STEP_OUTPUTS, step_contract
+from ssd_core.precision import fp32_nodes
 
 from .options import OPSET, example_shapes, sample_batch
 
@@ -109,7 +109,7 @@ def fuse_step(route: onnx.ModelProto, update: onnx.ModelProto, contract: dict,
     """One step graph from a route graph and its update graph (either may be the fp16
     variant's route): the route's ``x0_pred`` feeds the update's ``x0_raw``, both read ``x``;
     the update's nodes and initializers are prefixed ``update/``. ``contract`` is the
-    step contract (``ssd.bundle.step_contract``)."""
+    step contract (``ssd_core.bundle.step_contract``)."""
     fused = onnx.ModelProto()
     fused.CopyFrom(route)
     graph = fused.graph

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ssd.config import MAX_BATCH
-from ssd.errors import UserError
+from ssd_core.config import MAX_BATCH
+from ssd_core.errors import UserError
 
 ENGINES = ("onnx", "torchscript", "trt")
 OPSET = 18  # ONNX opset of every exported graph; the choice is explained in onnx_export

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ssd.bundle import BACKEND_FORMATS, process_section, route_contract, sha256_file, step_contract
-from ssd.config import SSDConfig
+from ssd_core.bundle import BACKEND_FORMATS, process_section, route_contract, sha256_file, step_contract
+from ssd_core.config import SSDConfig
 
 from . import bundle_writer, verify
 from .options import OPSET, ExportOptions
@@ -86,7 +86,7 @@ def export_fingerprint(source: Source, options: ExportOptions) -> str:
 
 # --------------------------------------------------------------------------- export
 def contracts_for(config: SSDConfig, options: ExportOptions) -> dict[str, dict]:
-    """The route contracts (SPEC §9), smallest route first; batch fixed or the "batch" axis."""
+    """The route contracts (docs/method.md §9), smallest route first; batch fixed or the "batch" axis."""
     from ssd.unet import parse_route, route_names
 
     batch = options.batch_min if options.fixed_batch else "batch"
@@ -178,7 +178,7 @@ def sizes_of(written: Written) -> dict:
 # --------------------------------------------------------------------------- the bundle
 def build_bundle(model, source: Source, options: ExportOptions, folder: Path, echo: Echo) -> dict:
     """Export, verify and describe a bundle in ``folder``; returns the manifest written."""
-    from ssd.method import ScaleSpace
+    from ssd_core.method import ScaleSpace
 
     config = source.config
     space = ScaleSpace.from_config(config)
@@ -207,7 +207,7 @@ def verify_bundle(model, config: SSDConfig, manifest: dict, written: Written, op
                   folder: Path, echo: Echo) -> None:
     """Per-route checks into each route's ``verification`` (step graphs as "<format> step"),
     then the end-to-end runs, fused and unfused."""
-    from ssd.method import ScaleSpace
+    from ssd_core.method import ScaleSpace
     from ssd.step_graph import step_module
 
     space = ScaleSpace.from_config(config)

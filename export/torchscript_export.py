@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from ssd.bundle import step_contract
+from ssd_core.bundle import step_contract
 
 from .options import example_shapes
 

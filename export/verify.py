@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ssd.cases import SEED, route_cases, step_coefficients  # noqa: F401 (the pipeline calls them here)
-from ssd.errors import UserError
+from ssd_core.cases import SEED, route_cases, step_coefficients  # noqa: F401 (the pipeline calls them here)
+from ssd_core.errors import UserError
 
 TOLERANCES = {"onnx": 1e-3, "onnx-fp16": 5e-2, "torchscript": 1e-4}  # route and step graphs alike
 END_TO_END_TOLERANCE = 1e-3  # max |x_0| difference after sampling, float space
@@ -152,8 +152,8 @@ def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", s
 
 
 def _compare(samplers: dict, model, config, backend: str, seed: int) -> dict:
-    from ssd.images import to_uint8
-    from ssd.method import ScaleSpace
+    from ssd_core.images import to_uint8
+    from ssd_core.method import ScaleSpace
     from ssd.sample import sample_images, sample_states
 
     low, high = next(iter(samplers.values())).batch_range

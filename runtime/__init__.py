@@ -3,8 +3,8 @@
 Imports numpy and one backend (ONNX Runtime by default); never torch, unless the
 TorchScript backend is asked for.
 """
-from ssd.bundle import BundleError, load_bundle
-from ssd.errors import UserError
+from ssd_core.bundle import BundleError, load_bundle
+from ssd_core.errors import UserError
 
 from .backends import BACKENDS, Backend, BackendError, make_backend
 from .sampler import Sampler

@@ -1,181 +1,34 @@
-"""Backends behind one small interface: load once, warm up, run a route.
+"""The ONNX Runtime and TorchScript backends, and :func:`make_backend`, which picks one by
+name (the interface they implement: ``ssd_runtime.backend``). Heavy imports (onnxruntime,
+torch, TensorRT) happen inside the backend that needs them, never at module import.
 
-A backend owns the array type the sampling state lives in (``to_array`` / ``to_numpy``):
-ONNX Runtime keeps numpy arrays on the host; TorchScript on CUDA keeps torch tensors on the
-GPU, so the whole step (network and posterior update) stays on the device. A future native
-TensorRT backend plugs in the same way. Heavy imports happen inside the backend that needs
-them, never at module import.
-
-A backend holds what it loaded (sessions, modules, device memory) until :meth:`Backend.close`;
-a failure part-way through its construction releases what it had already taken.
-
-Every file a backend loads was first checked by :class:`ssd.bundle.Bundle` (inside the
+Every file a backend loads was first checked by :class:`ssd_core.bundle.Bundle` (inside the
 bundle, a regular file, size and sha256); a file that passes its hash but still cannot be
 loaded is a :class:`BundleError` naming it.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ssd.bundle import (OUTPUT_NAME, STEP_OUTPUTS, Bundle, BundleError, RouteFile, route_contract,
-                        step_contract)
-from ssd.method import COEFFICIENTS
-from ssd.config import ConfigError, integer
-from ssd.errors import UserError, install_hint
-from ssd.torchscript_check import ROUTE_OPS, load_checked
+from ssd_core.bundle import OUTPUT_NAME, STEP_OUTPUTS, Bundle, BundleError, RouteFile
+from ssd_core.config import ConfigError, integer
+from ssd_core.errors import install_hint
+from ssd_core.torchscript_check import ROUTE_OPS, load_checked
+
+from .backend import (Backend, BackendError, closing_on_error, load_error, release_all, run_error,  # noqa: F401
+                      use_step_graphs)
 
 BACKENDS = ("onnxruntime", "torchscript", "tensorrt")
 DEVICES = ("cpu", "cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "torchscript": "cpu", "tensorrt": "cuda"}
 STEP_OUTPUT_NAMES = list(STEP_OUTPUTS)  # what ONNX Runtime's run() takes, built once
-
-
-class BackendError(UserError):
-    """A backend or device that is not installed or cannot serve this bundle."""
-
-
-def release_all(steps) -> None:
-    """Call every release step even when one fails, then raise the first failure."""
-    first = None
-    for step in steps:
-        try:
-            step()
-        except Exception as err:
-            first = first or err
-    if first is not None:
-        raise first
-
-
-@contextlib.contextmanager
-def closing_on_error(resource):
-    """Close ``resource`` if the block fails, then raise the block's error (not a cleanup
-    error: the first failure is the one worth reading)."""
-    try:
-        yield resource
-    except BaseException:
-        with contextlib.suppress(Exception):
-            resource.close()
-        raise
-
-
-class Backend:
-    """Interface: ``run(route, x, t) -> x0_pred`` on the backend's own array type, or with
-    fused step graphs (``fused``) ``run_step(route, x, t, coef, z) -> (x_s, x0_pred)``;
-    :meth:`close` releases what the backend holds."""
-
-    name = "base"
-    file_format = ""
-    closed = False
-
-    def __init__(self, bundle: Bundle, device: str, fused: bool = False):
-        self.bundle, self.device, self.fused = bundle, device, fused
-        channels = bundle.config.model.in_channels
-        self.out_shapes = {name: (channels, r.out_size, r.out_size) for name, r in bundle.routes.items()}
-        self.files = {name: name for name in bundle.routes}  # route -> the file it runs, for errors
-
-    def close(self) -> None:
-        """Release what the backend holds (see ``_release``); closing twice is harmless."""
-        if not self.closed:
-            self.closed = True
-            self._release()
-
-    def _release(self) -> None:
-        """What :meth:`close` releases; each backend its own."""
-
-    def check_open(self) -> None:
-        """One line instead of a crash when a closed backend is used."""
-        if self.closed:
-            raise BackendError(f"backend {self.name!r} is closed")
-
-    def contract(self, route: str) -> dict:
-        """The manifest's I/O contract of a route's graph (its step graph's when fused)."""
-        r, (low, high) = self.bundle.routes[route], self.bundle.batch_range
-        contract = route_contract(route, r.in_size, r.out_size, self.bundle.config.model.in_channels,
-                                  low if low == high else "batch")
-        return step_contract(contract) if self.fused else contract
-
-    def check_outputs(self, route: str, outputs, batch: int):
-        """``outputs`` if they are what the route promises (one, or two when fused, of
-        [batch, C, out, out]); a graph whose outputs differ is refused naming its file."""
-        want = (batch, *self.out_shapes[route])
-        shapes = [tuple(getattr(out, "shape", ())) for out in outputs]
-        if len(shapes) != (2 if self.fused else 1) or any(shape != want for shape in shapes):
-            raise BackendError(f"{self.files[route]} returned shapes {shapes}; route {route} must return "
-                               f"{2 if self.fused else 1} of {list(want)}")
-        return outputs
-
-    def all_finite(self, array: Any) -> Any:
-        """Whether ``array`` holds no NaN or inf, as something ``bool()`` can read later (so a
-        GPU backend need not wait for it); None where checking would cost a copy."""
-        return None
-
-    def to_array(self, array: np.ndarray) -> Any:
-        return array
-
-    def to_numpy(self, array: Any) -> np.ndarray:
-        return np.asarray(array)
-
-    def stage_noise(self, array: np.ndarray) -> Any:
-        """Where the loop's white noise goes before a step reads it (default: ``to_array``)."""
-        return self.to_array(array)
-
-    def run(self, route: str, x: Any, t: Any) -> Any:
-        raise NotImplementedError
-
-    def run_step(self, route: str, x: Any, t: Any, coef: Any, z: Any) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    def providers(self) -> list[str]:
-        return [self.device]
-
-    def warmup(self, batch: int) -> None:
-        """Run every graph once so that first-call costs are paid before timing starts."""
-        self.check_open()
-        channels = self.bundle.config.model.in_channels
-        t = self.to_array(np.zeros(batch, np.float32))
-        zeros = lambda size: self.to_array(np.zeros((batch, channels, size, size), np.float32))
-        for name, route in self.bundle.routes.items():
-            if self.fused:
-                coef = self.to_array(np.zeros(len(COEFFICIENTS[route.kind]), np.float32))
-                self.run_step(name, zeros(route.in_size), t, coef, zeros(route.out_size))
-            else:
-                self.run(name, zeros(route.in_size), t)
-
-
-def use_step_graphs(bundle: Bundle, backend_format: str, fused: bool | None) -> bool:
-    """Whether to sample with fused step graphs: where the bundle has them unless
-    ``fused=False``; ``fused=True`` on a bundle without them is refused."""
-    if fused is None:
-        return bundle.has_step_graphs(backend_format)
-    if fused:
-        for name in bundle.routes:
-            bundle.route_file(name, backend_format, step=True)  # BundleError naming what is missing
-    return bool(fused)
-
-
-def first_line(err: Exception, last: bool = False) -> str:
-    """One line of an error's message: the first, or the last (TorchScript's own, after its trace)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    return lines[-1 if last else 0][:300]
-
-
-def load_error(path: str, backend: str, err: Exception) -> BundleError:
-    """A file that passed its hash check but that the backend refuses to load."""
-    return BundleError(f"{backend} cannot load {path}: {first_line(err)}")
-
-
-def run_error(path: str, backend: str, err: Exception) -> BackendError:
-    """A graph that loaded but fails when run (shapes it lied about, memory it cannot get)."""
-    return BackendError(f"{backend} failed running {path}: {first_line(err, last=backend == 'TorchScript')}")
 
 
 def check_graph_io(session, contract: dict, path: str) -> None:
@@ -205,7 +58,7 @@ class OnnxRuntimeBackend(Backend):
     initializers from that one set of OrtValues (``add_initializer``) and optimised at the
     EXTENDED level, where they are used in place. At the default ALL level ONNX Runtime's
     CPU layout transforms (NCHWc) copy the convolution weights into each session anyway,
-    which costs memory and buys speed (both measured in the README).
+    which costs memory and buys speed (both measured in docs/results.md).
     """
 
     name = "onnxruntime"
@@ -327,7 +180,7 @@ def _missing_provider(provider: str, device: str, available: list[str]) -> str:
 class TorchScriptBackend(Backend):
     """TorchScript modules on CPU or CUDA, for users who have torch; state stays on device.
 
-    A TorchScript file is code: each is loaded through :func:`ssd.torchscript_check.load_checked`
+    A TorchScript file is code: each is loaded through :func:`ssd_core.torchscript_check.load_checked`
     (no ``__setstate__``, no hooks, only the operators our exporter emits), and, as such files
     declare no shapes, run once at the bundle's smallest batch to check its outputs' shapes."""
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ssd.config import MAX_BATCH
-from ssd.errors import cli_errors, run_cli
-from ssd.outputs import check_target, output_folder
-from ssd.images import SampleWriter, make_grid, save_png
+from ssd_core.config import MAX_BATCH
+from ssd_core.errors import cli_errors, run_cli
+from ssd_core.outputs import check_target, output_folder
+from ssd_core.images import SampleWriter, make_grid, save_png
 
 from .backends import BACKENDS, DEVICES
 from .sampler import Sampler

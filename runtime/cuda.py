@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssd.errors import UserError
+from ssd_core.errors import UserError
 
 
 class CudaError(UserError):

@@ -1,6 +1,6 @@
 """The bundle ``ssd-run`` samples when it is given none (torch-free).
 
-A wheel ships the small Fashion-MNIST model (``ssd/models/fashion-mnist``: fp16 EMA weights
+A wheel ships the small Fashion-MNIST model (``runtime/models/fashion-mnist``: fp16 EMA weights
 and ``state.json``, 3.5 MB) but no bundle: bundles are exported per machine. With no BUNDLE
 and no ``bundles/default`` (a source checkout's ``make demo``), ``ssd-run`` exports the
 packaged model once into the user cache and samples from there:
@@ -10,7 +10,7 @@ packaged model once into the user cache and samples from there:
 named by the model's sha256, the exporter's version and the bundle format, so a new model
 or exporter exports afresh (older folders are left for the user to delete). The export runs
 ``ssd-export`` in a subprocess (this process never imports torch); it needs the 'export'
-extra. The bundle folder is written by ``ssd-export`` through ``ssd.outputs`` (built beside
+extra. The bundle folder is written by ``ssd-export`` through ``ssd_core.outputs`` (built beside
 it, swapped in whole), so a bundle in the cache is complete or absent.
 
 Concurrent first runs: ``ssd-export`` holds the bundle folder's lock for the whole export,
@@ -30,9 +30,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ssd.errors import MissingExtraError, UserError, install_hint, one_line
+from ssd_core.errors import MissingExtraError, UserError, install_hint, one_line
 
-MODEL_PACKAGE = "ssd"  # the model is package data of ssd: ssd/models/fashion-mnist
+MODEL_PACKAGE = "ssd_runtime"  # the model is package data: runtime/models/fashion-mnist
 MODEL_NAME = "fashion-mnist"
 MODEL_FILES = ("state.json", "ema.safetensors")
 # What the export needs (the 'export' extra) and what it checks with (ONNX Runtime).
@@ -43,7 +43,7 @@ EXPORT_MODULES = (("torch", "export"), ("safetensors", "export"), ("onnx", "expo
 # bundle. The tests set it False, for time.
 VERIFY = True
 ATTEMPTS = 3  # export or wait, then look again: a lost race costs one more look
-IN_USE = " is in use by "  # ssd.outputs.FolderLock's refusal
+IN_USE = " is in use by "  # ssd_core.outputs.FolderLock's refusal
 Echo = Callable[[str], None]
 
 
@@ -61,7 +61,7 @@ class ExportExtraError(MissingExtraError):
 
 
 def packaged_model():
-    """The shipped model folder inside the ``ssd`` package (an importlib.resources Traversable)."""
+    """The shipped model folder inside the ``ssd_runtime`` package (an importlib.resources Traversable)."""
     from importlib import resources
 
     return resources.files(MODEL_PACKAGE) / "models" / MODEL_NAME
@@ -92,15 +92,15 @@ def cache_root() -> Path:
 def cached_bundle(digest: str) -> Path:
     """Where the packaged model's bundle lives in the cache: one folder per model, exporter
     version and bundle format."""
-    import ssd
-    from ssd.bundle import FORMAT_VERSION
+    from ssd_core import __version__
+    from ssd_core.bundle import FORMAT_VERSION
 
-    return cache_root() / "bundles" / f"{MODEL_NAME}-{digest[:16]}-ssd{ssd.__version__}-bundle{FORMAT_VERSION}"
+    return cache_root() / "bundles" / f"{MODEL_NAME}-{digest[:16]}-ssd{__version__}-bundle{FORMAT_VERSION}"
 
 
 def is_ready(bundle: Path) -> bool:
     """Whether ``bundle`` is a finished bundle (ssd-export swaps it in whole, manifest included)."""
-    from ssd.bundle import MANIFEST
+    from ssd_core.bundle import MANIFEST
 
     manifest = bundle / MANIFEST
     return manifest.is_file() and not manifest.is_symlink()
@@ -109,7 +109,7 @@ def is_ready(bundle: Path) -> bool:
 def wait_for_writer(bundle: Path, echo: Echo) -> bool:
     """If a command holds ``bundle``'s lock (an ``ssd-export`` writing it), say so and wait
     until it lets go; whether there was one to wait for."""
-    from ssd.outputs import LOCK
+    from ssd_core.outputs import LOCK
 
     try:
         fd = os.open(bundle / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

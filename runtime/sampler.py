@@ -1,4 +1,4 @@
-"""The embeddable sampler: a bundle, a backend, and ``ssd.method.sample_loop``.
+"""The embeddable sampler: a bundle, a backend, and ``ssd_core.method.sample_loop``.
 
     with Sampler.from_bundle("bundles/default", backend="onnxruntime", device="cpu") as sampler:
         images = sampler.sample(16, seed=0, steps=250)  # uint8 [16, H, W, 3]
@@ -16,13 +16,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ssd.bundle import MANIFEST, Bundle, BundleError, load_bundle
-from ssd.config import ConfigError, check_seed, integer
-from ssd.errors import UserError
-from ssd.images import to_uint8
-from ssd.method import SampleState, Step, StepFn, denoise_then_update, initial_noise, sample_loop
+from ssd_core.bundle import MANIFEST, Bundle, BundleError, load_bundle
+from ssd_core.config import ConfigError, check_seed, integer
+from ssd_core.errors import UserError
+from ssd_core.images import to_uint8
+from ssd_core.method import SampleState, Step, StepFn, denoise_then_update, initial_noise, sample_loop
 
-from .backends import Backend, BackendError, check_flag, closing_on_error, make_backend
+from .backend import Backend, BackendError, closing_on_error
+from .backends import check_flag, make_backend
 
 # callback(step_index, total_steps, t, resolution) after every network call
 StepCallback = Callable[[int, int, int, int], None]

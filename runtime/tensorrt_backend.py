@@ -13,7 +13,7 @@ sampling state on the GPU from the first step to the last.
   back to the host until the end (and previews).
 
 Engines are tied to a GPU model, a TensorRT release and an ONNX file: the registry in the
-manifest (``ssd.engine_registry``) picks the set built for this machine or refuses with one
+manifest (``ssd_core.engine_registry``) picks the set built for this machine or refuses with one
 line that says how to rebuild.
 
 Status: written against TensorRT 10/11's documented Python API and cuda-python; in CI it
@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from ssd.bundle import STEP_OUTPUTS, Bundle, BundleError
-from ssd.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
+from ssd_core.bundle import STEP_OUTPUTS, Bundle, BundleError
+from ssd_core.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
 
-from .backends import Backend, BackendError, closing_on_error, release_all
+from .backend import Backend, BackendError, closing_on_error, release_all
 from .cuda import DeviceArray, DeviceBuffer, Stream, destroy_graph_exec, device_properties, import_cudart
 
 

@@ -1,6 +1,4 @@
-"""Scale Space Diffusion: the method (numpy), the Flexi-UNet and the trainer (torch).
+"""ssd: the Flexi-UNet and the trainer (torch), built on the torch-free ``ssd_core``."""
+from ssd_core import __version__
 
-This package's ``__init__`` imports nothing so that the torch-free runtime can import
-``ssd.method`` and ``ssd.config`` without pulling in torch.
-"""
-__version__ = "0.1.0"
+__all__ = ["__version__"]

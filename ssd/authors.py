@@ -23,9 +23,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import MODEL_PRESETS, ConfigError, DiffusionConfig, ModelConfig, SSDConfig
-from .errors import UserError
-from . import files
+from ssd_core.config import MODEL_PRESETS, ConfigError, DiffusionConfig, ModelConfig, SSDConfig
+from ssd_core.errors import UserError
+from ssd_core import files
 
 MAX_IMPORT_BYTES = 4 << 30  # the largest release (CelebA-256) is well under 1 GB
 
@@ -41,7 +41,7 @@ class Release:
     network: str  # a MODEL_PRESETS name
     levels: int
     file: str
-    fid: str  # the paper's FID for it, as SPEC §8 quotes it ("" where SPEC has none)
+    fid: str  # the paper's FID for it, as docs/method.md §8 quotes it ("" where it has none)
 
     @property
     def config(self) -> SSDConfig:
@@ -337,7 +337,7 @@ def import_checkpoint(source, out, preset: str | None = None, config: SSDConfig 
     checkpoint folder. ``preset`` names a release (guessed from the file name when None);
     ``config`` instead describes a network trained with their code at other settings."""
     from .checkpoint import LATEST_FILE, save_weights_only, step_dir_name
-    from .files import write_atomic
+    from ssd_core.files import write_atomic
 
     state, step = read_authors_file(source)
     if config is None:
@@ -358,7 +358,7 @@ def import_checkpoint(source, out, preset: str | None = None, config: SSDConfig 
 
 def config_from_file(path) -> SSDConfig:
     """An :class:`SSDConfig` from a JSON file (``{"model": {...}, "diffusion": {...}}``)."""
-    from .files import read_json
+    from ssd_core.files import read_json
 
     path = Path(path)
     try:

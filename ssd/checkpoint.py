@@ -34,11 +34,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .config import MAX_STEPS, SSDConfig, TrainConfig
-from .errors import OutputError, UserError
-from .files import (check_format, describe, fsync_dir, inside, loads_json, read_capped, read_verified,
-                    write_atomic)
-from .schema import ConfigError, Typed, parse, spec, to_json
+from ssd_core.config import MAX_STEPS, SSDConfig, TrainConfig
+from ssd_core.errors import OutputError, UserError
+from ssd_core.files import (check_format, describe, fsync_dir, inside, loads_json, read_capped, read_verified,
+                            write_atomic)
+from ssd_core.schema import ConfigError, Typed, parse, spec, to_json
 
 FORMAT = "ssd-checkpoint"
 FORMAT_VERSION = 1

@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .config import MAX_BATCH, MODEL_PRESETS, TrainConfig
-from .errors import UserError, cli_errors, require, run_cli
-from .files import sha256_file
-from .outputs import output_folder
+from ssd_core.config import MAX_BATCH, MODEL_PRESETS, TrainConfig
+from ssd_core.errors import UserError, cli_errors, require, run_cli
+from ssd_core.files import sha256_file
+from ssd_core.outputs import output_folder
 
 # --help shows TrainConfig's defaults. Options not given on the command line are not passed
 # on, so a resumed run keeps its checkpoint's values.
@@ -75,8 +75,8 @@ def _need_train_extra(tool: str) -> None:
 def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, **options):
     """Train an SSD model; with --resume, continue bit for bit where the run stopped.
 
-    On several GPUs or machines, start it with torchrun (README: "Training on several
-    GPUs"): --batch-size is then the global batch, split across the processes.
+    On several GPUs or machines, start it with torchrun (docs/multi-gpu.md): --batch-size is
+    then the global batch, split across the processes.
     """
     _need_train_extra("ssd-train")
     from . import distributed
@@ -137,7 +137,7 @@ def _shared_by_all_ranks(err: BaseException) -> bool:
     """Errors every rank meets at once (a bad option such as an indivisible batch,
     divergence, interruption, a failed peer)."""
     from .distributed import PeerFailedError
-    from .schema import ConfigError
+    from ssd_core.schema import ConfigError
     from .train import DivergedError
 
     shared = (KeyboardInterrupt, ConfigError, DivergedError, PeerFailedError)
@@ -174,8 +174,8 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
     """Sample images from a training CHECKPOINT (a checkpoint folder or a run folder)."""
     _need_train_extra("ssd-sample")
     from .checkpoint import load_model
-    from .images import SampleWriter
-    from .method import ScaleSpace
+    from ssd_core.images import SampleWriter
+    from ssd_core.method import ScaleSpace
     from .sample import sample_batches
     from .train import resolve_device
 
@@ -225,7 +225,7 @@ def eval_command(samples: Path, ref: str, n, out, inception_weights, cache):
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run folder to create (checkpoints/step_N, as ssd-train writes).")
 @click.option("--preset", default=None, help="Which release it is [default: from the file name]; "
-              "see the README's 'Running the authors' checkpoints'.")
+              "see docs/authors-checkpoints.md.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="Instead of --preset: a JSON SSDConfig for a network trained with their code at other settings.")
 @cli_errors

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserError
+from ssd_core.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

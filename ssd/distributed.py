@@ -8,7 +8,7 @@ and nothing here talks to anyone.
 
 How the trainer splits the work (``ssd.train``): every rank draws the same random numbers
 (one seed, the same generators) for the whole global batch and keeps its own slice, so all
-ranks agree on the step's route (SPEC §6: one route per batch) and together see exactly the
+ranks agree on the step's route (docs/method.md §6: one route per batch) and together see exactly the
 images, timesteps, flips and noise a single process would.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ssd_core.errors import UserError
 
 
 class TerminatedError(UserError):

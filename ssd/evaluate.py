@@ -25,8 +25,8 @@ from torch import nn
 
 from . import metrics
 from .data import FASHION_MNIST, DataError, decode_image, find_images, read_idx
-from .errors import UserError
-from .files import write_atomic
+from ssd_core.errors import UserError
+from ssd_core.files import write_atomic
 
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: caches are keyed by it
 FEATURES = 128
@@ -203,8 +203,8 @@ def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> Fea
 def inception_features(images: np.ndarray, weights: Path, batch: int = 100) -> np.ndarray:
     """2048-d pool features of NVIDIA's TorchScript Inception (``inception-2015-12-05.pt``),
     which takes uint8 RGB [N, 3, H, W] and resizes to 299 itself. The file is code, so it is
-    loaded through :func:`ssd.torchscript_check.load_checked` (Inception's operators only)."""
-    from .torchscript_check import INCEPTION_OPS, load_checked
+    loaded through :func:`ssd_core.torchscript_check.load_checked` (Inception's operators only)."""
+    from ssd_core.torchscript_check import INCEPTION_OPS, load_checked
 
     try:
         data = Path(weights).read_bytes()

@@ -1,4 +1,4 @@
-"""Multiply-accumulate counts of Flexi-UNet routes and of whole sampling runs (SPEC §7).
+"""Multiply-accumulate counts of Flexi-UNet routes and of whole sampling runs (docs/method.md §7).
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device
 (no memory, no arithmetic), per image, as ``FLOPs / 2``. The counter sees convolutions and
@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import MODEL_PRESETS, ModelConfig, SSDConfig, make_config
+from ssd_core.config import MODEL_PRESETS, ModelConfig, SSDConfig, make_config
 from .unet import FlexiUNet, parse_route, route_name, route_names
 
 
@@ -47,7 +47,7 @@ def paper_route_macs(model_cfg: ModelConfig, name: str) -> int:
     (``route_style="authors"``: one decoder block fewer at the output level, adapters only
     where channels change).
 
-    This reproduces every GMACs figure of SPEC §7 (adm64: keep 28.4/17.2/8.1/2.5, up
+    This reproduces every GMACs figure of docs/method.md §7 (adm64: keep 28.4/17.2/8.1/2.5, up
     6.4/14.9) to 0.05 G, and with the plain UNet (our ``keep_{full}``, 30.3) as baseline, the
     1.55x / 2.15x ratios.
     """
@@ -59,9 +59,9 @@ def route_counts(ssd_config: SSDConfig, steps: int | None = None) -> dict[str, i
 
     Full run (``steps=None``, all T steps): step ``t`` uses ``keep_{r(t)}``, except at a
     change step (``r(t-1) > r(t)``) which uses ``up_{r(t)}_{r(t-1)}``. With fewer steps the
-    routes of :meth:`ssd.method.ScaleSpace.plan` are counted.
+    routes of :meth:`ssd_core.method.ScaleSpace.plan` are counted.
     """
-    from .method import ScaleSpace
+    from ssd_core.method import ScaleSpace
 
     space = ScaleSpace.from_config(ssd_config)
     if steps is not None:

@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_checkpoint, resolve_checkpoint, weights_only_files
-from .errors import cli_errors
-from .files import write_atomic
-from .outputs import replaced_folder
+from ssd_core.errors import cli_errors
+from ssd_core.files import write_atomic
+from ssd_core.outputs import replaced_folder
 
 
 def release(source, out, half: bool = True, force: bool = False) -> Path:
     """Write ``out``, a new release folder with only the EMA weights of ``source`` (a run or
     checkpoint folder). An existing release there is replaced only with ``force``; nothing
-    else ever is (see ``ssd.outputs``)."""
+    else ever is (see ``ssd_core.outputs``)."""
     source, out = Path(source), Path(out)
     checkpoint_dir = resolve_checkpoint(source)
     with replaced_folder(out, "release", "ssd.release", sources=(source, checkpoint_dir), replace=force) as stage:

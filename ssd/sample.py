@@ -1,4 +1,4 @@
-"""The PyTorch reference sampler: ``ssd.method.sample_loop`` with a torch network.
+"""The PyTorch reference sampler: ``ssd_core.method.sample_loop`` with a torch network.
 
 Noise comes from a seeded numpy generator (``np.random.default_rng(seed)``), so the runtime
 and this sampler can be fed identical noise and compared image for image.
@@ -10,9 +10,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import SSDConfig, check_seed
-from .images import to_uint8
-from .method import SampleState, ScaleSpace, Step, denoise_then_update, initial_noise, sample_loop
+from ssd_core.config import SSDConfig, check_seed
+from ssd_core.images import to_uint8
+from ssd_core.method import SampleState, ScaleSpace, Step, denoise_then_update, initial_noise, sample_loop
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Fused step modules: one route's network and its posterior update in one graph.
 
 ``StepModule.forward(x [N,C,r,r], t [N], coef [K], z [N,C,o,o]) -> (x_s, x0_pred)`` runs the
-route, clamps its prediction and draws ``x_s`` with the update of SPEC §5 (the same
-:func:`ssd.method.keep_update` / :func:`ssd.method.up_update` the numpy loop uses). The
+route, clamps its prediction and draws ``x_s`` with the update of docs/method.md §5 (the same
+:func:`ssd_core.method.keep_update` / :func:`ssd_core.method.up_update` the numpy loop uses). The
 step's scalars come in ``coef`` (``Step.coefficients()``, so respaced sampling needs no new
 graph); the matrices of a size-doubling update (``A``, ``U`` and the eigenvalue outer product
 that ``S`` is computed from) are baked in as buffers. The exporter writes these modules to
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .method import COEFFICIENTS, ScaleSpace, keep_update, up_update
+from ssd_core.method import COEFFICIENTS, ScaleSpace, keep_update, up_update
 
 
 class PosteriorUpdate(nn.Module):

@@ -1,4 +1,4 @@
-"""The scale-space process in torch: the numpy arrays of ``ssd.method`` as tensors, once.
+"""The scale-space process in torch: the numpy arrays of ``ssd_core.method`` as tensors, once.
 
 Used by the trainer (forward marginal, targets, Min-SNR-5 loss). The network is passed in,
 never stored.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .method import ScaleSpace
+from ssd_core.method import ScaleSpace
 
 
 class TorchScaleSpace:
@@ -41,7 +41,7 @@ class TorchScaleSpace:
         return _per_sample(self.sqrt_abar[t]) * x0_small + _per_sample(self.sqrt_one_minus_abar[t]) * eps
 
     def loss(self, model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-5 weighted x0 loss of SPEC §6 (target at the output size r(t-1))."""
+        """Min-SNR-5 weighted x0 loss of docs/method.md §6 (target at the output size r(t-1))."""
         sizes = self.space.sizes
         in_size = int(sizes[int(t[0])])
         out_size = self.space.target_size(int(t[0]))

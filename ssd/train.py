@@ -1,4 +1,4 @@
-"""The trainer (SPEC §6): Min-SNR-5 x0 loss on the scale-space marginal, AdamW, EMA.
+"""The trainer (docs/method.md §6): Min-SNR-5 x0 loss on the scale-space marginal, AdamW, EMA.
 
 Every random draw is reproducible from the seed and the checkpoint, so ``--resume`` goes on
 bit for bit as if the run had never stopped:
@@ -22,13 +22,13 @@ import torch
 
 from .checkpoint import (Checkpoint, latest_checkpoint, load_optimizer, load_state, read_checkpoint,
                          save_checkpoint)
-from .config import ConfigError, TrainConfig
+from ssd_core.config import ConfigError, TrainConfig
 from .data import ImageDataset, load_dataset, normalize_spec
 from .distributed import Dist, PeerFailedError, is_collective_failure, sigterm_grace
-from .errors import OutputError, UserError
-from .files import describe
-from .images import make_grid, save_png
-from .method import ScaleSpace
+from ssd_core.errors import OutputError, UserError
+from ssd_core.files import describe
+from ssd_core.images import make_grid, save_png
+from ssd_core.method import ScaleSpace
 from .torch_process import TorchScaleSpace
 from .unet import FlexiUNet
 
@@ -124,7 +124,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.net = self.model
-        if dist.active:  # each step runs one route, so DDP must allow unused parameters (README)
+        if dist.active:  # each step runs one route, so DDP must allow unused parameters (docs/multi-gpu.md)
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [dist.local_rank] if self.device.type == "cuda" else None
@@ -325,7 +325,7 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
     latest checkpoint with ``given`` overriding the options that may change.
 
     Writes nothing itself: the folder is created by the first checkpoint (``ssd-train``
-    holds it through ``ssd.outputs.output_folder``).
+    holds it through ``ssd_core.outputs.output_folder``).
     """
     out = Path(out)
     if "data" in given:  # a folder by absolute path, so a resume from elsewhere finds it
@@ -342,9 +342,3 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
                 f"has {dist.world_size}: the data order and random draws go on unchanged (every rank draws the "
                 "global batch), but float rounding differs, so the run is not bit-identical")
     return trainer
-
-
-if __name__ == "__main__":  # python -m ssd.train ..., the same as ssd-train (torchrun too)
-    from .cli import train_main
-
-    train_main()

@@ -1,4 +1,4 @@
-"""The ADM ("guided-diffusion") style Flexi-UNet of SPEC §7.
+"""The ADM ("guided-diffusion") style Flexi-UNet of docs/method.md §7.
 
 One set of weights, several *routes*. An input of size ``r`` enters at the UNet level ``l``
 whose native size is ``r`` (``cfg.level_of(r)``):
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, SSDConfig
-from .method import parse_route, route_name
+from ssd_core.config import ModelConfig, SSDConfig
+from ssd_core.method import parse_route, route_name
 
 # --------------------------------------------------------------------------- route names
 
@@ -194,7 +194,7 @@ class Upsample(nn.Module):
 
 
 class FlexiUNet(nn.Module):
-    """ADM UNet with per-resolution entry/exit adapters (SPEC §7).
+    """ADM UNet with per-resolution entry/exit adapters (docs/method.md §7).
 
     Attributes mirror ADM's layout: ``conv_in``; ``enc[l]`` (``num_res_blocks`` blocks) and
     ``down[str(l)]``; ``middle``; ``dec[l]`` (``num_res_blocks + 1`` blocks, each consuming

@@ -34,7 +34,7 @@ def assert_one_line_error(result, pattern, code=1):
 def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", top: str | None = None) -> Path:
     """A random-weight checkpoint of ``preset`` with ``levels`` levels (and top transition)."""
     from ssd.checkpoint import save_random_checkpoint
-    from ssd.config import SSDConfig, make_config
+    from ssd_core.config import SSDConfig, make_config
 
     base = make_config(preset, levels)
     model_config = dataclasses.replace(base.model, top_transition=top) if top else base.model

@@ -14,7 +14,7 @@ writes into ``tests/fixtures/authors/``:
   timesteps ``t`` and their network's outputs ``out.<route>`` (float32, computed from the
   float16-rounded weights), called as their sampler calls it (``cond_rs`` for up routes, an
   antialiased bilinear resize then the full-size path into the top level);
-- ``config.json``: the same network as our :class:`ssd.config.SSDConfig`.
+- ``config.json``: the same network as our :class:`ssd_core.config.SSDConfig`.
 
 No code of theirs is copied into this project; it is imported from ``--repo`` at run time.
 ``--check`` instead compares the seven released configurations, at full size with random

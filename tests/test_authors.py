@@ -24,7 +24,7 @@ from conftest import assert_one_line_error, run_main
 from ssd.authors import RELEASES, authors_config, config_from_file, key_map, rename
 from ssd.checkpoint import load_model
 from ssd.cli import import_main
-from ssd.config import MODEL_PRESETS, SSDConfig
+from ssd_core.config import MODEL_PRESETS, SSDConfig
 from ssd.unet import FlexiUNet
 
 FIXTURE = Path(__file__).parent / "fixtures" / "authors"
@@ -100,7 +100,7 @@ def test_import_export_run_matches_the_torch_sampler(tmp_path, capsys):
     PyTorch reference sampler with the same seed."""
     from click.testing import CliRunner
 
-    from ssd.method import ScaleSpace
+    from ssd_core.method import ScaleSpace
     from ssd.sample import sample_states
     from ssd_export.cli import export_command
     from ssd_runtime import Sampler

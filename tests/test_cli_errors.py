@@ -14,7 +14,7 @@ from PIL import Image
 import ssd.checkpoint as ckpt
 from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import TRAIN_DEFAULTS, sample_main, train_main
-from ssd.config import TrainConfig
+from ssd_core.config import TrainConfig
 
 from conftest import assert_one_line_error, run_main as run
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ssd.data import FASHION_MNIST, DataError, load_dataset, load_fashion_mnist, load_image_folder
-from ssd.errors import UserError
+from ssd_core.errors import UserError
 
 
 def write_png(path, size, color=(200, 30, 30)):

@@ -35,9 +35,9 @@ def ssd_run(cwd: Path, cache: Path, *args, prelude: str = ""):
 
 
 def test_the_packaged_model_is_package_data():
-    """Found through importlib.resources inside the ssd package, not through the repository."""
+    """Found through importlib.resources inside the ssd_runtime package, not through the repository."""
     model = default_model.packaged_model()
-    assert model == resources.files("ssd") / "models" / "fashion-mnist"
+    assert model == resources.files("ssd_runtime") / "models" / "fashion-mnist"
     with resources.as_file(model) as folder:
         assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(default_model.MODEL_FILES)
         state = json.loads((folder / "state.json").read_text())
@@ -49,7 +49,7 @@ def test_the_packaged_model_is_package_data():
 
 def test_the_cache_is_named_by_model_exporter_and_format(monkeypatch, tmp_path):
     import ssd
-    from ssd.bundle import FORMAT_VERSION
+    from ssd_core.bundle import FORMAT_VERSION
 
     monkeypatch.delenv("SSD_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -86,7 +86,7 @@ def test_a_failed_export_is_one_line(tmp_path):
 
 
 def test_ssd_run_without_a_bundle_exports_once_then_reuses_it(tmp_path):
-    """First run: one line, one export into the cache (through ssd.outputs), samples. Second
+    """First run: one line, one export into the cache (through ssd_core.outputs), samples. Second
     run (torch now unimportable, in another folder): no export, same bundle, samples. A third,
     in a folder with bundles/default, samples that."""
     cache, first, second, third = (tmp_path / name for name in ("cache", "first", "second", "third"))

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import train_main
-from ssd.config import TrainConfig
+from ssd_core.config import TrainConfig
 from ssd.data import load_dataset
 from ssd.distributed import Dist
-from ssd.schema import ConfigError
+from ssd_core.schema import ConfigError
 from ssd.train import Trainer
 
 from conftest import run_main
@@ -31,9 +31,9 @@ PARTS = ("model", "ema", "optimizer")
 
 
 def torchrun(*args, processes: int = 2, wait: bool = True):
-    """``torchrun --standalone --nproc_per_node=N -m ssd.train ARGS`` as a subprocess."""
+    """``torchrun --standalone --nproc_per_node=N -m ssd ARGS`` as a subprocess."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "ssd.train", *map(str, args)]
+               "-m", "ssd", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -136,7 +136,7 @@ def worker_pids(marker: str) -> dict[int, int]:
             environ = dict(v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if b"=" in v)
         except OSError:
             continue
-        if marker.encode() in cmdline and b"ssd.train" in cmdline and b"RANK" in environ:
+        if marker.encode() in cmdline and b"ssd" in cmdline and b"RANK" in environ:
             found[int(environ[b"RANK"])] = int(entry.name)
     return found
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ssd.checkpoint import latest_checkpoint, read_checkpoint
-from ssd.config import ConfigError, TrainConfig
+from ssd_core.config import ConfigError, TrainConfig
 from ssd.data import load_dataset
 from ssd.train import Trainer, ema_decay_at, start_run
 

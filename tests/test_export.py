@@ -1,5 +1,5 @@
 """ssd-export: per-route ONNX / TorchScript export against PyTorch, the bundle it writes, and
-the runtime sampling from it (SPEC §7, §9).
+the runtime sampling from it (docs/method.md §7, §9).
 
 Two bundles are exported once per module (dynamo export costs seconds per route):
 - ``interp``: tiny32, 3 levels, top transition "interp"; onnx + onnx-fp16 + torchscript,
@@ -24,10 +24,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ssd.bundle import BundleError, load_bundle, sha256_file
+from ssd_core.bundle import BundleError, load_bundle, sha256_file
 from ssd.checkpoint import load_model
-from ssd.config import ConfigError
-from ssd.method import ScaleSpace
+from ssd_core.config import ConfigError
+from ssd_core.method import ScaleSpace
 from ssd.sample import sample_images
 from ssd.unet import route_names
 from ssd_export.bundle_writer import validate_manifest
@@ -335,7 +335,9 @@ def test_output_folder_with_other_things_is_refused(interp, up, tmp_path):
     unrelated = tmp_path / "unrelated"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("mine")
-    assert_one_line_error(export(up.run, "--out", unrelated), "not a readable ssd bundle", "notes.txt")
+    for force in ([], ["--force"]):  # --force replaces a bundle, never files ssd did not make
+        assert_one_line_error(export(up.run, "--out", unrelated, *force), "holds files ssd did not make", "notes.txt")
+    assert (unrelated / "notes.txt").read_text() == "mine"
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert_one_line_error(export(up.run, "--out", blocker / "bundle"), "cannot write")

@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import ssd.checkpoint as ckpt
-from ssd.bundle import BundleError, load_bundle
+from ssd_core.bundle import BundleError, load_bundle
 from ssd.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_model, read_checkpoint
 from ssd.cli import sample_main, train_main
-from ssd.config import ConfigError
+from ssd_core.config import ConfigError
 from ssd.data import load_image_folder
-from ssd.images import save_png
+from ssd_core.images import save_png
 from ssd.train import DivergedError, start_run
 from ssd_export.cli import export_command
 from ssd_runtime import Sampler
@@ -339,16 +339,16 @@ def test_ssd_sample_has_a_default_batch_and_checks_out_first(bundle, tmp_path, c
 
 # --------------------------------------------------------------------------- behaviour
 def test_ssd_run_writes_each_batch_as_it_finishes(bundle, tmp_path, capsys, monkeypatch):
-    import ssd.images
+    import ssd_core.images
 
     seen = []
-    real_add = ssd.images.SampleWriter.add
+    real_add = ssd_core.images.SampleWriter.add
 
     def add(self, images):
         seen.append(len(list(self.out.glob("sample_*.png"))))
         real_add(self, images)
 
-    monkeypatch.setattr(ssd.images.SampleWriter, "add", add)
+    monkeypatch.setattr(ssd_core.images.SampleWriter, "add", add)
     code, _, err = call(ssd_run, [bundle[1], "--n", 5, "--batch", 2, "--steps", 2, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert seen == [0, 2, 4]  # earlier batches were on disk before the next one was added
@@ -433,8 +433,8 @@ def test_packaging_metadata():
         assert f"torch>={TORCH_MIN}" in project["optional-dependencies"][extra]
     # `ssd-run` with no bundle exports the packaged model: it must ship as package data
     tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "ssd.models" in tool["packages"]
-    assert sorted(tool["package-data"]["ssd.models"]) == ["fashion-mnist/ema.safetensors", "fashion-mnist/state.json"]
+    assert "ssd_runtime.models" in tool["packages"]
+    assert sorted(tool["package-data"]["ssd_runtime.models"]) == ["fashion-mnist/ema.safetensors", "fashion-mnist/state.json"]
 
 
 def test_the_wheel_carries_the_fixture(tmp_path):
@@ -449,8 +449,8 @@ def test_the_wheel_carries_the_fixture(tmp_path):
     wheel = next(tmp_path.glob("ssd_diffusion-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert not any(name.startswith("tests/") for name in names)
-    model = root / "ssd" / "models" / "fashion-mnist"
-    assert {"ssd/models/fashion-mnist/ema.safetensors", "ssd/models/fashion-mnist/state.json",
+    model = root / "runtime" / "models" / "fashion-mnist"
+    assert {"ssd_runtime/models/fashion-mnist/ema.safetensors", "ssd_runtime/models/fashion-mnist/state.json",
             "ssd_runtime/default_model.py"} <= set(names)
     assert not any(name.startswith("models/") for name in names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
@@ -461,7 +461,7 @@ def test_the_wheel_carries_the_fixture(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     from ssd_runtime.default_model import model_digest
 
-    assert proc.stdout.split() == ["32", str(tmp_path / "site" / "ssd" / "models" / "fashion-mnist"),
+    assert proc.stdout.split() == ["32", str(tmp_path / "site" / "ssd_runtime" / "models" / "fashion-mnist"),
                                    model_digest(model)], proc.stderr
 
 

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 import fake_tensorrt
-from ssd.bundle import BundleError
-from ssd.errors import UserError
+from ssd_core.bundle import BundleError
+from ssd_core.errors import UserError
 from ssd_runtime import Sampler
 from ssd_runtime.backends import BackendError
 from ssd_runtime.cuda import CudaError, Stream, check

@@ -1,11 +1,11 @@
-"""The method's numbers against closed forms, dense matrices and Monte Carlo (SPEC §2-§6)."""
+"""The method's numbers against closed forms, dense matrices and Monte Carlo (docs/method.md §2-§6)."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ssd.config import ConfigError, make_config
-from ssd.method import ScaleSpace, halving_matrix, linear_abar, p_step
+from ssd_core.config import ConfigError, make_config
+from ssd_core.method import ScaleSpace, halving_matrix, linear_abar, p_step
 from ssd.torch_process import TorchScaleSpace
 
 
@@ -61,7 +61,7 @@ def test_adjoint_identity():
 
 
 def test_step_noise_covariance_is_psd_at_every_change_step():
-    """SPEC §4: lambda_max(R R^T) ~= 0.25 (a little above, from the renormalised borders)
+    """docs/method.md §4: lambda_max(R R^T) ~= 0.25 (a little above, from the renormalised borders)
     keeps sigma_t^2 I - sigma_{t-1}^2 alpha_t R R^T positive semidefinite."""
     R = dense_halving(16)
     lam = np.linalg.eigvalsh(R @ R.T).max()
@@ -165,7 +165,7 @@ def test_exact_noise_covariance_is_correlated_not_isotropic():
 
 
 def test_forward_chain_reproduces_marginal_monte_carlo():
-    """x_t = sqrt(alpha_t) R_t x_{t-1} + eta_t, chained from x0, has the SPEC §4 marginal."""
+    """x_t = sqrt(alpha_t) R_t x_{t-1} + eta_t, chained from x0, has the docs/method.md §4 marginal."""
     space = small_space(timesteps=8)
     rng = np.random.default_rng(4)
     x0 = rng.uniform(-1, 1, (1, 1, 8, 8))

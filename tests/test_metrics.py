@@ -154,7 +154,7 @@ def test_fid_with_a_local_torchscript_inception(tmp_path):
         evaluate(good, None, reference, inception=tmp_path / "broken.pt", log=lambda text: None)
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "ssd" / "models" / "fashion-mnist"
+SHIPPED = Path(__file__).resolve().parents[1] / "runtime" / "models" / "fashion-mnist"
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist")

@@ -1,5 +1,5 @@
 """The torch-free runtime: parity with the PyTorch reference sampler, step plans, ssd-run,
-bad input, and the C++ embedding example (SPEC §5, §9)."""
+bad input, and the C++ embedding example (docs/method.md §5, §9)."""
 from __future__ import annotations
 
 import functools
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssd.bundle import BundleError
+from ssd_core.bundle import BundleError
 from ssd.checkpoint import load_model
-from ssd.config import ConfigError
+from ssd_core.config import ConfigError
 from ssd.sample import sample_states
 from ssd_runtime import Sampler
 from ssd_runtime.backends import BackendError
@@ -32,7 +32,7 @@ def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarr
     """Final float images of the PyTorch reference sampler, noise from the same seed
     (computed once per case and shared by the backends' tests)."""
     config, model = load_model(run)
-    from ssd.method import ScaleSpace
+    from ssd_core.method import ScaleSpace
 
     states = sample_states(model, ScaleSpace.from_config(config), n, steps, np.random.default_rng(seed))
     *_, last = states

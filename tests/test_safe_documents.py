@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ssd.unet
-from ssd.bundle import BundleError, load_bundle, process_section, route_contract
+from ssd_core.bundle import BundleError, load_bundle, process_section, route_contract
 from ssd.checkpoint import MAX_STATE_BYTES, CheckpointError, latest_checkpoint, load_model, read_checkpoint
 from ssd.cli import import_main, sample_main, train_main
-from ssd.config import make_config
-from ssd.files import loads_json
-from ssd.method import ScaleSpace
+from ssd_core.config import make_config
+from ssd_core.files import loads_json
+from ssd_core.method import ScaleSpace
 from ssd.release import main as release_main
 from ssd.unet import route_names
 from ssd_export.cli import main as export_main
@@ -28,7 +28,7 @@ from ssd_runtime.cli import main as run_main
 from conftest import assert_one_line_error, run_main as call
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASE = ROOT / "ssd" / "models" / "fashion-mnist"
+RELEASE = ROOT / "runtime" / "models" / "fashion-mnist"
 QUICK = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress"]
 SHA = "0" * 64
 
@@ -158,7 +158,7 @@ def test_hostile_numbers_and_duplicate_keys_are_one_line_in_every_reader(tmp_pat
 
 
 def test_huge_integers_given_in_python_are_config_errors():
-    from ssd.config import ConfigError, TrainConfig
+    from ssd_core.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match=r"lr: expected a finite number, got an integer of 1329 bits"):
         TrainConfig(lr=10**400)

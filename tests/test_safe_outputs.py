@@ -1,4 +1,4 @@
-"""The one owner of output folders (ssd.outputs) and what every command gets from it:
+"""The one owner of output folders (ssd_core.outputs) and what every command gets from it:
 markers and kinds, one writer at a time, no non-regular target ever replaced, closed pipes
 that change nothing, and failures that leave nothing behind."""
 from __future__ import annotations
@@ -18,9 +18,9 @@ from conftest import assert_one_line_error, make_checkpoint, run_main
 
 from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import import_main, train_main
-from ssd.errors import OutputError
-from ssd.files import write_atomic
-from ssd.outputs import LOCK, MARKER, FolderError, kind_of, output_folder, replaced_folder
+from ssd_core.errors import OutputError
+from ssd_core.files import write_atomic
+from ssd_core.outputs import LOCK, MARKER, FolderError, kind_of, output_folder, replaced_folder
 from ssd.release import main as release_main
 from ssd_export.cli import export_command
 
@@ -204,7 +204,7 @@ def test_a_folder_found_empty_is_emptied_again_on_failure(tmp_path):
 # --------------------------------------------------------------------------- locks
 HOLDER = """
 import sys, time
-from ssd.outputs import output_folder
+from ssd_core.outputs import output_folder
 with output_folder(sys.argv[1], sys.argv[2], "holder-command"):
     print("held", flush=True)
     time.sleep(120)
@@ -326,7 +326,7 @@ def test_a_closed_stdout_changes_nothing_that_is_written(tmp_path, run):
 
 
 def test_messages_are_one_line_whatever_the_path_or_value(tmp_path, capsys):
-    from ssd.errors import one_line
+    from ssd_core.errors import one_line
 
     assert one_line("cannot read /tmp/a\nb: gone") == "cannot read /tmp/a\\nb: gone"
     seed = "9" * 5000

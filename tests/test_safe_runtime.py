@@ -14,10 +14,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ssd.bundle import BundleError
-from ssd.errors import UserError
+from ssd_core.bundle import BundleError
+from ssd_core.errors import UserError
 from ssd.evaluate import inception_features
-from ssd.torchscript_check import INCEPTION_OPS, ROUTE_OPS, load_checked
+from ssd_core.torchscript_check import INCEPTION_OPS, ROUTE_OPS, load_checked
 from ssd_runtime import Sampler
 from ssd_runtime.backends import BackendError, available_cores
 from ssd_runtime.cli import main as ssd_run

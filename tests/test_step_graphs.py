@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, make_checkpoint, run_main
-from ssd.bundle import BundleError
-from ssd.config import make_config
-from ssd.images import to_uint8
-from ssd.method import ScaleSpace, p_step
+from ssd_core.bundle import BundleError
+from ssd_core.config import make_config
+from ssd_core.images import to_uint8
+from ssd_core.method import ScaleSpace, p_step
 from ssd.step_graph import step_module
 from ssd.unet import FlexiUNet
 

@@ -17,7 +17,7 @@ import pytest
 
 import fake_tensorrt
 from conftest import assert_one_line_error, make_checkpoint, run_main
-from ssd.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
+from ssd_core.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
 from ssd_engines.build import EngineBuildError, plan_build, profile_shapes
 
 
@@ -106,7 +106,7 @@ def test_build_plan_refusals():
 
 
 def test_profiles_cover_the_batch_range_with_opt_at_the_max():
-    from ssd.bundle import route_contract, step_contract
+    from ssd_core.bundle import route_contract, step_contract
 
     dynamic = step_contract(route_contract("up_8_16", 8, 16, 3, "batch"))
     shapes = profile_shapes(dynamic, (1, 16))
@@ -223,7 +223,7 @@ def test_tensorrt_11_builds_fp16_strongly_typed_from_the_fp16_graph(copy, capsys
 
 
 def test_a_tampered_engine_is_refused_by_its_hash(copy, capsys, monkeypatch):
-    from ssd.bundle import BundleError
+    from ssd_core.bundle import BundleError
     from ssd_runtime import Sampler
 
     fake_tensorrt.install(monkeypatch)
@@ -256,7 +256,7 @@ def test_refit_a_new_checkpoint_into_the_same_engines(bundle, tmp_path, capsys, 
 
 
 def test_onnxruntime_tensorrt_provider_gets_its_engine_cache(bundle, monkeypatch, tmp_path):
-    from ssd.bundle import load_bundle
+    from ssd_core.bundle import load_bundle
     from ssd_runtime.backends import tensorrt_provider_options
 
     monkeypatch.setenv("SSD_CACHE", str(tmp_path))

@@ -9,10 +9,10 @@ import torch
 
 import ssd.checkpoint as ckpt
 from ssd.checkpoint import CheckpointError, latest_checkpoint, load_model, read_checkpoint
-from ssd.config import ConfigError
+from ssd_core.config import ConfigError
 from ssd.data import load_dataset
-from ssd.errors import OutputError
-from ssd.config import TrainConfig
+from ssd_core.errors import OutputError
+from ssd_core.config import TrainConfig
 from ssd.train import Trainer, start_run
 
 TINY = dict(preset="tiny32", data="fixture", batch_size=4, sample_every=0, seed=3)

@@ -1,4 +1,4 @@
-"""The Flexi-UNet (SPEC §7): route names, shapes, weight sharing, export, MAC counts."""
+"""The Flexi-UNet (docs/method.md §7): route names, shapes, weight sharing, export, MAC counts."""
 import copy
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssd.config import MODEL_PRESETS, SSDConfig, DiffusionConfig, make_config
+from ssd_core.config import MODEL_PRESETS, SSDConfig, DiffusionConfig, make_config
 from ssd.flops import paper_route_macs, route_counts, route_macs, sampling_mac_ratio
 from ssd.unet import FlexiUNet, RouteModule, parse_route, route_name, route_names
 

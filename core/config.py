@@ -1,7 +1,7 @@
 """Typed, frozen configuration for the Flexi-UNet and the scale-space process.
 
 Pure Python (no numpy, no torch): checkpoints and bundles carry these as JSON, and the
-runtime reads them back without importing torch. Each is a :class:`ssd.schema.Typed`
+runtime reads them back without importing torch. Each is a :class:`ssd_core.schema.Typed`
 dataclass, so a value out of its bounds is refused wherever it comes from.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ class ModelConfig(Typed):
 
 @dataclass(frozen=True)
 class DiffusionConfig(Typed):
-    """The scale-space forward process (SPEC §2): noise and resolution schedules."""
+    """The scale-space forward process (docs/method.md §2): noise and resolution schedules."""
 
     timesteps: int = spec(1000, lo=2, hi=MAX_TIMESTEPS)
     beta_start: float = spec(1e-4, lo=0.0, hi=1.0)

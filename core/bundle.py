@@ -1,4 +1,4 @@
-"""The bundle contract (SPEC §9): what the exporter writes and the runtime reads.
+"""The bundle contract (docs/method.md §9): what the exporter writes and the runtime reads.
 
 Torch-free (stdlib + numpy). The manifest format is defined once, here, as typed
 dataclasses (:class:`Manifest` and its parts): the exporter checks what it writes by parsing
@@ -15,7 +15,7 @@ Layout of a bundle folder::
 
 A route graph maps ``(x, t) -> x0_pred``. Its step graph (``step_files``; format version 3)
 maps ``(x, t, coef, z) -> (x_s, x0_pred)``: one whole sampling step, ``coef`` holding the
-step's scalars in the order of ``ssd.method.COEFFICIENTS`` and ``z`` the white noise at the
+step's scalars in the order of ``ssd_core.method.COEFFICIENTS`` and ``z`` the white noise at the
 output size (:func:`step_contract`). The route graphs stay, as the verification reference.
 
 Every file a backend reads is listed with its size and sha256, and is checked through
@@ -47,7 +47,6 @@ FORMAT = "ssd-bundle"
 FORMAT_VERSION = 3
 READ_VERSIONS = (2, 3)  # a version 2 bundle has no step graphs and samples unfused
 MANIFEST = "manifest.json"
-INPUT_NAMES = ("x", "t")
 OUTPUT_NAME = "x0_pred"
 STEP_OUTPUTS = ("x_s", OUTPUT_NAME)  # a step graph's outputs
 BACKEND_FORMATS = ("onnx", "onnx-fp16", "torchscript")
@@ -132,7 +131,7 @@ class TensorIO(Typed):
 
 @dataclass(frozen=True)
 class Route(Typed):
-    """One network route (SPEC §7): ``keep_R`` or ``up_R_2R``, its I/O and files."""
+    """One network route (docs/method.md §7): ``keep_R`` or ``up_R_2R``, its I/O and files."""
 
     name: str = spec(pattern=r"keep_[0-9]{1,4}|up_[0-9]{1,4}_[0-9]{1,4}")
     kind: str = spec(choices=("keep", "up"))
@@ -157,7 +156,7 @@ class Route(Typed):
 
 @dataclass(frozen=True)
 class Process(Typed):
-    """The process as arrays (SPEC §9), so the runtime depends on no formula agreeing."""
+    """The process as arrays (docs/method.md §9), so the runtime depends on no formula agreeing."""
 
     timesteps: int = spec(lo=2, hi=MAX_TIMESTEPS)
     abar: tuple[float, ...] = spec(lo=0.0, hi=1.0, max_items=MAX_TIMESTEPS)
@@ -312,7 +311,7 @@ class Bundle:
 
     @property
     def engine_sets(self) -> tuple[EngineSet, ...]:
-        """The TensorRT engine sets the bundle holds (``ssd.engine_registry``)."""
+        """The TensorRT engine sets the bundle holds (``ssd_core.engine_registry``)."""
         return parse_engine_sets(self.manifest.engines)
 
     def formats(self) -> list[str]:

@@ -71,13 +71,6 @@ class SampleWriter:
             return save_png(self.out / "grid.png", make_grid(np.stack(self._grid)), self.params)
 
 
-def write_samples(out: Path, images: np.ndarray, params: dict) -> Path:
-    """One PNG per sample (parameters as text chunks) and ``grid.png``; returns the grid path."""
-    writer = SampleWriter(out, params)
-    writer.add(images)
-    return writer.finish()
-
-
 @contextlib.contextmanager
 def _output_errors(out: Path):
     from .errors import OutputError

@@ -14,7 +14,7 @@ in, e.g. a bundle or a release). The rules, in one place:
   folder that holds files ssd did not make; nothing inside a training run (only the trainer
   writes there).
 - **Non-regular paths.** Only regular files and our own folders are replaced; a symlink,
-  device, FIFO or socket at the path is refused (files: :func:`ssd.files.write_atomic`).
+  device, FIFO or socket at the path is refused (files: :func:`ssd_core.files.write_atomic`).
 - **One writer at a time.** The command holds ``fcntl.flock`` on ``.ssd-lock`` inside the
   folder for its whole life; a second command is refused naming the holder's PID. The kernel
   drops a killed process's lock, so a stale lock file never blocks.

@@ -6,7 +6,7 @@ capped at the size the document promises, so ``weights -> /dev/zero`` cannot eat
 JSON documents are capped in size and nesting. Writing: every file goes through a unique
 temp file in the same folder and a rename, so a reader never sees half a file and two
 writers never share a temp name; only a regular file is ever replaced. Folders are owned
-by ``ssd.outputs``.
+by ``ssd_core.outputs``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The method's numbers and the one sampling loop, in numpy (SPEC §2-§6).
+"""The method's numbers and the one sampling loop, in numpy (docs/method.md §2-§6).
 
 Everything here is computed once, in float64, from the noise schedule ``abar`` and the
 resolution schedule ``sizes`` (r(t) for every t). The trainer, the torch reference sampler,
@@ -89,7 +89,7 @@ def parse_route(name: str) -> tuple[int, int]:
 class Step:
     """One reverse step from kept timestep ``t`` to the next kept ``s`` (``s = -1``: final).
 
-    The update (SPEC §5), with ``mu = a_s * x0_pred`` and ``z`` white noise at ``out_size``:
+    The update (docs/method.md §5), with ``mu = a_s * x0_pred`` and ``z`` white noise at ``out_size``:
     - same size:  ``x_s = c_x0 * x0_pred + c_xt * x_t + noise_std * z``
     - size x2:    ``x_s = mu + k_res * R^T (x_t - k_fwd * R mu) + sigma_s * U (S * (U^T z U)) U^T``
     - final:      ``x_s = x0_pred``
@@ -152,12 +152,12 @@ COEFFICIENTS = {"keep": ("c_x0", "c_xt", "noise_std"), "up": ("a_s", "k_fwd", "k
 
 
 def keep_update(x_t, x0_pred, z, c_x0, c_xt, noise_std):
-    """Same-size posterior draw (SPEC §5): ``c_x0 x0 + c_xt x_t + noise_std z``."""
+    """Same-size posterior draw (docs/method.md §5): ``c_x0 x0 + c_xt x_t + noise_std z``."""
     return c_x0 * x0_pred + c_xt * x_t + noise_std * z
 
 
 def up_update(x_t, x0_pred, z, a_s, k_fwd, k_res, sigma_s, A, U, S):
-    """Size-doubling posterior draw (SPEC §5) with the exact correlated noise
+    """Size-doubling posterior draw (docs/method.md §5) with the exact correlated noise
     ``U (S * (U^T z U)) U^T``; ``A`` halves the output size, ``U`` and ``S`` as in :class:`Step`."""
     mu = a_s * x0_pred
     residual = x_t - k_fwd * (A @ mu @ A.mT)
@@ -167,7 +167,7 @@ def up_update(x_t, x0_pred, z, a_s, k_fwd, k_res, sigma_s, A, U, S):
 
 
 def p_step(step: Step, x_t, x0_pred, z):
-    """Draw ``x_s`` from the posterior ``q(x_s | x_t, x0 = x0_pred)`` of SPEC §5.
+    """Draw ``x_s`` from the posterior ``q(x_s | x_t, x0 = x0_pred)`` of docs/method.md §5.
 
     Works on numpy arrays and torch tensors alike (only ``@``, ``*``, ``+``, ``.mT``);
     ``x0_pred`` must already be clamped; ``z`` is white noise ``[N, C, out, out]``.
@@ -232,7 +232,7 @@ class ScaleSpace:
         return y
 
     def q_sample(self, x0: np.ndarray, t: int, eps: np.ndarray) -> np.ndarray:
-        """Forward marginal ``x_t = a_t R_{full->r(t)} x0 + sigma_t eps`` (SPEC §4)."""
+        """Forward marginal ``x_t = a_t R_{full->r(t)} x0 + sigma_t eps`` (docs/method.md §4)."""
         abar = self.abar[t]
         return np.sqrt(abar) * self.downsample(x0, int(self.sizes[t])) + np.sqrt(1 - abar) * eps
 
@@ -245,12 +245,12 @@ class ScaleSpace:
 
     # ---------------------------------------------------------------- training
     def loss_weight(self, t) -> np.ndarray:
-        """Min-SNR-5 weight ``min(abar_t / (1 - abar_t), 5)`` (SPEC §6)."""
+        """Min-SNR-5 weight ``min(abar_t / (1 - abar_t), 5)`` (docs/method.md §6)."""
         abar = self.abar[np.asarray(t)]
         return np.minimum(abar / (1.0 - abar), 5.0)
 
     def sample_timesteps(self, rng: np.random.Generator, batch: int) -> np.ndarray:
-        """The batch timestep rule of SPEC §6: one batch shares input and output sizes.
+        """The batch timestep rule of docs/method.md §6: one batch shares input and output sizes.
 
         Draw one t uniformly; a change step is used by the whole batch, otherwise every
         element draws its own t among the non-change steps of t's level.
@@ -301,7 +301,7 @@ class ScaleSpace:
         if s < 0:
             return Step(index, t, s, in_size, out_size)
         abar_t, abar_s = float(self.abar[t]), float(self.abar[s])  # python floats keep float32 arrays float32
-        alpha = abar_t / abar_s  # the step's alpha over a respaced gap (SPEC §5)
+        alpha = abar_t / abar_s  # the step's alpha over a respaced gap (docs/method.md §5)
         var_t, var_s = 1.0 - abar_t, 1.0 - abar_s
         rho = var_s / var_t
         a_s = math.sqrt(abar_s)
