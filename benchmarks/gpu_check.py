@@ -8,6 +8,14 @@ here with ``--device cpu --quick``, which checks the script, not the GPU.
 3. SSD-4L vs DDPM-1L wall-time ratio at 64 px, batch 64, 1000 and 250 steps (TorchScript
    fused), next to the MAC ratio.
 4. CUDA graphs through torch: each fused step module captured once per route and replayed.
+5. TensorRT (issue 16; only where ``tensorrt`` and cuda-python are installed and the device
+   is cuda): fp32 and fp16 engines built for a small bundle (``ssd-export --engine trt``,
+   which compares each engine with ONNX Runtime fp32 and records it), the ``tensorrt``
+   backend's images next to ONNX Runtime's (CPU fp32), the fused CUDA-graph loop timed
+   against TorchScript CUDA (fused) and the eager torch sampler at batch 1 and 64, a
+   batch change (64 then 1, then 64 again on the same contexts), and the device's free
+   memory (cudaMemGetInfo) before loading and after ``close()``. ``--tensorrt-only`` runs
+   just this part; ``--no-tensorrt`` skips it. Without TensorRT the section records why.
 
     python benchmarks/gpu_check.py --out "$OUT"        # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # a dry run
@@ -15,6 +23,7 @@ here with ``--device cpu --quick``, which checks the script, not the GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -28,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from runtime_speed import export_bundle  # noqa: E402
 
-from ssd.checkpoint import load_model  # noqa: E402
+from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
 from ssd_core.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
 from ssd_core.method import COEFFICIENTS  # noqa: E402
@@ -93,12 +102,101 @@ def graphed_sampler(sampler: Sampler, steps: int, batch: int):
     return run
 
 
+# --------------------------------------------------------------------------- TensorRT (5)
+def export_trt_bundle(config, folder: Path, batch: str) -> tuple[Path, Path]:
+    """A random-weight checkpoint exported with step graphs, fp32 and fp16 ONNX (+ TorchScript)."""
+    import subprocess
+
+    run, bundle = folder / "run", folder / "bundle"
+    save_random_checkpoint(run, config, 0)
+    subprocess.run([str(Path(sys.executable).parent / "ssd-export"), str(run), "--out", str(bundle), "--engine", "onnx",
+                    "--engine", "torchscript", "--batch", batch, "--precision", "fp16"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return run, bundle
+
+
+def free_device_memory(cudart) -> int:
+    from ssd_runtime.cuda import check
+
+    free, _ = check(cudart, cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+    return int(free)
+
+
+def tensorrt_check(work: Path, preset: str, levels: int, batches: tuple[int, ...], steps: int, repeats: int) -> dict:
+    """Section 5; a dict for gpu_check.json (``skipped`` with the reason where TensorRT is absent)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return {"skipped": "tensorrt is not installed (pip install 'ssd-diffusion[trt]')"}
+    import subprocess
+
+    from ssd_runtime.cuda import import_cudart
+    from ssd_runtime.tensorrt_backend import import_tensorrt
+
+    trt, cudart = import_tensorrt(), import_cudart()  # one line each if missing or too old
+    config = make_config(preset, levels=levels)
+    run, bundle = export_trt_bundle(config, work / "trt", f"1:{max(batches)}")
+    result = {"tensorrt": trt.__version__, "preset": preset, "levels": levels, "steps": steps, "builds": {},
+              "rows": []}
+    for precision in ("fp32", "fp16"):  # the build compares every engine with ONNX Runtime fp32 and records it
+        start = time.perf_counter()
+        done = subprocess.run([str(Path(sys.executable).parent / "ssd-export"), str(bundle), "--engine", "trt",
+                               "--precision", precision], capture_output=True, text=True)
+        result["builds"][precision] = {"seconds": round(time.perf_counter() - start, 1), "exit": done.returncode,
+                                       "output": (done.stdout + done.stderr)[-3000:]}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    result["engine_sets"] = [{"name": s["name"], "comparisons": {e["route"]: e["comparison"] for e in s["engines"]}}
+                             for s in manifest.get("engines", {}).get("sets", [])]
+    reference = Sampler.from_bundle(bundle)  # ONNX Runtime fp32 on the CPU
+    scripted = Sampler.from_bundle(bundle, backend="torchscript", device="cuda", fused=True)
+    _, model = load_model(run, device="cuda")
+    for precision in ("fp32", "fp16"):
+        if result["builds"][precision]["exit"]:
+            result["rows"].append({"precision": precision, "error": "engine build failed (see builds)"})
+            continue
+        torch.cuda.synchronize()
+        before = free_device_memory(cudart)
+        try:
+            sampler = Sampler.from_bundle(bundle, backend="tensorrt", precision=precision)
+            row = {"precision": precision, "providers": sampler.info()["providers"]}
+            for batch in batches:
+                ours = sampler.sample_float(batch, seed=0, steps=steps, batch=batch)
+                ref = reference.sample_float(batch, seed=0, steps=steps, batch=batch)
+                row[f"b{batch}_vs_onnxruntime_max_abs"] = float(np.abs(ours - ref).max())
+                row[f"b{batch}_tensorrt_s"] = timed(lambda b=batch: sampler.sample_float(b, seed=0, steps=steps,
+                                                                                          batch=b), "cuda", repeats)
+                row[f"b{batch}_torchscript_cuda_s"] = timed(
+                    lambda b=batch: scripted.sample_float(b, seed=0, steps=steps, batch=b), "cuda", repeats)
+                row[f"b{batch}_torch_eager_s"] = timed(
+                    lambda b=batch: sample_images(model, config, b, steps, seed=0, device="cuda", batch=b), "cuda",
+                    repeats)
+            big = max(batches)  # a batch change on the same contexts: big, then 1, then big again
+            changed = sampler.sample_float(big + 1, seed=1, steps=steps, batch=big)
+            again = sampler.sample_float(big + 1, seed=1, steps=steps, batch=big)
+            row["batch_change_vs_onnxruntime_max_abs"] = float(np.abs(
+                changed - reference.sample_float(big + 1, seed=1, steps=steps, batch=big)).max())
+            row["batch_change_repeatable"] = bool(np.array_equal(changed, again))
+            during = free_device_memory(cudart)
+            sampler.close()
+            torch.cuda.synchronize()
+            after = free_device_memory(cudart)
+            row.update(free_before_mib=before >> 20, free_during_mib=during >> 20, free_after_close_mib=after >> 20,
+                       memory_returned=bool(before - after < 16 << 20))  # within 16 MiB of the start
+        except Exception as err:  # report, do not hide
+            row = {"precision": precision, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    reference.close()
+    scripted.close()
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny32, batch 4, 20/10 steps: checks the script")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-tensorrt", action="store_true", help="skip section 5")
+    parser.add_argument("--tensorrt-only", action="store_true", help="run only section 5")
     args = parser.parse_args(argv)
     preset, batch, step_counts = ("tiny32", 4, (20, 10)) if args.quick else ("cpu64", 64, (1000, 250))
     device = args.device
@@ -107,10 +205,11 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ssd-gpu-"))
     configs = {"ssd": make_config(preset, levels=4 if not args.quick else 3), "ddpm": make_config(preset, levels=1)}
-    bundles = {key: export_bundle(config, work / key, batch=f"1:{batch}") for key, config in configs.items()}
+    bundles = {} if args.tensorrt_only else {key: export_bundle(config, work / key, batch=f"1:{batch}")
+                                             for key, config in configs.items()}
     figures = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__,
                "preset": preset, "batch": batch, "rows": []}
-    for steps in step_counts:
+    for steps in () if args.tensorrt_only else step_counts:
         row = {"steps": steps, "mac_ratio": sampling_mac_ratio(configs["ssd"], steps)}
         samplers = {(key, fused): Sampler.from_bundle(bundles[key], backend="torchscript", device=device, fused=fused)
                     for key in bundles for fused in (True, False)}
@@ -137,6 +236,17 @@ def main(argv=None):
                 row["ssd_cuda_graphs_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
         figures["rows"].append(row)
         print(json.dumps(row), flush=True)
+    if args.no_tensorrt:
+        figures["tensorrt"] = {"skipped": "--no-tensorrt"}
+    elif device != "cuda":
+        figures["tensorrt"] = {"skipped": f"device {device!r}: TensorRT needs cuda"}
+    else:
+        try:
+            figures["tensorrt"] = tensorrt_check(work, "tiny32" if args.quick else "cpu64", 2 if args.quick else 4,
+                                                 (1, batch), step_counts[-1], args.repeats)
+        except Exception as err:  # report, do not hide
+            figures["tensorrt"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    print(json.dumps({"tensorrt": {k: v for k, v in figures["tensorrt"].items() if k != "rows"}})[:2000], flush=True)
     (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=1))
     print(f"wrote {args.out / 'gpu_check.json'}")
 

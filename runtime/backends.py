@@ -161,8 +161,27 @@ def _import_onnxruntime():
                            f"or {install_hint('gpu')}") from None
 
 
+def _no_nvidia_gpu() -> str | None:
+    """Why this machine cannot run CUDA (no driver, no GPU); None when a GPU is visible."""
+    import ctypes
+    import sys
+
+    try:
+        cuda = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return "this machine has no NVIDIA driver (libcuda cannot be loaded)"
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return "no NVIDIA GPU is visible (cuInit/cuDeviceGetCount found none; check CUDA_VISIBLE_DEVICES)"
+    return None
+
+
 def _missing_provider(provider: str, device: str, available: list[str]) -> str:
-    """Why ONNX Runtime lacks ``provider``, and the install that fixes it."""
+    """Why ONNX Runtime lacks ``provider``: no GPU here, or the install that fixes it."""
+    if device in ("cuda", "tensorrt"):
+        why = _no_nvidia_gpu()
+        if why:
+            return f"device {device!r} needs an NVIDIA GPU: {why}; use --device cpu"
     flavours = []
     for distribution in ("onnxruntime", "onnxruntime-gpu"):
         try:

@@ -9,7 +9,8 @@ into one :class:`CudaError` line naming the call. Imported only by the ``tensorr
 
 Status: written against cuda-python's documented ``cuda.bindings.runtime`` API (12.x/13.x;
 ``cuda.cudart`` before 12.6) and exercised in CI only against a stand-in
-(``tests/fake_tensorrt.py``); it has not run on a GPU.
+(``tests/fake_tensorrt.py``); it has not run on a GPU. Without a driver, cuda-python's
+``cudaGetDeviceCount`` answers ``cudaErrorInsufficientDriver`` (said as such).
 """
 from __future__ import annotations
 
@@ -44,15 +45,22 @@ def check(cudart, result, call: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+NO_GPU = {  # what cudaGetDeviceCount's errors mean here
+    "cudaErrorInsufficientDriver": "no NVIDIA driver, or one older than this CUDA runtime "
+                                   "(cudaGetDeviceCount: cudaErrorInsufficientDriver)",
+    "cudaErrorNoDevice": "no NVIDIA GPU is visible (cudaGetDeviceCount: cudaErrorNoDevice; "
+                         "check CUDA_VISIBLE_DEVICES)",
+    "cudaSuccess": "no NVIDIA GPU is visible (cudaGetDeviceCount found none)",
+}
+
+
 def device_properties(cudart, device: int = 0) -> tuple[str, str]:
     """(GPU name, compute capability "major.minor") of ``device``; one line if there is none."""
-    try:
-        count = check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    except CudaError:
-        count = 0
-    if not count:
-        raise CudaError("no NVIDIA GPU is visible (cudaGetDeviceCount found none): the tensorrt backend "
-                        "and engine builds need one, with its driver")
+    error, *values = cudart.cudaGetDeviceCount()
+    name = getattr(error, "name", str(error))
+    if int(error) != int(cudart.cudaError_t.cudaSuccess) or not values or not values[0]:
+        raise CudaError(f"{NO_GPU.get(name, f'CUDA cannot list the GPUs ({name})')}: the tensorrt backend and "
+                        "engine builds need an NVIDIA GPU with its driver")
     props = check(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
     return name, f"{props.major}.{props.minor}"

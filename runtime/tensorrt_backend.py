@@ -16,14 +16,20 @@ Engines are tied to a GPU model, a TensorRT release and an ONNX file: the regist
 manifest (``ssd_core.engine_registry``) picks the set built for this machine or refuses with one
 line that says how to rebuild.
 
-Status: written against TensorRT 10/11's documented Python API and cuda-python; in CI it
-runs against a stand-in (``tests/fake_tensorrt.py``) that checks the calls and computes
-with ONNX Runtime. It has never run with real TensorRT (see the README's backend table).
+TensorRT 10.1 or newer (``IExecutionContext.set_device_memory`` first appears in 10.1):
+:func:`import_tensorrt` refuses older releases with one line.
+
+Status: every TensorRT member used here is checked, per release (10.1, 10.13, 11.x), against
+the real bindings' API surface (``tests/test_tensorrt_api.py``), and the call sequences and
+failure values against a stand-in derived from that surface (``tests/fake_tensorrt.py``). It
+has not run on a GPU (docs/tensorrt.md: what only a GPU can show).
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -32,19 +38,51 @@ from ssd_core.bundle import STEP_OUTPUTS, Bundle, BundleError
 from ssd_core.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
 
 from .backend import Backend, BackendError, closing_on_error, release_all
-from .cuda import DeviceArray, DeviceBuffer, Stream, destroy_graph_exec, device_properties, import_cudart
+from .cuda import CudaError, DeviceArray, DeviceBuffer, Stream, destroy_graph_exec, device_properties, import_cudart
+
+
+MIN_TENSORRT = (10, 1)  # IExecutionContext.set_device_memory(memory, size) first appears in 10.1
+
+
+def tensorrt_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as "10.13.0.35"."""
+    numbers = [int(n) for n in re.findall(r"\d+", str(version))[:2]]
+    return (numbers + [0, 0])[0], (numbers + [0, 0])[1]
+
+
+def check_tensorrt_version(version: str) -> None:
+    """One line if this TensorRT is older than ssd supports."""
+    if tensorrt_version(version) < MIN_TENSORRT:
+        need = ".".join(map(str, MIN_TENSORRT))
+        raise BackendError(f"TensorRT {version} is too old: ssd needs TensorRT {need} or newer "
+                           f"(IExecutionContext.set_device_memory); pip install 'tensorrt>={need}'")
 
 
 def import_tensorrt():
-    """The ``tensorrt`` module, or one line saying what is missing."""
+    """The ``tensorrt`` module (10.1 or newer), or one line saying what is missing."""
     try:
-        return importlib.import_module("tensorrt")
+        trt = importlib.import_module("tensorrt")
     except ImportError:
         raise BackendError("TensorRT is not installed: pip install 'ssd-diffusion[trt]' (NVIDIA's tensorrt wheels; "
                            "they need an NVIDIA GPU and driver)") from None
     except OSError as err:  # the bindings are there, the libraries are not
         raise BackendError(f"TensorRT's libraries cannot be loaded ({str(err).splitlines()[0][:200]}); "
                            "install the tensorrt-cu12 or -cu13 libraries that match your CUDA") from None
+    check_tensorrt_version(getattr(trt, "__version__", "0"))
+    return trt
+
+
+def create(cls, *args):
+    """``cls(*args)`` for a TensorRT class (Builder, Runtime, Refitter), whose binding raises
+    TypeError "pybind11::init(): factory function returned nullptr" when TensorRT cannot make
+    one: then one line."""
+    try:
+        return cls(*args)
+    except TypeError as err:
+        if "nullptr" not in str(err):
+            raise
+        raise BackendError(f"TensorRT cannot create its {cls.__name__} (the factory returned nullptr: usually no "
+                           "usable GPU, or CUDA cannot start; TensorRT's log above says why)") from None
 
 
 def probe_platform(trt, cudart) -> Platform:
@@ -62,22 +100,33 @@ def onnx_hashes(bundle: Bundle) -> dict[str, dict[str, str]]:
 class EngineRunner:
     """One engine: its execution context, I/O buffers at the max batch (fixed addresses),
     and one CUDA graph per batch size once it has run. :meth:`close` releases them all (as
-    does a failure part-way through construction)."""
+    does a failure part-way through construction).
+
+    Batch changes: a graph bakes in the shapes its context had at capture. After every input
+    shape change the context runs once plainly (``execute_async_v3``), as TensorRT requires
+    before a capture, and only then is a graph captured or replayed at that batch; so a
+    replay always follows a plain run at its own shapes.
+
+    Every TensorRT result that can report failure is checked: ``set_input_shape`` (False
+    outside the profile), ``set_tensor_address`` (False), ``update_device_memory_size_for_shapes``
+    (0), ``execute_async_v3`` (False, also inside a capture), ``create_execution_context``
+    (None). A CUDA graph that cannot be captured or instantiated (a CUDA error) leaves that
+    engine on plain runs, with a warning and the reason in :attr:`graph_error`."""
 
     def __init__(self, trt, cudart, runtime, data: bytes, where: str, batch_max: int, use_graphs: bool):
-        self.cudart, self.engine, self.context = cudart, None, None
+        self.cudart, self.engine, self.context, self.where = cudart, None, None, where
         self.buffers: dict[str, DeviceBuffer] = {}
         self.batch: int | None = None
-        self.use_graphs, self.graphs = use_graphs, {}
+        self.settled = False  # whether the context ran plainly since its input shapes last changed
+        self.use_graphs, self.graphs, self.graph_error = use_graphs, {}, None
+        self.batch_max = batch_max
         with closing_on_error(self):  # no local name for the engine: close() drops its last reference
             self.engine = runtime.deserialize_cuda_engine(data)
             if self.engine is None:
                 raise BundleError(f"TensorRT cannot load {where} (it was built with another TensorRT or for "
                                   "another GPU; rebuild: ssd-export BUNDLE --engine trt)")
-            strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-            self.user_memory = strategy is not None  # TensorRT >= 10: we hand it the scratch
-            self.context = (self.engine.create_execution_context(strategy.USER_MANAGED) if self.user_memory
-                            else self.engine.create_execution_context())
+            self.user_memory = True  # we hand every context its scratch (set_device_memory, TensorRT >= 10.1)
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if self.context is None:
                 raise BackendError(f"TensorRT cannot create an execution context for {where}")
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -88,22 +137,32 @@ class EngineRunner:
                     raise BundleError(f"{where}: I/O tensor {name!r} is not float32")
             for name in names:
                 self.buffers[name] = DeviceBuffer.allocate(cudart, 4 * int(np.prod(self.shape(name, batch_max))))
-                self.context.set_tensor_address(name, self.buffers[name].ptr)
+                if not self.context.set_tensor_address(name, self.buffers[name].ptr):
+                    raise BackendError(f"{where}: TensorRT refused the address of I/O tensor {name!r} "
+                                       "(set_tensor_address returned False)")
 
     def shape(self, name: str, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == -1 else d for d in self.shapes[name])
 
     def set_batch(self, batch: int) -> None:
+        """Set the inputs' shapes for ``batch`` (nothing to do when they already are)."""
         if batch != self.batch:
+            self.batch, self.settled = None, False
             for name in self.inputs:
-                if -1 in self.shapes[name]:
-                    self.context.set_input_shape(name, self.shape(name, batch))
+                if -1 in self.shapes[name] and not self.context.set_input_shape(name, self.shape(name, batch)):
+                    raise BackendError(f"{self.where}: TensorRT refused input {name!r} at batch {batch} (shape "
+                                       f"{self.shape(name, batch)}): outside the engine's optimisation profile "
+                                       f"(batch up to {self.batch_max}); rebuild: ssd-export BUNDLE --engine trt")
             self.batch = batch
 
     def scratch_bytes(self, batch: int) -> int:
         """Device scratch this context needs at ``batch`` (after its input shapes are set)."""
         self.set_batch(batch)
-        return int(self.context.update_device_memory_size_for_shapes())
+        size = int(self.context.update_device_memory_size_for_shapes())
+        if size <= 0:  # TensorRT's error value
+            raise BackendError(f"{self.where}: TensorRT cannot size the engine's device memory at batch {batch} "
+                               "(update_device_memory_size_for_shapes returned 0)")
+        return size
 
     def use_scratch(self, buffer: DeviceBuffer) -> None:
         """Give a user-managed context its device scratch (shared by contexts that run in turn)."""
@@ -117,19 +176,27 @@ class EngineRunner:
             stream.copy(self.buffers[name].ptr, value.ptr, value.nbytes)
 
     def execute(self, stream: Stream, batch: int) -> None:
-        """Run once on ``stream``: a CUDA graph replay when one was captured for ``batch``."""
+        """Run once on ``stream``: a plain run after a shape change (then, the first time at
+        ``batch``, a capture), else the replay of ``batch``'s CUDA graph."""
         self.set_batch(batch)
         graph = self.graphs.get(batch)
-        if graph is not None:
+        if graph is not None and self.settled:
             stream.launch(graph)
             return
-        if not self.context.execute_async_v3(stream.ptr):
-            raise BackendError("TensorRT failed to run an engine (execute_async_v3 returned False)")
-        if self.use_graphs:  # TensorRT wants one plain run before capture; replays from now on
+        self._run(stream, "")
+        self.settled = True
+        if self.use_graphs and graph is None:  # captured after the plain run; replays from the next step
             try:
-                self.graphs[batch] = stream.capture(lambda: self.context.execute_async_v3(stream.ptr))
-            except Exception:  # an engine that cannot be captured still runs, without graphs
-                self.use_graphs = False
+                self.graphs[batch] = stream.capture(lambda: self._run(stream, " during CUDA graph capture"))
+            except CudaError as err:  # this engine runs on without graphs, not silently
+                self.use_graphs, self.graph_error = False, str(err)
+                warnings.warn(f"{self.where}: no CUDA graphs for this engine ({err}); it runs without them",
+                              RuntimeWarning, stacklevel=2)
+
+    def _run(self, stream: Stream, during: str) -> None:
+        if not self.context.execute_async_v3(stream.ptr):
+            raise BackendError(f"{self.where}: TensorRT failed to run the engine{during} "
+                               "(execute_async_v3 returned False; its log above says why)")
 
     def output(self, name: str, batch: int) -> DeviceArray:
         return DeviceArray(self.buffers[name].ptr, self.shape(name, batch))
@@ -176,7 +243,7 @@ class TensorRTBackend(Backend):
         self.constants: dict[tuple, tuple[DeviceBuffer, DeviceArray]] = {}
         with closing_on_error(self):  # a failure part-way releases what was already taken
             self.stream = Stream(cudart)
-            self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+            self.runtime = create(trt.Runtime, trt.Logger(trt.Logger.ERROR))
             batch_max = bundle.batch_range[1]
             for record in self.engine_set.engines:
                 self.runners[record.route] = EngineRunner(trt, cudart, self.runtime, bundle.read(record), record.path,
@@ -224,7 +291,9 @@ class TensorRTBackend(Backend):
 
     def providers(self) -> list[str]:
         s = self.engine_set
-        return [f"TensorRT {s.tensorrt} on {s.gpu} ({s.precision}, engine set {s.name})"]
+        off = [f"{route} runs without CUDA graphs: {runner.graph_error}" for route, runner in self.runners.items()
+               if runner.graph_error]
+        return [f"TensorRT {s.tensorrt} on {s.gpu} ({s.precision}, engine set {s.name})", *off]
 
     def warmup(self, batch: int) -> None:
         super().warmup(batch)

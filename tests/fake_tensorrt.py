@@ -11,6 +11,21 @@ graphs or matches its numbers (the README says which paths never ran on a GPU).
 
     fake = install(monkeypatch, version="10.13.0.35")   # then import ssd_engines / backends
 
+Strict, per release (issue 16): the TensorRT classes expose to our code exactly the members
+of the real class in that release (``tests/trt_stub/surfaces/<version>.json``, read from
+NVIDIA's bindings wheels; the nearest older snapshot of the same major otherwise), enums
+have exactly the real members, calls are checked against the real parameter names, and
+everything our code touches is recorded in ``trt.api.used`` (``tests/test_tensorrt_api.py``
+checks it against the wheels). Failure values on request through ``faults`` (below):
+``set_input_shape``/``set_tensor_address``/``execute_async_v3``/``set_timing_cache``/
+``parse_from_file``/``refit_from_file``/``refit_cuda_engine`` return False,
+``update_device_memory_size_for_shapes`` 0, ``build_serialized_network``/
+``create_execution_context``/``deserialize_cuda_engine`` None, and ``Builder``/``Runtime``/
+``Refitter`` raise the binding's "factory function returned nullptr" TypeError. Shapes
+outside the optimisation profile are refused; a captured graph freezes shapes and
+addresses, and a capture or replay after a shape change without a plain run in between
+raises; refit matches weights by name and shape (another architecture is refused).
+
 Lifecycle: the fake cudart keeps what is live (``memory``, ``streams``, ``graphs``,
 ``graph_execs``; ``cudart.live()`` counts them) and its destroy calls fail on a handle that
 is unknown or already destroyed, as do calls on a destroyed stream or graph executable.
@@ -78,6 +93,7 @@ class _Error(enum.IntEnum):
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
     cudaErrorNoDevice = 100
     cudaErrorInvalidResourceHandle = 400
 
@@ -199,7 +215,11 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
         return {"memory": len(memory), "streams": len(streams), "graphs": len(graphs),
                 "graph_execs": len(graph_execs)}
 
-    cudart.cudaGetDeviceCount = device_count
+    def mem_get_info():
+        free = (1 << 34) - sum(block.nbytes for block in memory.values())
+        return _Error.cudaSuccess, free, 1 << 34
+
+    cudart.cudaGetDeviceCount, cudart.cudaMemGetInfo = device_count, mem_get_info
     cudart.cudaGetDeviceProperties = properties
     cudart.cudaMalloc, cudart.cudaFree, cudart.cudaMemcpyAsync = malloc, free, memcpy
     cudart.cudaStreamCreate, cudart.cudaStreamDestroy = stream_create, stream_destroy
@@ -213,101 +233,245 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
 
 
 # --------------------------------------------------------------------------- tensorrt
+SURFACES = Path(__file__).parent / "trt_stub" / "surfaces"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:4] if part.isdigit())
+
+
+def load_surface(version: str) -> dict:
+    """The real API surface for ``version``: the snapshot of that release, else of the newest
+    older release of the same major (``tests/trt_stub/surfaces``, read from NVIDIA's wheels by
+    ``tests/trt_stub/surface.py``; ``tests/test_tensorrt_api.py`` keeps them equal to the wheels)."""
+    major = version_key(version)[0]
+    known = sorted((version_key(p.stem), p) for p in SURFACES.glob("*.json") if version_key(p.stem)[0] == major)
+    older = [p for key, p in known if key <= version_key(version)] or [p for _, p in known[:1]]
+    if not older:
+        raise ValueError(f"no TensorRT {major}.x API surface in {SURFACES}")
+    return json.loads(older[-1].read_text())
+
+
+class Api:
+    """The real surface of one TensorRT release, and what our code used of it: every member
+    of a TensorRT class or the module that code outside this file touched, with the keyword
+    names it passed (``used``), checked against the real member list and signatures."""
+
+    def __init__(self, surface: dict):
+        self.surface, self.version = surface, surface["version"]
+        self.used: set[tuple] = set()
+
+    def member(self, real: str, name: str) -> dict:
+        members = self.surface["classes"][real]
+        if name not in members:
+            raise AttributeError(f"'tensorrt.{real}' object has no attribute '{name}' (TensorRT {self.version}'s API)")
+        self.used.add((real, name))
+        return members[name]
+
+    def call(self, real: str, name: str, args: tuple, kwargs: dict) -> None:
+        """Refuse a call no overload of the real signature accepts (argument names, counts)."""
+        overloads = self.member(real, name)["overloads"]
+        self.used.add((real, name, tuple(sorted(kwargs))))
+        for overload in overloads:
+            params = overload["params"]
+            if (len(args) <= len(params) and set(kwargs) <= set(params[len(args):])
+                    and len(args) + len(kwargs) >= overload["required"]):
+                return
+        raise TypeError(f"tensorrt.{real}.{name}(): no overload takes {len(args)} positional and keywords "
+                        f"{sorted(kwargs)} (TensorRT {self.version}: {[o['params'] for o in overloads]})")
+
+
+def _ours(depth: int = 2) -> bool:
+    """Whether the attribute access being served comes from outside this file (our code)."""
+    return sys._getframe(depth).f_globals.get("__name__") != __name__
+
+
+class _Enum:
+    """A TensorRT enum with exactly the real members of this release; use is recorded."""
+
+    def __init__(self, api: Api, name: str, members: list[str]):
+        self._api, self._name = api, name
+        self._enum = enum.IntEnum(name, members)
+
+    def __getattr__(self, member):
+        if member.startswith("_"):
+            raise AttributeError(member)
+        try:
+            value = self._enum[member]
+        except KeyError:
+            raise AttributeError(f"tensorrt.{self._name} has no member {member} (TensorRT {self._api.version})") from None
+        self._api.used.add((self._name, member))
+        return value
+
+    def __getitem__(self, member):
+        return self._enum[member]
+
+
 def make_tensorrt(calls: Calls, version: str, cudart):
-    trt = types.ModuleType("tensorrt")
+    surface = load_surface(version)
+    api = Api(surface)
+
+    class Module(types.ModuleType):
+        def __getattribute__(self, name):
+            if not name.startswith("_") and _ours() and name not in ("live", "faults", "api"):
+                if name not in surface["module"]:
+                    raise AttributeError(f"module 'tensorrt' has no attribute '{name}' (TensorRT {version})")
+                api.used.add(("tensorrt", name))
+            return super().__getattribute__(name)
+
+    trt = Module("tensorrt")
     trt.__version__ = version
+    trt.api = api
     trt.live = weakref.WeakSet()  # engines and execution contexts still referenced
     trt.faults = faults = cudart.faults
-    major = int(version.split(".")[0])
     trt.float32 = "float32"
+    for name, members in surface["enums"].items():
+        if name in ("BuilderFlag", "NetworkDefinitionCreationFlag", "MemoryPoolType", "LayerType", "TensorIOMode",
+                    "ExecutionContextAllocationStrategy"):
+            setattr(trt, name, _Enum(api, name, members))
 
-    class Logger:
+    class Meta(type):
+        """Checks what our code reads on a class and its constructors' arguments."""
+
+        def __getattribute__(cls, name):
+            if not name.startswith("_") and _ours() and type.__getattribute__(cls, "_real"):
+                api.member(type.__getattribute__(cls, "_real"), name)
+            return type.__getattribute__(cls, name)
+
+        def __call__(cls, *args, **kwargs):
+            if _ours():
+                api.call(cls._real, "__init__", args, kwargs)
+                if faults.hit(cls._real):  # what the binding does when TensorRT returns no object
+                    raise TypeError("pybind11::init(): factory function returned nullptr")
+            return super().__call__(*args, **kwargs)
+
+    class Real(metaclass=Meta):
+        """A stand-in for TensorRT class ``_real``: our code sees exactly its real members."""
+
+        _real = ""
+
+        def __getattribute__(self, name):
+            if name.startswith("_") or not _ours():
+                return object.__getattribute__(self, name)
+            member = api.member(type(self)._real, name)  # an AttributeError naming the release if it lacks it
+            value = object.__getattribute__(self, name)
+            if member["kind"] == "method":
+                real = type(self)._real
+
+                def checked(*args, **kwargs):
+                    api.call(real, name, args, kwargs)
+                    return value(*args, **kwargs)
+                return checked
+            return value
+
+        def __setattr__(self, name, value):
+            if not name.startswith("_") and _ours():
+                member = api.member(type(self)._real, name)
+                if member["kind"] != "property" or not member["settable"]:
+                    raise AttributeError(f"tensorrt.{type(self)._real}.{name} cannot be set")
+            object.__setattr__(self, name, value)
+
+    class Logger(Real):
+        _real = "Logger"
         WARNING, ERROR = 2, 1
 
-        def __init__(self, severity=2):
+        def __init__(self, min_severity=2):
             pass
 
-    flags = ["TF32", "REFIT"] + (["FP16", "OBEY_PRECISION_CONSTRAINTS"] if major < 11 else [])
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", ["STRONGLY_TYPED"])
-    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", ["WORKSPACE"])
-    trt.LayerType = enum.Enum("LayerType", ["CONSTANT", "NORMALIZATION", "SOFTMAX", "OTHER"])
-    trt.TensorIOMode = enum.Enum("TensorIOMode", ["INPUT", "OUTPUT"])
-    trt.ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy", ["STATIC", "USER_MANAGED"])
-    trt.Logger = Logger
+    class Tensor(Real):
+        _real = "ITensor"
 
-    class Tensor:
         def __init__(self, name):
             self.name = name
 
-    class Layer:
+    class Layer(Real):
+        _real = "ILayer"
         KINDS = {"InstanceNormalization": "NORMALIZATION", "Softmax": "SOFTMAX", "Constant": "CONSTANT"}
 
         def __init__(self, name, op, inputs, outputs):
             self.name, self.inputs, self.outputs = name, inputs, outputs
-            self.type = trt.LayerType[self.KINDS.get(op, "OTHER")]
+            kind = self.KINDS.get(op, "ELEMENTWISE")
+            self.type = trt.LayerType[kind if kind in surface["enums"]["LayerType"] else "ELEMENTWISE"]
             self.precision, self.output_types = None, {}
 
         num_inputs = property(lambda self: len(self.inputs))
         num_outputs = property(lambda self: len(self.outputs))
 
-        def get_input(self, i):
-            return Tensor(self.inputs[i]) if self.inputs[i] else None
+        def get_input(self, index):
+            return Tensor(self.inputs[index]) if self.inputs[index] else None
 
-        def get_output(self, i):
-            return Tensor(self.outputs[i])
+        def get_output(self, index):
+            return Tensor(self.outputs[index])
 
-        def set_output_type(self, i, dtype):
-            self.output_types[i] = dtype
+        def set_output_type(self, index, dtype):
+            self.output_types[index] = dtype
 
-    class Network:
+    class Network(Real):
+        _real = "INetworkDefinition"
+
         def __init__(self, flags):
             self.flags, self.layers, self.onnx = flags, [], None
 
         num_layers = property(lambda self: len(self.layers))
 
-        def get_layer(self, i):
-            return self.layers[i]
+        def get_layer(self, index):
+            return self.layers[index]
 
-    class OnnxParser:
+    class ParserError(Real):
+        _real = "ParserError"
+
+        def __init__(self, message):
+            self.message = message
+
+        def desc(self):
+            return self.message
+
+    class OnnxParser(Real):
+        _real = "OnnxParser"
+
         def __init__(self, network, logger):
             self.network, self.errors = network, []
 
-        def parse_from_file(self, path):
+        def parse_from_file(self, model):
             import onnx
 
             try:
-                model = onnx.load(path)
+                if faults.hit("parse_from_file"):
+                    raise ValueError("In node 3 (importFoo): UNSUPPORTED_NODE: Assertion failed")
+                loaded = onnx.load(model)
             except Exception as err:
-                message = str(err)
-                self.errors.append(types.SimpleNamespace(desc=lambda: message))
+                self.errors.append(ParserError(str(err)))
                 return False
-            graph = model.graph
+            graph = loaded.graph
             layers = [Layer(init.name, "Constant", [], [init.name]) for init in graph.initializer]
             layers += [Layer(node.name, node.op_type, list(node.input), list(node.output)) for node in graph.node]
-            self.network.layers, self.network.onnx = layers, str(path)
-            self.network.model = base64.b64encode(model.SerializeToString()).decode()  # weights inline
-            calls.append(("parse", {"path": Path(path).name}))
+            self.network.layers, self.network.onnx = layers, str(model)
+            self.network.model = base64.b64encode(loaded.SerializeToString()).decode()  # weights inline
+            calls.append(("parse", {"path": Path(model).name}))
             return True
 
         num_errors = property(lambda self: len(self.errors))
 
-        def get_error(self, i):
-            return self.errors[i]
+        def get_error(self, index):
+            return self.errors[index]
 
-    class TimingCache:
+    class TimingCache(Real):
+        _real = "ITimingCache"
+
         def __init__(self, data):
             self.data = bytes(data) + b"+"
 
         def serialize(self):
             return self.data
 
-    class Config:
-        def __init__(self):
-            self.flags, self.profiles, self.cache = {trt.BuilderFlag.TF32}, [], None  # TF32: TensorRT's default
+    class Config(Real):
+        _real = "IBuilderConfig"
 
-        def set_memory_pool_limit(self, pool, size):
-            self.workspace = size
+        def __init__(self):
+            self.flags, self.profiles, self.cache = {trt.BuilderFlag["TF32"]}, [], None  # TF32: TensorRT's default
+
+        def set_memory_pool_limit(self, pool, pool_size):
+            self.workspace = pool_size
 
         def set_flag(self, flag):
             self.flags.add(flag)
@@ -317,22 +481,33 @@ def make_tensorrt(calls: Calls, version: str, cudart):
 
         def add_optimization_profile(self, profile):
             self.profiles.append(profile)
+            return len(self.profiles) - 1
 
-        def create_timing_cache(self, data):
-            calls.append(("create_timing_cache", {"bytes": len(data)}))
-            return TimingCache(data)
+        def create_timing_cache(self, serialized_timing_cache):
+            calls.append(("create_timing_cache", {"bytes": len(serialized_timing_cache)}))
+            return TimingCache(serialized_timing_cache)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if faults.hit("set_timing_cache"):  # e.g. a cache from another GPU, ignore_mismatch=False
+                return False
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
 
-    class Profile(dict):
-        def set_shape(self, name, low, opt, high):
-            self[name] = (tuple(low), tuple(opt), tuple(high))
+    class Profile(Real):
+        _real = "IOptimizationProfile"
 
-    class Builder:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, input, min, opt, max):  # noqa: A002 - the real parameter names
+            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
+
+    class Builder(Real):
+        _real = "Builder"
+
         def __init__(self, logger):
             pass
 
@@ -346,15 +521,20 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             return Profile()
 
         def build_serialized_network(self, network, config):
+            if faults.hit("build_serialized_network"):
+                return None
             pinned = [layer.name for layer in network.layers if layer.precision == trt.float32]
-            record = {"onnx": network.onnx, "model": network.model, "version": version, "gpu": cudart.cudaGetDeviceProperties(0)[1].major,
+            record = {"onnx": network.onnx, "model": network.model, "version": version,
+                      "gpu": cudart.cudaGetDeviceProperties(0)[1].major,
                       "flags": sorted(f.name for f in config.flags), "network_flags": network.flags,
-                      "profiles": [{k: list(map(list, v)) for k, v in p.items()} for p in config.profiles],
+                      "profiles": [{k: list(map(list, v)) for k, v in p.shapes.items()} for p in config.profiles],
                       "pinned": pinned}
             calls.append(("build", record))
             return b"FAKEPLAN" + json.dumps(record).encode()
 
-    class Engine:
+    class Engine(Real):
+        _real = "ICudaEngine"
+
         def __init__(self, record):
             import onnx
             import onnxruntime as ort
@@ -362,17 +542,18 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             self.record = record
             data = base64.b64decode(record["model"])
             model = onnx.load_from_string(data)
-            io = [(v, trt.TensorIOMode.INPUT) for v in model.graph.input]
-            io += [(v, trt.TensorIOMode.OUTPUT) for v in model.graph.output]
+            io = [(v, trt.TensorIOMode["INPUT"]) for v in model.graph.input]
+            io += [(v, trt.TensorIOMode["OUTPUT"]) for v in model.graph.output]
             self.io = {v.name: (mode, tuple(-1 if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim))
                        for v, mode in io}
             self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            self.profile = (record["profiles"] or [{}])[0]
             trt.live.add(self)
 
         num_io_tensors = property(lambda self: len(self.io))
 
-        def get_tensor_name(self, i):
-            return list(self.io)[i]
+        def get_tensor_name(self, index):
+            return list(self.io)[index]
 
         def get_tensor_mode(self, name):
             return self.io[name][0]
@@ -384,65 +565,97 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             return trt.float32
 
         def create_execution_context(self, strategy=None):
+            if faults.hit("create_execution_context"):
+                return None
             return Context(self, strategy)
 
         def serialize(self):
             return b"FAKEPLAN" + json.dumps(self.record).encode()
 
-    class Context:
+    class Context(Real):
+        """Shapes and addresses are frozen into a CUDA graph at capture, as on a GPU; a capture
+        or a replay with input shapes changed since the last plain run is refused (TensorRT
+        wants a plain run after every shape change before it is captured or replayed)."""
+
+        _real = "IExecutionContext"
+
         def __init__(self, engine, strategy):
             self.engine, self.strategy, self.addresses, self.shapes, self.scratch = engine, strategy, {}, {}, None
+            self.settled = {}  # the shapes of the last plain run
             trt.live.add(self)
 
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = int(ptr)
+        def set_tensor_address(self, name, memory):
+            if faults.hit("set_tensor_address"):
+                return False
+            self.addresses[name] = int(memory)
+            return True
 
         def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
+            shape = tuple(shape)
+            low, _, high = self.engine.profile.get(name, (shape, shape, shape))
+            if faults.hit("set_input_shape") or len(shape) != len(low) or not all(
+                    a <= d <= b for a, d, b in zip(low, shape, high)):
+                return False  # outside the optimisation profile: what TensorRT returns
+            self.shapes[name] = shape
             return True
 
         def update_device_memory_size_for_shapes(self):
-            return 4096
+            return 0 if faults.hit("update_device_memory_size_for_shapes") else 4096
 
-        def set_device_memory(self, ptr, size):
-            self.scratch = (ptr, size)
+        def set_device_memory(self, memory, size):
+            self.scratch = (memory, size)
 
-        def _shape(self, name):
+        def _shape(self, name, shapes):
             shape = self.engine.io[name][1]
             if -1 not in shape:
                 return shape
-            if name in self.shapes:
-                return self.shapes[name]
-            batch = next(iter(self.shapes.values()))[0]  # an output: TensorRT infers it from the inputs
+            if name in shapes:
+                return shapes[name]
+            batch = next(iter(shapes.values()))[0]  # an output: TensorRT infers it from the inputs
             return tuple(batch if d == -1 else d for d in shape)
 
-        def _array(self, name):
-            shape = self._shape(name)
+        def _array(self, name, shapes, addresses):
+            shape = self._shape(name, shapes)
             count = int(np.prod(shape))
-            return np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses[name])).reshape(shape)
+            return np.ctypeslib.as_array((ctypes.c_float * count).from_address(addresses[name])).reshape(shape)
 
-        def _run(self):
-            inputs = {n: self._array(n).copy() for n, (mode, _) in self.engine.io.items() if mode == trt.TensorIOMode.INPUT}
-            outputs = [n for n, (mode, _) in self.engine.io.items() if mode == trt.TensorIOMode.OUTPUT]
+        def _run(self, shapes, addresses):
+            inputs = {n: self._array(n, shapes, addresses).copy() for n, (mode, _) in self.engine.io.items()
+                      if mode.name == "INPUT"}
+            outputs = [n for n, (mode, _) in self.engine.io.items() if mode.name == "OUTPUT"]
             for name, value in zip(outputs, self.engine.session.run(outputs, inputs)):
-                self._array(name)[...] = value
+                self._array(name, shapes, addresses)[...] = value
 
-        def execute_async_v3(self, stream):
-            if self.strategy is not None and self.scratch is None:  # USER_MANAGED needs its scratch
+        def _replay(self, shapes, addresses):
+            if self.shapes != shapes or self.settled != shapes:
+                raise RuntimeError("fake TensorRT: a CUDA graph replayed after its context's input shapes "
+                                   "changed, without a plain run in between")
+            self._run(shapes, addresses)
+
+        def execute_async_v3(self, stream_handle):
+            if self.strategy is not None and self.strategy.name == "USER_MANAGED" and self.scratch is None:
+                return False  # USER_MANAGED needs its scratch
+            if faults.hit("execute_async_v3"):
                 return False
+            frozen = (dict(self.shapes), dict(self.addresses))
             if cudart.capture_state["capturing"] is not None:
-                cudart.capture_state["capturing"].append(self._run)
+                if self.settled != self.shapes:
+                    raise RuntimeError("fake TensorRT: capture after an input shape change without a plain run")
+                cudart.capture_state["capturing"].append(lambda: self._replay(*frozen))
             else:
                 calls.append(("execute", {"onnx": Path(self.engine.record["onnx"]).name}))
-                self._run()
+                self._run(*frozen)
+                self.settled = dict(self.shapes)
             return True
 
-    class Runtime:
+    class Runtime(Real):
+        _real = "Runtime"
+
         def __init__(self, logger):
             pass
 
-        def deserialize_cuda_engine(self, data):
-            data = bytes(data)
+        def deserialize_cuda_engine(self, serialized_engine):
+            data = bytes(serialized_engine)
             if faults.hit("deserialize_cuda_engine") or not data.startswith(b"FAKEPLAN"):
                 return None
             record = json.loads(data[len(b"FAKEPLAN"):])
@@ -450,26 +663,43 @@ def make_tensorrt(calls: Calls, version: str, cudart):
                 return None
             return Engine(record)
 
-    class Refitter:
+    class Refitter(Real):
+        _real = "Refitter"
+
         def __init__(self, engine, logger):
-            self.engine = engine
+            self.engine, self.pending = engine, None
 
         def refit_cuda_engine(self):
-            calls.append(("refit", {"onnx": Path(self.engine.record["onnx"]).name}))
+            if self.pending is None or faults.hit("refit_cuda_engine"):
+                return False
+            record = self.engine.record
+            record["onnx"], record["model"] = self.pending
+            calls.append(("refit", {"onnx": Path(record["onnx"]).name}))
             return True
 
-    class OnnxParserRefitter:
+    class OnnxParserRefitter(Real):
+        """Refits by weight name: a graph whose weights differ in names or shapes (another
+        architecture) is refused, as TensorRT refuses it."""
+
+        _real = "OnnxParserRefitter"
+
         def __init__(self, refitter, logger):
             self.refitter = refitter
 
-        def refit_from_file(self, path):
+        def refit_from_file(self, model):
             import onnx
 
-            record = self.refitter.engine.record
-            record["onnx"], record["model"] = str(path), base64.b64encode(onnx.load(path).SerializeToString()).decode()
+            def weights(loaded):
+                return {init.name: tuple(init.dims) for init in loaded.graph.initializer}
+
+            new = onnx.load(model)
+            old = onnx.load_from_string(base64.b64decode(self.refitter.engine.record["model"]))
+            if faults.hit("refit_from_file") or weights(new) != weights(old):
+                return False
+            self.refitter.pending = (str(model), base64.b64encode(new.SerializeToString()).decode())
             return True
 
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, Builder, OnnxParser, Runtime
     trt.Refitter, trt.OnnxParserRefitter = Refitter, OnnxParserRefitter
     return trt
 

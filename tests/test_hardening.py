@@ -415,8 +415,23 @@ def test_low_memory_sessions_share_weights_and_give_the_same_images(bundle):
 def test_both_onnxruntime_flavours_installed_is_named(bundle, monkeypatch):
     import importlib.metadata
 
+    import ssd_runtime.backends
+
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0")
+    monkeypatch.setattr(ssd_runtime.backends, "_no_nvidia_gpu", lambda: None)  # as on a GPU machine
     with pytest.raises(BackendError, match="both installed and cannot coexist.*ssd-diffusion\\[gpu\\]"):
+        Sampler.from_bundle(bundle[1], device="cuda")
+
+
+def test_cuda_without_a_gpu_says_there_is_none(bundle, monkeypatch):
+    """Without a GPU the message says so instead of suggesting a reinstall."""
+    import ssd_runtime.backends
+
+    why = ssd_runtime.backends._no_nvidia_gpu()
+    if why is None:
+        pytest.skip("this machine has an NVIDIA GPU")
+    assert "NVIDIA" in why
+    with pytest.raises(BackendError, match=f"needs an NVIDIA GPU: {re.escape(why)}.*--device cpu"):
         Sampler.from_bundle(bundle[1], device="cuda")
 
 

@@ -220,6 +220,12 @@ def test_tensorrt_close_releases_memory_stream_graphs_contexts_and_engines(engin
     ("cudaMalloc", 9, "CUDA call cudaMalloc failed: cudaErrorMemoryAllocation"),  # in the 2nd engine's buffers
     ("cudaMalloc", 31, "CUDA call cudaMalloc failed"),  # the scratch block, after all 5 x 6 buffers
     ("cudaStreamCreate", 1, "CUDA call cudaStreamCreate failed"),
+    # TensorRT's own failure values (issue 16), each one line naming the engine
+    ("Runtime", 1, "TensorRT cannot create its Runtime (the factory returned nullptr"),
+    ("create_execution_context", 2, "TensorRT cannot create an execution context for engines/"),
+    ("set_tensor_address", 8, "TensorRT refused the address of I/O tensor"),
+    ("set_input_shape", 2, "TensorRT refused input 't' at batch 4 (shape (4,)): outside the engine's optimisation"),
+    ("update_device_memory_size_for_shapes", 2, "cannot size the engine's device memory at batch 4 (update_device_"),
 ])
 def test_tensorrt_a_failure_while_loading_releases_what_was_taken(engines, monkeypatch, point, k, pattern):
     calls, trt, cudart = fake_tensorrt.install(monkeypatch)
@@ -245,9 +251,50 @@ def test_tensorrt_a_failed_warmup_releases_everything(engines, monkeypatch):
 def test_tensorrt_a_graph_that_fails_to_instantiate_is_still_destroyed(engines, monkeypatch):
     calls, trt, cudart = fake_tensorrt.install(monkeypatch)
     cudart.faults.fail("cudaGraphInstantiate", 1)
-    with Sampler.from_bundle(engines, backend="tensorrt") as sampler:
-        sample(sampler)  # runs on without CUDA graphs for that engine
-        assert cudart.live()["graphs"] == 0
+    with pytest.warns(RuntimeWarning, match="no CUDA graphs for this engine .*cudaGraphInstantiate failed"):
+        with Sampler.from_bundle(engines, backend="tensorrt") as sampler:
+            sample(sampler)  # runs on without CUDA graphs for that engine, and says so
+            assert cudart.live()["graphs"] == 0
+            (why,) = sampler.backend.providers()[1:]
+            assert "runs without CUDA graphs: CUDA call cudaGraphInstantiate failed" in why
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
+@pytest.mark.parametrize("k, pattern", [
+    (1, "TensorRT failed to run the engine (execute_async_v3 returned False"),  # a plain run
+    (2, "TensorRT failed to run the engine during CUDA graph capture (execute_async_v3 returned False"),
+])
+def test_tensorrt_a_failed_run_or_capture_is_one_line_and_releases_everything(engines, monkeypatch, k, pattern):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    cudart.faults.fail("execute_async_v3", k)
+    with pytest.raises(BackendError) as err:
+        with Sampler.from_bundle(engines, backend="tensorrt") as sampler:
+            sample(sampler)
+    assert_one_line(err.value, pattern)
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
+def test_tensorrt_batch_changes_run_plainly_before_replaying_a_graph(engines, monkeypatch):
+    """The stand-in freezes shapes and addresses into a graph and refuses a capture or replay
+    after a shape change without a plain run in between; batches 4, 2, 4 on one context."""
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    reference = Sampler.from_bundle(engines, warmup=False)
+    with Sampler.from_bundle(engines, backend="tensorrt", warmup=False) as sampler:
+        for _ in range(2):
+            images = sampler.sample_float(6, seed=3, steps=20, batch=4)  # batches 4 then 2
+            assert abs(images - reference.sample_float(6, seed=3, steps=20, batch=4)).max() < 1e-4
+        assert calls.number("capture") == cudart.live()["graph_execs"] == 2 * 5  # per route and batch size
+        assert calls.number("cudaGraphLaunch") > 0
+        runner = sampler.backend.runners["keep_32"]
+        with pytest.raises(BackendError) as err:  # beyond the profile: set_input_shape returns False
+            runner.execute(sampler.backend.stream, 5)
+        assert_one_line(err.value, "TensorRT refused input 'x' at batch 5 (shape (5, ")
+        # the stand-in's check itself: a replay at batch 4 right after a shape change is refused
+        runner.set_batch(2)
+        runner.context.set_input_shape("x", runner.shape("x", 4))
+        with pytest.raises(RuntimeError, match="replayed after its context's input shapes changed"):
+            sampler.backend.stream.launch(runner.graphs[4])
+    reference.close()
     assert live(trt, cudart) == (NOTHING_LIVE, 0)
 
 

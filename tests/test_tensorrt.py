@@ -10,6 +10,7 @@ real TensorRT, which never ran here (README: "Backends and what was verified").
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -79,6 +80,13 @@ def test_tensorrt_without_cuda_python_or_gpu(copy, monkeypatch):
     monkeypatch.setattr(cudart, "cudaGetDeviceCount", lambda: (fake_tensorrt._Error.cudaErrorNoDevice, 0))
     with pytest.raises(CudaError, match="no NVIDIA GPU is visible"):
         Sampler.from_bundle(copy, backend="tensorrt")
+    # no driver at all: what cuda-python answers there (cuda-bindings 12.9 on a CPU machine)
+    monkeypatch.setattr(cudart, "cudaGetDeviceCount", lambda: (fake_tensorrt._Error.cudaErrorInsufficientDriver, None))
+    with pytest.raises(CudaError) as err:
+        Sampler.from_bundle(copy, backend="tensorrt")
+    assert str(err.value) == ("no NVIDIA driver, or one older than this CUDA runtime (cudaGetDeviceCount: "
+                              "cudaErrorInsufficientDriver): the tensorrt backend and engine builds need an "
+                              "NVIDIA GPU with its driver")
 
 
 def test_a_bundle_argument_only_takes_engines(bundle, capsys):
@@ -263,3 +271,47 @@ def test_onnxruntime_tensorrt_provider_gets_its_engine_cache(bundle, monkeypatch
     options = tensorrt_provider_options(load_bundle(bundle[1]))
     assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"].startswith(str(tmp_path))
     assert "trt_fp16_enable" not in options  # precision comes from the graph loaded
+
+
+# --------------------------------------------------------------------------- failure values (issue 16)
+@pytest.mark.parametrize("point, pattern", [
+    ("Builder", "TensorRT cannot create its Builder (the factory returned nullptr"),
+    ("parse_from_file", "TensorRT cannot parse keep_16.step.onnx: In node 3 (importFoo): UNSUPPORTED_NODE"),
+    ("build_serialized_network", "TensorRT could not build an engine from keep_16.step.onnx"),
+    ("Runtime", "TensorRT cannot create its Runtime (the factory returned nullptr"),
+    ("execute_async_v3", "keep_16: TensorRT failed to run the engine (execute_async_v3 returned False"),
+])
+def test_a_failing_tensorrt_call_during_a_build_is_one_line(copy, capsys, monkeypatch, point, pattern):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    trt.faults.fail(point)
+    before = (copy / "manifest.json").read_bytes()
+    assert_one_line_error(export([copy, "--engine", "trt"], capsys), re.escape(pattern))
+    assert point not in trt.faults.armed and (copy / "manifest.json").read_bytes() == before
+    assert cudart.live() == {"memory": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+
+
+def test_a_refused_timing_cache_is_replaced_by_a_new_one(copy, capsys, monkeypatch):
+    calls, trt, _ = fake_tensorrt.install(monkeypatch)
+    trt.faults.fail("set_timing_cache")  # a cache from another GPU (ignore_mismatch=False)
+    assert export([copy, "--engine", "trt"], capsys)[0] == 0
+    assert calls.number("create_timing_cache", bytes=0) == 2 and calls.number("build") == 3  # a retry afresh
+
+
+def test_refit_refuses_another_architecture_and_a_failed_refit_in_one_line(copy, capsys, monkeypatch):
+    from ssd_core.bundle import load_bundle
+    from ssd_engines.build import refit_engine
+
+    _, trt, _ = fake_tensorrt.install(monkeypatch)
+    assert export([copy, "--engine", "trt", "--refit"], capsys)[0] == 0
+    bundle = load_bundle(copy)
+    (engine_set,) = bundle.engine_sets
+    plans = {r.route: bundle.read(r) for r in engine_set.engines}
+    graph = {route: bundle.verified_path(bundle.route_file(route, "onnx", step=True)) for route in plans}
+    with pytest.raises(EngineBuildError) as err:  # weights matched by name: another route's differ
+        refit_engine(trt, plans["keep_16"], graph["up_16_32"])
+    assert "\n" not in str(err.value) and "its weights do not match the engine's" in str(err.value)
+    trt.faults.fail("refit_cuda_engine")
+    with pytest.raises(EngineBuildError) as err:
+        refit_engine(trt, plans["keep_16"], graph["keep_16"])
+    assert "\n" not in str(err.value) and "refit_cuda_engine returned False" in str(err.value)
+    assert refit_engine(trt, plans["keep_16"], graph["keep_16"])  # the same architecture refits
