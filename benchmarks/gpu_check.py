@@ -40,7 +40,7 @@ from runtime_speed import export_bundle  # noqa: E402
 from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
 from ssd_core.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
-from ssd_core.method import COEFFICIENTS  # noqa: E402
+from ssd_core.method import COEFFICIENTS, SampleNoise  # noqa: E402
 from ssd.sample import sample_images  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 
@@ -83,9 +83,8 @@ def graphed_sampler(sampler: Sampler, steps: int, batch: int):
     times = [torch.full((batch,), float(step.t), device="cuda") for step in plan]
 
     def run(seed: int = 0):
-        rng = np.random.default_rng(seed)
-        x = torch.as_tensor(rng.standard_normal((batch, channels, plan[0].in_size, plan[0].in_size),
-                                                dtype=np.float32), device="cuda")
+        noise = SampleNoise(seed, range(batch), channels)  # the runtime's per-sample streams
+        x = torch.as_tensor(noise.draw(plan[0].in_size), device="cuda")
         for i, step in enumerate(plan):
             (xin, tin, cin, zin), (x_s, _) = static[step.route]
             xin.copy_(x)
@@ -94,7 +93,7 @@ def graphed_sampler(sampler: Sampler, steps: int, batch: int):
             if step.is_final:
                 zin.zero_()
             else:
-                zin.copy_(torch.as_tensor(rng.standard_normal(tuple(zin.shape), dtype=np.float32)))
+                zin.copy_(torch.as_tensor(noise.draw(zin.shape[-1])))
             graphs[step.route].replay()
             x = x_s
         return x.cpu().numpy()

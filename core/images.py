@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 from pathlib import Path
 
@@ -48,27 +49,63 @@ def save_png(path, image: np.ndarray, text: dict | None = None) -> Path:
 
 class SampleWriter:
     """Writes samples as they come, batch by batch, so memory stays bounded by one batch:
-    ``sample_<index>.png`` (parameters in text chunks) per image, then ``grid.png`` of the
-    first ``GRID_MAX`` images."""
+    ``sample_<index>.png`` per image, named by its global index (parameters and ``index`` in
+    text chunks), then ``grid.png`` of the run's first ``GRID_MAX`` images.
+
+    ``indices``: the global indices of the images :meth:`add` will get, in order (default
+    0, 1, ...). ``grid``: the indices the grid shows (default the first ``GRID_MAX`` of
+    ``indices``). A writer of one shard of a run holds only some of them: :meth:`finish`
+    then reads the others back from the folder (written by the other shards, with the same
+    parameters) and writes the grid once all are there, so whichever shard finishes last
+    writes it; ``params`` must therefore not name the shard or the batch.
+    """
 
     GRID_MAX = 256
 
-    def __init__(self, out: Path, params: dict):
+    def __init__(self, out: Path, params: dict, indices=None, grid=None):
         self.out, self.params, self.count = Path(out), dict(params), 0
-        self._grid: list[np.ndarray] = []
+        self._indices = iter(indices) if indices is not None else itertools.count()
+        self._grid_indices = list(grid) if grid is not None else None
+        self._grid: dict[int, np.ndarray] = {}
 
     def add(self, images: np.ndarray) -> None:
-        """Write uint8 [N, H, W, C] images."""
+        """Write uint8 [N, H, W, C] images, the next N of ``indices``."""
+        wanted = set(self._grid_indices) if self._grid_indices is not None else None
         with _output_errors(self.out):
             for image in images:
-                save_png(self.out / f"sample_{self.count:05d}.png", image, {**self.params, "index": self.count})
+                index = next(self._indices)
+                save_png(self.out / sample_name(index), image, {**self.params, "index": index})
                 self.count += 1
-        self._grid.extend(images[: max(self.GRID_MAX - len(self._grid), 0)])
+                if wanted is None and len(self._grid) < self.GRID_MAX or wanted is not None and index in wanted:
+                    self._grid[index] = image
 
-    def finish(self) -> Path:
-        """Write ``grid.png``; returns its path."""
+    def finish(self) -> Path | None:
+        """Write ``grid.png``; returns its path, or None while other shards' images are missing."""
+        indices = self._grid_indices if self._grid_indices is not None else sorted(self._grid)
+        images = [self._grid[i] if i in self._grid else self._read_back(i) for i in indices]
+        if not images or any(image is None for image in images):
+            return None
         with _output_errors(self.out):
-            return save_png(self.out / "grid.png", make_grid(np.stack(self._grid)), self.params)
+            return save_png(self.out / "grid.png", make_grid(np.stack(images)), self.params)
+
+    def _read_back(self, index: int) -> np.ndarray | None:
+        """Another writer's ``sample_<index>.png`` of this run (same parameters), or None."""
+        from PIL import Image
+
+        expected = {str(k): str(v) for k, v in {**self.params, "index": index}.items()}
+        try:
+            with Image.open(self.out / sample_name(index)) as image:
+                if {k: image.text.get(k) for k in expected} != expected:
+                    return None
+                array = np.asarray(image)
+        except (OSError, ValueError):
+            return None
+        return array[..., None] if array.ndim == 2 else array
+
+
+def sample_name(index: int) -> str:
+    """``sample_00005.png``: the file of the sample with global index ``index``."""
+    return f"sample_{index:05d}.png"
 
 
 @contextlib.contextmanager

@@ -338,9 +338,61 @@ class SampleState:
     x0_pred: Any  # clamped clean prediction [N, C, out, out]
 
 
-def initial_noise(rng: np.random.Generator, n: int, channels: int, size: int) -> np.ndarray:
-    """x_{T-1}: white noise at the smallest size, float32 [n, channels, size, size]."""
-    return rng.standard_normal((n, channels, size, size), dtype=np.float32)
+# --------------------------------------------------------------------------- noise streams
+# Which noise a seed makes (recorded in every PNG): "per-sample-v1" is one stream per sample.
+NOISE_VERSION = "per-sample-v1"
+
+
+def sample_stream(seed: int, index: int) -> np.random.Generator:
+    """The noise generator of sample ``index`` in a run with ``seed``: PCG64 seeded by
+    ``SeedSequence(seed, spawn_key=(index,))``, which is child ``index`` of
+    ``SeedSequence(seed).spawn(...)`` (distinct for every (seed, index), seeds up to 2^128)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(index),))))
+
+
+class SampleNoise:
+    """The white noise of samples ``indices`` of a run with ``seed``, a batch at a time.
+
+    Every sample draws from its own stream (:func:`sample_stream`) in a fixed order: the
+    initial noise ``[C, r, r]`` at the smallest size, then ``z`` ``[C, out, out]`` for every
+    step but the final one. :meth:`draw` stacks the samples' draws, so sample ``i`` gets the
+    same noise whatever batch it is in, whatever ``n`` and ``first`` are, on every backend.
+    """
+
+    def __init__(self, seed: int, indices, channels: int):
+        self.seed, self.indices, self.channels = seed, tuple(int(i) for i in indices), int(channels)
+        self._streams = [sample_stream(seed, i) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def draw(self, size: int) -> np.ndarray:
+        """The next draw of every sample, float32 ``[len(indices), C, size, size]``."""
+        out = np.empty((len(self._streams), self.channels, size, size), np.float32)
+        for stream, row in zip(self._streams, out):
+            stream.standard_normal(dtype=np.float32, out=row)
+        return out
+
+
+def noise_for(noise, n: int, channels: int) -> SampleNoise:
+    """``noise`` as :class:`SampleNoise` for ``n`` samples: a :class:`SampleNoise` as is, or
+    an int seed for samples ``0..n-1``."""
+    if isinstance(noise, SampleNoise):
+        if len(noise) != n:
+            raise ValueError(f"noise for {len(noise)} samples, batch of {n}")
+        return noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, np.integer)) or noise < 0:
+        raise TypeError(f"noise {noise!r}; expected a seed (a non-negative int) or SampleNoise")
+    return SampleNoise(int(noise), range(n), channels)
+
+
+def sample_indices(n: int, first: int = 0, shard: tuple[int, int] = (0, 1)) -> range:
+    """The global indices a process samples: shard ``k`` of ``count`` takes every
+    ``count``-th index of ``first .. first + n - 1``, starting at ``first + k``."""
+    k, count = shard
+    if not (isinstance(count, int) and isinstance(k, int) and count >= 1 and 0 <= k < count):
+        raise ConfigError(f"shard {k}/{count}; expected K/N with 0 <= K < N")
+    return range(first + k, first + n, count)
 
 
 StepFn = Callable[[Step, Any, Any], tuple[Any, Any]]
@@ -350,23 +402,24 @@ def sample_loop(
     plan: list[Step],
     step_fn: StepFn,
     x: Any,
-    rng: np.random.Generator,
+    noise: SampleNoise,
     to_array: Callable[[np.ndarray], Any] = np.asarray,
 ) -> Iterator[SampleState]:
     """The one reverse-process loop, shared by the torch sampler and the runtime.
 
     ``step_fn(step, x_t, z) -> (x_s, x0_pred)`` makes one step: a fused step graph, or
-    :func:`denoise_then_update` around a network. ``x`` is the initial noise already in the
-    backend's array type; ``to_array`` moves numpy noise there (``z`` is None at the final
-    step). The seeded numpy ``rng`` is the only noise source, drawn in a fixed order, so two
-    backends fed the same seed see the same noise. ``plan`` steps must already hold
-    ``to_array``'d matrices.
+    :func:`denoise_then_update` around a network. ``x`` is the initial noise (the first draw
+    of ``noise``) already in the backend's array type; ``to_array`` moves numpy noise there
+    (``z`` is None at the final step). ``noise``'s per-sample streams are the only noise
+    source, drawn in a fixed order, so two backends fed the same seed and indices see the
+    same noise, whatever the batch. ``plan`` steps must already hold ``to_array``'d matrices.
     """
+    if x.shape[0] != len(noise):
+        raise ValueError(f"noise for {len(noise)} samples, batch of {x.shape[0]}")
     for step in plan:
         z = None
         if not step.is_final:
-            shape = (x.shape[0], x.shape[1], step.out_size, step.out_size)
-            z = to_array(rng.standard_normal(shape, dtype=np.float32))
+            z = to_array(noise.draw(step.out_size))
         x, x0_pred = step_fn(step, x, z)
         yield SampleState(step, x, x0_pred)
 

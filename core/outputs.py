@@ -18,8 +18,16 @@ in, e.g. a bundle or a release). The rules, in one place:
 - **One writer at a time.** The command holds ``fcntl.flock`` on ``.ssd-lock`` inside the
   folder for its whole life; a second command is refused naming the holder's PID. The kernel
   drops a killed process's lock, so a stale lock file never blocks.
+- **Cooperating writers of one run.** The shards of one sharded ``ssd-run`` (``--shard``,
+  torchrun) write disjoint files into one samples folder: each holds a *shared* flock and
+  the lock file names the run (``run=<id>``, a digest of everything that decides the
+  files), so shards of the same run are let in together, while an exclusive command, or a
+  shard of another run, is refused (and a shard is refused while an exclusive command
+  holds the folder).
 - **Failure leaves nothing.** If the command fails, what it created is removed (a folder
-  that already held something durable, such as a run with checkpoints, is kept).
+  that already held something durable, such as a run with checkpoints, is kept). Shards
+  never remove anything: the folder holds the other shards' files, and each file a failed
+  shard finished is complete and correct (rerunning the shard completes the set).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,6 +50,9 @@ LOCK = ".ssd-lock"
 OURS = {MARKER, LOCK}  # bookkeeping files present in every folder we made
 KINDS = {"run": "a training run", "bundle": "a bundle", "release": "a release", "samples": "a samples folder"}
 _SAMPLE_FILE = re.compile(r"(sample_\d+|grid|preview_\d+)\.png|metrics\.json")
+# the temp file of an atomic write of ours in flight (``files.write_atomic``): another writer
+# of the same folder (a shard of the same run) may be writing the marker or a PNG right now
+_IN_FLIGHT = re.compile(r"\.(\.ssd-folder\.json|(sample_\d+|grid|preview_\d+)\.png)\.\w+\.tmp")
 
 
 class FolderError(OutputError):
@@ -56,7 +68,7 @@ def kind_of(folder: Path) -> str | None:
         kind = _read_marker(marker)
         if kind in KINDS:
             return kind
-    names = {child.name for child in folder.iterdir()} - OURS
+    names = {child.name for child in folder.iterdir() if not _IN_FLIGHT.fullmatch(child.name)} - OURS
     if not names:
         return "empty"
     return _legacy_kind(folder, names)
@@ -143,10 +155,17 @@ def check_target(path: Path, kind: str, command: str, sources: tuple = (), reuse
 
 
 # --------------------------------------------------------------------------- locks
-class FolderLock:
-    """``fcntl.flock`` on ``folder/.ssd-lock``: one writing command per folder."""
+SHARE_WAIT = 2.0  # seconds a shard waits out a sibling's momentary exclusive hold
 
-    def __init__(self, folder: Path, command: str):
+
+class FolderLock:
+    """``fcntl.flock`` on ``folder/.ssd-lock``: one writing command per folder, or with ``run``
+    the cooperating writers of that one run (a shared flock; see the module docstring).
+
+    The lock file holds ``<pid> <command>`` of the exclusive holder, or ``<pid> <command>
+    run=<run>`` of the shard that opened the run's shared hold."""
+
+    def __init__(self, folder: Path, command: str, run: str | None = None):
         self.path = Path(folder) / LOCK
         self.fd: int | None = None
         try:
@@ -154,15 +173,15 @@ class FolderLock:
         except OSError as err:
             raise FolderError(f"cannot lock {folder}: {err.strerror or err}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            if run is None:
+                if not _try_lock(fd, fcntl.LOCK_EX):
+                    raise FolderError(_in_use(folder, _holder(fd)))
+                _write_holder(fd, command, None)
+            else:
+                _share(fd, folder, command, run)
+        except BaseException:
             os.close(fd)
-            who = f"{holder[1]} (pid {holder[0]})" if len(holder) >= 2 else "another ssd command"
-            raise FolderError(f"{folder} is in use by {who}; wait for it to finish or choose another "
-                              "folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+            raise
         self.fd = fd
 
     def release(self) -> None:
@@ -170,6 +189,64 @@ class FolderLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _try_lock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder(fd: int) -> tuple[str, str, str | None] | None:
+    """(pid, command, run or None) from the lock file, or None if it names no holder."""
+    words = os.pread(fd, 400, 0).decode(errors="replace").split()
+    if len(words) < 2:
+        return None
+    run = words[2][4:] if len(words) >= 3 and words[2].startswith("run=") else None
+    return words[0], words[1], run
+
+
+def _write_holder(fd: int, command: str, run: str | None) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {command}{f' run={run}' if run else ''}\n".encode(), 0)
+
+
+def _in_use(folder: Path, holder) -> str:
+    if holder is None:
+        who = "another ssd command"
+    else:
+        who = f"{holder[1]} (pid {holder[0]}{f', run {holder[2]}' if holder[2] else ''})"
+    return f"{folder} is in use by {who}; wait for it to finish or choose another folder"
+
+
+def _share(fd: int, folder: Path, command: str, run: str) -> None:
+    """Take a shared hold for ``run``: the first shard takes the lock exclusively, writes the
+    run into the file and converts to shared (flock's conversion is not atomic, so what the
+    file says is read again once shared); later shards of the same run join the shared hold.
+    Anything else holding the folder is refused."""
+    deadline = time.monotonic() + SHARE_WAIT
+    retried = False
+    while True:
+        held = False
+        if _try_lock(fd, fcntl.LOCK_EX):
+            _write_holder(fd, command, run)
+            held = _try_lock(fd, fcntl.LOCK_SH)
+        else:
+            held = _try_lock(fd, fcntl.LOCK_SH)
+        holder = _holder(fd)
+        if held and holder is not None and holder[2] == run:
+            return
+        if held:  # shared with another run, or a stale file whose holders just left
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if not retried:
+                retried = True
+                continue
+            raise FolderError(_in_use(folder, holder))
+        if time.monotonic() > deadline:  # held exclusively: a command, or a sibling mid-setup
+            raise FolderError(_in_use(folder, holder))
+        time.sleep(0.01)
 
 
 def write_marker(folder: Path, kind: str, command: str) -> None:
@@ -213,19 +290,22 @@ def _remove_empty(folders: list[Path]) -> None:
 
 @contextlib.contextmanager
 def output_folder(path, kind: str, command: str, sources: tuple = (), reuse: bool = True,
-                  keep_on_failure: Callable[[Path], bool] | None = None) -> Iterator[Output]:
+                  keep_on_failure: Callable[[Path], bool] | None = None,
+                  run: str | None = None) -> Iterator[Output]:
     """Hold folder ``path`` of ``kind`` while the block writes into it.
 
     Refuses (one line) what :func:`check_target` refuses, an existing folder of this kind
     unless ``reuse``, and a folder another command holds. If the block fails, a folder it
     created is removed unless ``keep_on_failure(path)`` says it holds something durable.
+    ``run``: this command is one of several cooperating writers of that run (the shards of
+    one ``ssd-run``), which hold the folder together and never remove anything.
     """
     path = Path(path)
     found = check_target(path, kind, command, sources, reuse=reuse)
     parents = _make_parents(path)
     try:
         path.mkdir(exist_ok=True)
-        lock = FolderLock(path, command)
+        lock = FolderLock(path, command, run)
     except OSError as err:
         _remove_empty([path, *parents] if found == "missing" else parents)
         raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
@@ -236,11 +316,13 @@ def output_folder(path, kind: str, command: str, sources: tuple = (), reuse: boo
         if kind_of(path) != kind:  # new, empty, or written before markers
             write_marker(path, kind, command)
         yield Output(path, kind, found, found == "missing")
+        if run is not None:  # the other writers of the run may be writing here
+            return
         if found == "missing" and set(os.listdir(path)) <= OURS:  # nothing written after all
             _clear(path, remove_folder=True)
             _remove_empty(parents)
     except BaseException:
-        if found != kind and not (keep_on_failure and keep_on_failure(path)):
+        if found != kind and run is None and not (keep_on_failure and keep_on_failure(path)):
             _clear(path, remove_folder=found == "missing")
             _remove_empty(parents)
         raise

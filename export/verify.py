@@ -162,7 +162,7 @@ def _compare(samplers: dict, model, config, backend: str, seed: int) -> dict:
     levels = len(space.ladder)
     runs = []
     for steps in sorted({levels, min(max(10, levels), space.timesteps)}):
-        states = sample_states(model, space, n, steps, np.random.default_rng(seed), "cpu",
+        states = sample_states(model, space, n, steps, seed, "cpu",
                                config.model.in_channels)
         ref = list(states)[-1].x.cpu().numpy()
         ref_images = sample_images(model, config, n, steps, seed=seed, batch=n)

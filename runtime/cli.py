@@ -1,13 +1,17 @@
 """``ssd-run``: sample PNGs from a bundle with the torch-free runtime."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
 import click
 
 from ssd_core.config import MAX_BATCH
-from ssd_core.errors import cli_errors, run_cli
+from ssd_core.errors import UserError, cli_errors, run_cli
+from ssd_core.method import NOISE_VERSION, sample_indices
 from ssd_core.outputs import check_target, output_folder
 from ssd_core.images import SampleWriter, make_grid, save_png
 
@@ -32,6 +36,28 @@ def progress_bar(total_steps: int, batches: int, enabled: bool = True):
     return bar, on_step
 
 
+def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
+    """``--shard K/N``; without it, ``RANK``/``WORLD_SIZE`` of a launcher such as torchrun;
+    else ``(0, 1)``."""
+    if text is None:
+        rank, world = environ.get("RANK"), environ.get("WORLD_SIZE")
+        if rank is None or world is None:
+            return 0, 1
+        text, origin = f"{rank}/{world}", "RANK/WORLD_SIZE"
+    else:
+        origin = "--shard"
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
+        raise UserError(f"{origin} {text!r}; expected K/N with 0 <= K < N (shard K of N)")
+    return int(parts[0]), int(parts[1])
+
+
+def run_id(params: dict, first: int, n: int, shards: int) -> str:
+    """What decides a sharded run's files, as a short digest: its shards share the folder."""
+    text = json.dumps({**params, "first": first, "n": n, "shards": shards}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def first_batch_previews(out: Path, params: dict):
     """A preview callback that writes ``preview_<res>.png`` from the first batch only."""
     written: set[int] = set()
@@ -48,7 +74,13 @@ def first_batch_previews(out: Path, params: dict):
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Network calls (levels..T); default T.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
-@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples.")
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Number of samples (-n under torchrun, whose parser takes --n for its own options).")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Global index of the first sample: samples FIRST..FIRST+N-1 (sample_<index>.png).")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Sample every N-th of those indices, from FIRST+K (shard K of N); shards of one run "
+                   "write into one --out together. [default: RANK/WORLD_SIZE under torchrun, else 0/1]")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help="Samples per batch (within the bundle's range).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -67,15 +99,18 @@ def first_batch_previews(out: Path, params: dict):
                    "or route graphs + the numpy update.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (on stderr).")
 @cli_errors
-def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, preview, threads, low_memory,
-                fused, progress):
+def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, device, precision, preview, threads,
+                low_memory, fused, progress):
     """Sample images from an SSD BUNDLE.
 
     Without BUNDLE: bundles/default where it exists (a source checkout's `make demo`), else
     the packaged Fashion-MNIST model, exported once into the user cache ($SSD_CACHE, or
     ~/.cache/ssd; needs the 'export' extra that once) and reused from there.
 
-    PNGs are written as each batch finishes, so memory stays bounded by one batch."""
+    PNGs are written as each batch finishes, so memory stays bounded by one batch. Sample i
+    of a seed is the same image whatever --batch, --n, --first or --shard (docs/runtime.md)."""
+    shard = parse_shard(shard)
+    indices = sample_indices(n, first, shard)
     if bundle is None and DEFAULT_BUNDLE.exists():
         bundle = DEFAULT_BUNDLE
     elif bundle is None:
@@ -85,24 +120,30 @@ def run_command(bundle, steps, out, n, batch, seed, backend, device, precision, 
         bundle = default_bundle(lambda line: click.echo(line, err=True))
     with Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
                              threads=threads, low_memory=low_memory, fused=fused) as sampler:
-        batch = sampler.check_batch(n, batch)
+        batch = sampler.check_batch(max(len(indices), 1), batch)
         steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
-        params = {"seed": seed, "steps": steps, "batch": batch, "backend": backend, "precision": precision,
-                  "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest}
+        # what decides the files (not the batch or the shard: every shard writes the same bytes)
+        params = {"seed": seed, "steps": steps, "backend": backend, "precision": precision,
+                  "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest, "noise": NOISE_VERSION}
+        run = run_id(params, first, n, shard[1]) if shard[1] > 1 else None
         started = time.perf_counter()
-        with output_folder(out, "samples", "ssd-run", sources=(bundle,)):
-            writer = SampleWriter(out, params)
-            on_preview = first_batch_previews(out, params) if preview else None
-            bar, on_step = progress_bar(steps, -(-n // batch), enabled=progress)
+        with output_folder(out, "samples", "ssd-run", sources=(bundle,), run=run):
+            writer = SampleWriter(out, params, indices=indices,
+                                  grid=range(first, first + min(n, SampleWriter.GRID_MAX)))
+            # previews show the first batch of the shard holding FIRST (diagnostics, not samples)
+            on_preview = first_batch_previews(out, params) if preview and shard[0] == 0 else None
+            bar, on_step = progress_bar(steps, -(-len(indices) // batch), enabled=progress)
             with bar:
                 for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
-                                                   preview=on_preview):
+                                                   preview=on_preview, first=first, shard=shard):
                     writer.add(images)
-            writer.finish()
+            grid = writer.finish()
     seconds = time.perf_counter() - started
-    previews = " and the first batch's previews" if preview else ""
-    click.echo(f"wrote {writer.count} samples, grid.png{previews} to {out}: {seconds:.1f} s, "
-               f"{writer.count / seconds:.2f} images/s")
+    what = f"{writer.count} samples" + (f" (shard {shard[0]}/{shard[1]} of {n})" if shard[1] > 1 else "")
+    files = ", grid.png" if grid is not None else ""
+    previews = " and the first batch's previews" if on_preview else ""
+    click.echo(f"wrote {what}{files}{previews} to {out}: {seconds:.1f} s, "
+               f"{writer.count / max(seconds, 1e-9):.2f} images/s")
 
 
 def main(args=None):

@@ -2,8 +2,16 @@
 
     with Sampler.from_bundle("bundles/default", backend="onnxruntime", device="cpu") as sampler:
         images = sampler.sample(16, seed=0, steps=250)  # uint8 [16, H, W, 3]
+        image_37 = sampler.sample(1, seed=0, steps=250, first=37)[0]  # == sample(38, ...)[37]
         for batch in sampler.iter_batches(30_000, seed=0, steps=250, batch=16):
             ...  # uint8 [16, H, W, 3] as each batch finishes; memory bounded by one batch
+        for index, image in sampler.iter_samples(30_000, seed=0, steps=250, shard=(1, 4)):
+            ...  # indices 1, 5, 9, ...: one of four processes
+
+Sample ``i`` of seed ``s`` draws all its noise from its own stream derived from ``(s, i)``
+(``ssd_core.method.SampleNoise``), so it is the same image whatever ``batch``, ``n``,
+``first`` or ``shard`` select it (bit-identical on one backend; within float tolerance
+across backends).
 
 Leaving the ``with`` block (or :meth:`Sampler.close`) releases the backend's sessions,
 modules or device memory; a closed sampler refuses further use with one line.
@@ -20,7 +28,7 @@ from ssd_core.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from ssd_core.config import ConfigError, check_seed, integer
 from ssd_core.errors import UserError
 from ssd_core.images import to_uint8
-from ssd_core.method import SampleState, Step, StepFn, denoise_then_update, initial_noise, sample_loop
+from ssd_core.method import SampleNoise, SampleState, Step, StepFn, denoise_then_update, sample_indices, sample_loop
 
 from .backend import Backend, BackendError, closing_on_error
 from .backends import check_flag, make_backend
@@ -116,40 +124,75 @@ class Sampler:
         return [step.map_arrays(to_array) for step in plan]
 
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
-               callback: StepCallback | None = None,
-               preview: PreviewCallback | None = None) -> np.ndarray:
-        """Sample ``n`` images as uint8 [n, H, W, 3], all in memory (see :meth:`iter_batches`).
+               callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
+               first: int = 0, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """Sample images ``first .. first + n - 1`` as uint8 [n, H, W, 3], all in memory (see
+        :meth:`iter_batches`; ``shard`` as there).
 
-        A single numpy generator seeded with ``seed`` feeds all batches in order, so a seed
-        and batch size give the same images on every backend (up to float tolerance).
+        Sample ``i`` draws its noise from its own stream derived from ``(seed, i)``, so it is
+        the same image whatever ``batch``, ``n`` and ``first`` are, on every backend (up to
+        float tolerance across backends).
         """
-        return np.concatenate(list(self.iter_batches(n, seed, steps, batch, callback, preview)))
+        return _concatenate(self.iter_batches(n, seed, steps, batch, callback, preview, first=first, shard=shard),
+                            self.bundle.config.model, np.uint8)
 
     def sample_float(self, n: int, seed: int = 0, steps: int | None = None,
                      batch: int | None = None, callback: StepCallback | None = None,
-                     preview: PreviewCallback | None = None) -> np.ndarray:
+                     preview: PreviewCallback | None = None, *, first: int = 0,
+                     shard: tuple[int, int] = (0, 1)) -> np.ndarray:
         """Like :meth:`sample`, but the raw float32 images [n, 3, H, W] in [-1, 1]."""
-        return np.concatenate(list(self.iter_float_batches(n, seed, steps, batch, callback, preview)))
+        return _concatenate(self.iter_float_batches(n, seed, steps, batch, callback, preview, first=first,
+                                                    shard=shard), self.bundle.config.model, np.float32)
+
+    def iter_samples(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
+                     callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
+                     first: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(index, image)`` (uint8 [H, W, 3]) for every sample, a batch at a time:
+        the global index that names it (``sample_<index>.png``) and picks its noise."""
+        indices = self.indices(n, first, shard)
+        batches = self.iter_batches(n, seed, steps, batch, callback, preview, first=first, shard=shard)
+        return zip(indices, (image for images in batches for image in images))
 
     def iter_batches(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
-                     callback: StepCallback | None = None,
-                     preview: PreviewCallback | None = None) -> Iterator[np.ndarray]:
+                     callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
+                     first: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
         """Yield uint8 [b, H, W, 3] per batch as it finishes (the last may be smaller):
-        for streaming any ``n`` with memory bounded by one batch. Arguments are checked now,
-        not at the first ``next``."""
-        return map(to_uint8, self.iter_float_batches(n, seed, steps, batch, callback, preview))
+        for streaming any ``n`` with memory bounded by one batch. The images are those of
+        :meth:`indices` ``(n, first, shard)``, in order: shard ``(k, count)`` takes every
+        ``count``-th of ``first .. first + n - 1`` from ``first + k``. Arguments are
+        checked now, not at the first ``next``."""
+        return map(to_uint8, self.iter_float_batches(n, seed, steps, batch, callback, preview, first=first,
+                                                     shard=shard))
 
     def iter_float_batches(self, n: int, seed: int = 0, steps: int | None = None,
                            batch: int | None = None, callback: StepCallback | None = None,
-                           preview: PreviewCallback | None = None) -> Iterator[np.ndarray]:
+                           preview: PreviewCallback | None = None, *, first: int = 0,
+                           shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
         """Like :meth:`iter_batches`, with float32 [b, 3, H, W] images in [-1, 1]."""
         self.check_open()
-        batch = self.check_batch(n, batch)
+        indices = self.indices(n, first, shard)
+        batch = self.check_batch(max(len(indices), 1), batch)
         plan = self.plan(self.check_steps(steps))
-        rng = np.random.default_rng(check_seed(seed))
+        seed = check_seed(seed)
+        channels = self.bundle.config.model.in_channels
         step_fn = self._step_fn(plan, batch)
-        return (self._sample_batch(plan, step_fn, batch, rng, callback, preview)[: n - start]
-                for start in range(0, n, batch))
+
+        def run(chunk: range) -> np.ndarray:
+            # every call gets a full batch, as before: the last one is padded with the streams
+            # of the indices that would follow, and those rows are dropped
+            padded = range(chunk.start, chunk.start + batch * chunk.step, chunk.step)
+            noise = SampleNoise(seed, padded, channels)
+            return self._sample_batch(plan, step_fn, noise, callback, preview)[: len(chunk)]
+
+        return (run(indices[start: start + batch]) for start in range(0, len(indices), batch))
+
+    def indices(self, n: int, first: int = 0, shard: tuple[int, int] = (0, 1)) -> range:
+        """The global indices of ``n`` samples from ``first`` that ``shard`` (k, count) takes."""
+        n = integer(n, "n", 1)
+        first = integer(first, "first", 0)
+        if not (isinstance(shard, tuple) and len(shard) == 2):
+            raise ConfigError(f"shard={shard!r}; expected (k, count)")
+        return sample_indices(n, first, (integer(shard[0], "shard index", 0), integer(shard[1], "shard count", 1)))
 
     def check_batch(self, n: int, batch: int | None) -> int:
         """The batch to use for ``n`` samples (default: as many as the bundle allows)."""
@@ -189,15 +232,14 @@ class Sampler:
 
         return step_fn
 
-    def _sample_batch(self, plan, step_fn, batch, rng, callback, preview) -> np.ndarray:
-        """One batch through the loop; a fixed-batch engine still gets full batches."""
+    def _sample_batch(self, plan, step_fn, noise: SampleNoise, callback, preview) -> np.ndarray:
+        """One batch through the loop, its noise from ``noise``'s per-sample streams."""
         self.check_open()  # closed between two batches of an iterator
         backend = self.backend
-        channels = self.bundle.config.model.in_channels
-        x = backend.stage_noise(initial_noise(rng, batch, channels, plan[0].in_size))
+        x = backend.stage_noise(noise.draw(plan[0].in_size))
         state: SampleState | None = None
         finite = []  # per step, read only if the batch ends non-finite (no GPU sync per step)
-        for state in sample_loop(plan, step_fn, x, rng, backend.stage_noise):
+        for state in sample_loop(plan, step_fn, x, noise, backend.stage_noise):
             step = state.step
             finite.append(backend.all_finite(state.x))
             if callback is not None:
@@ -210,6 +252,15 @@ class Sampler:
             raise BundleError(f"sampling produced NaN or inf at step {bad.index + 1}/{len(plan)} (t={bad.t}, "
                                f"route {bad.route}, {backend.files[bad.route]}); no images written from this batch")
         return x
+
+
+def _concatenate(batches, model, dtype) -> np.ndarray:
+    """All batches as one array (an empty shard: no images, of the right shape)."""
+    batches = list(batches)
+    if batches:
+        return np.concatenate(batches)
+    size, channels = model.image_size, model.in_channels
+    return np.zeros((0, size, size, channels) if dtype == np.uint8 else (0, channels, size, size), dtype)
 
 
 def check_covariances(bundle: Bundle) -> None:

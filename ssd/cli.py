@@ -175,7 +175,7 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
     _need_train_extra("ssd-sample")
     from .checkpoint import load_model
     from ssd_core.images import SampleWriter
-    from ssd_core.method import ScaleSpace
+    from ssd_core.method import NOISE_VERSION, ScaleSpace
     from .sample import sample_batches
     from .train import resolve_device
 
@@ -183,7 +183,8 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
     config, model = load_model(checkpoint, ema=not raw, device=device)
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
     batch = batch or min(n, SAMPLE_BATCH)
-    params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema"}
+    params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema",
+              "noise": NOISE_VERSION}  # sample i is the same image whatever --batch
     with output_folder(out, "samples", "ssd-sample", sources=(checkpoint,)):
         writer = SampleWriter(out, params)
         for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch):

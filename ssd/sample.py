@@ -1,7 +1,9 @@
 """The PyTorch reference sampler: ``ssd_core.method.sample_loop`` with a torch network.
 
-Noise comes from a seeded numpy generator (``np.random.default_rng(seed)``), so the runtime
-and this sampler can be fed identical noise and compared image for image.
+Noise comes from the per-sample numpy streams of ``ssd_core.method.SampleNoise`` (sample
+``i`` of seed ``s`` from its own stream derived from ``(s, i)``), the runtime's rule, so the
+runtime and this sampler can be fed identical noise and compared image for image, at any
+batch size.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from ssd_core.config import SSDConfig, check_seed
 from ssd_core.images import to_uint8
-from ssd_core.method import SampleState, ScaleSpace, Step, denoise_then_update, initial_noise, sample_loop
+from ssd_core.method import SampleNoise, SampleState, ScaleSpace, Step, denoise_then_update, noise_for, sample_loop
 
 
 @torch.no_grad()
@@ -21,12 +23,16 @@ def sample_states(
     space: ScaleSpace,
     n: int,
     steps: int | None,
-    rng: np.random.Generator,
+    noise,
     device="cpu",
     channels: int = 3,
 ) -> Iterator[SampleState]:
-    """Yield the state after every reverse step for ``n`` samples (one batch)."""
+    """Yield the state after every reverse step for ``n`` samples (one batch).
+
+    ``noise``: a seed (samples ``0..n-1`` of it), a :class:`SampleNoise` for other indices,
+    or a fresh ``np.random.default_rng(seed)``, which stands for its seed."""
     device = torch.device(device)
+    noise = noise_for(noise, n, channels)
     to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
     plan = [step.map_arrays(to_tensor) for step in space.plan(steps)]
     t_batch = {step.t: torch.full((n,), float(step.t), device=device) for step in plan}
@@ -34,8 +40,8 @@ def sample_states(
     def denoise(step: Step, x_t: torch.Tensor) -> torch.Tensor:
         return model(x_t, t_batch[step.t], step.out_size).float()
 
-    x = to_tensor(initial_noise(rng, n, channels, plan[0].in_size))
-    yield from sample_loop(plan, denoise_then_update(denoise), x, rng, to_tensor)
+    x = to_tensor(noise.draw(plan[0].in_size))
+    yield from sample_loop(plan, denoise_then_update(denoise), x, noise, to_tensor)
 
 
 def sample_batches(
@@ -47,22 +53,26 @@ def sample_batches(
     device="cpu",
     batch: int | None = None,
     callback: Callable[[SampleState], None] | None = None,
+    first: int = 0,
 ) -> Iterator[np.ndarray]:
-    """Sample ``n`` images, ``batch`` at a time (default all), yielding uint8 [b, H, W, 3]
-    per batch. One generator seeded with ``seed`` feeds every batch in order, the runtime's
-    rule too."""
+    """Sample images ``first .. first + n - 1``, ``batch`` at a time (default all), yielding
+    uint8 [b, H, W, 3] per batch. Sample ``i`` draws from its own stream of ``seed``, the
+    runtime's rule too, so the images do not depend on ``batch``."""
     space = ScaleSpace.from_config(config)
-    rng = np.random.default_rng(check_seed(seed))
+    seed = check_seed(seed)
+    channels = config.model.in_channels
     batch = n if batch is None else batch
     for start in range(0, n, batch):
+        count = min(batch, n - start)
+        noise = SampleNoise(seed, range(first + start, first + start + count), channels)
         state = None
-        for state in sample_states(model, space, min(batch, n - start), steps, rng, device):
+        for state in sample_states(model, space, count, steps, noise, device, channels):
             if callback is not None:
                 callback(state)
         yield to_uint8(state.x.cpu())
 
 
 def sample_images(model, config: SSDConfig, n: int, steps: int | None = None, seed: int = 0,
-                  device="cpu", batch: int | None = None, callback=None) -> np.ndarray:
+                  device="cpu", batch: int | None = None, callback=None, first: int = 0) -> np.ndarray:
     """All of :func:`sample_batches` as one uint8 array [n, H, W, 3]."""
-    return np.concatenate(list(sample_batches(model, config, n, steps, seed, device, batch, callback)))
+    return np.concatenate(list(sample_batches(model, config, n, steps, seed, device, batch, callback, first)))

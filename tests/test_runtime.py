@@ -29,17 +29,23 @@ RUN = [sys.executable, "-c", "from ssd_runtime.cli import main; main()"]
 
 @functools.lru_cache(maxsize=None)
 def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarray:
-    """Final float images of the PyTorch reference sampler, noise from the same seed
-    (computed once per case and shared by the backends' tests)."""
+    """Final float images of the PyTorch reference sampler, noise from the same seed's
+    per-sample streams (computed once per case and shared by the backends' tests)."""
     config, model = load_model(run)
     from ssd_core.method import ScaleSpace
 
-    states = sample_states(model, ScaleSpace.from_config(config), n, steps, np.random.default_rng(seed))
+    states = sample_states(model, ScaleSpace.from_config(config), n, steps, seed)
     *_, last = states
     return last.x.numpy()
 
 
-@pytest.mark.parametrize("levels, steps", [(3, None), (3, 25), (1, None), (1, 25), (1, 4)])
+# Full T (1000 steps) once in CI (3 levels: every route kind, no respacing); 25 and 4 steps
+# run the same code on every backend; the other full-T cases are behind the slow marker.
+FULL_T_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("levels, steps", [(3, 25), (1, 25), (1, 4), pytest.param(3, None, marks=FULL_T_SLOW),
+                                           pytest.param(1, None, marks=FULL_T_SLOW)])
 @pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
 def test_runtime_equals_torch_reference_with_same_noise(bundles, levels, steps, backend):
     run, bundle = bundles[levels]
@@ -47,6 +53,11 @@ def test_runtime_equals_torch_reference_with_same_noise(bundles, levels, steps, 
     reference = torch_reference(run, 2, 11, steps)
     np.testing.assert_allclose(ours, reference, atol=2e-3)
     assert np.abs(ours).max() > 0.05  # not a trivially zero model
+
+
+def test_full_length_sampling_equals_torch_reference(bundles):
+    """The one full-T (1000-step) parity case CI runs: ONNX Runtime, 3 levels."""
+    test_runtime_equals_torch_reference_with_same_noise(bundles, 3, None, "onnxruntime")
 
 
 def test_route_sequence_and_change_steps_follow_manifest(bundles):
@@ -85,7 +96,7 @@ def test_callback_previews_and_info(bundles):
     assert info["providers"] == ["CPUExecutionProvider"] and len(info["routes"]) == 5
 
 
-def test_batches_share_one_generator_and_are_reproducible(bundles):
+def test_sampling_is_reproducible_and_samples_differ(bundles):
     sampler = Sampler.from_bundle(bundles[3][1])
     a = sampler.sample(4, seed=3, steps=5, batch=2)
     b = sampler.sample(4, seed=3, steps=5, batch=2)
@@ -110,6 +121,7 @@ def test_ssd_run_writes_pngs_without_importing_torch(bundles, tmp_path):
     text = Image.open(out / "sample_00001.png").text
     assert text["seed"] == "0" and text["steps"] == "6" and text["backend"] == "onnxruntime"
     assert len(text["bundle_sha256"]) == 64 and text["index"] == "1"
+    assert text["noise"] == "per-sample-v1" and "batch" not in text  # the batch does not change the image
 
 
 def test_importing_runtime_does_not_import_torch():
@@ -181,7 +193,7 @@ def test_backend_not_installed(bundles, tmp_path):
 
 
 def test_gpu_device_without_gpu_is_refused(bundles):
-    with pytest.raises(BackendError, match="no CUDAExecutionProvider"):
+    with pytest.raises(BackendError, match="no CUDAExecutionProvider|needs an NVIDIA GPU"):
         Sampler.from_bundle(bundles[3][1], device="cuda")
 
 

@@ -69,7 +69,7 @@ def test_fused_torchscript_and_torch_sampler_agree(bundles):
     fused = sample(bundle, True, 10, backend="torchscript")
     assert np.abs(fused - sample(bundle, False, 10, backend="torchscript")).max() < 1e-4  # float32 rounding
     config, model = load_model(run, ema=True, device="cpu")
-    states = sample_states(model.eval(), ScaleSpace.from_config(config), 2, 10, np.random.default_rng(3))
+    states = sample_states(model.eval(), ScaleSpace.from_config(config), 2, 10, 3)
     assert np.abs(fused - list(states)[-1].x.numpy()).max() < 1e-4
 
 
