@@ -163,6 +163,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """``$SSD_CACHE``, else ``~/.cache/ssd``: where ssd-eval's classifier, ONNX Runtime's
+    TensorRT engines and the default model's bundle are cached."""
+    if os.environ.get("SSD_CACHE"):
+        return Path(os.path.abspath(os.path.expanduser(os.environ["SSD_CACHE"])))
+    try:
+        return Path.home() / ".cache" / "ssd"
+    except RuntimeError:
+        raise UserError("no home folder for ssd's cache: set SSD_CACHE to a folder") from None
+
+
 # --------------------------------------------------------------------------- writing
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

@@ -213,12 +213,32 @@ def _write_holder(fd: int, command: str, run: str | None) -> None:
     os.pwrite(fd, f"{os.getpid()} {command}{f' run={run}' if run else ''}\n".encode(), 0)
 
 
-def _in_use(folder: Path, holder) -> str:
+def _who(holder) -> str:
+    """The holder named in a lock file, for messages."""
     if holder is None:
-        who = "another ssd command"
-    else:
-        who = f"{holder[1]} (pid {holder[0]}{f', run {holder[2]}' if holder[2] else ''})"
-    return f"{folder} is in use by {who}; wait for it to finish or choose another folder"
+        return "another ssd command"
+    return f"{holder[1]} (pid {holder[0]}{f', run {holder[2]}' if holder[2] else ''})"
+
+
+def _in_use(folder: Path, holder) -> str:
+    return f"{folder} is in use by {_who(holder)}; wait for it to finish or choose another folder"
+
+
+def wait_until_free(folder: Path, on_wait: Callable[[str], None]) -> bool:
+    """If a command holds ``folder``, call ``on_wait(who)`` and block until it lets go (Ctrl-C
+    interrupts the wait); whether there was one to wait for."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # no folder or no lock file: nobody holds it
+        return False
+    try:
+        if _try_lock(fd, fcntl.LOCK_SH):
+            return False
+        on_wait(_who(_holder(fd)))
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _share(fd: int, folder: Path, command: str, run: str) -> None:

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import click
 
+from ssd_core.bundle import MANIFEST
 from ssd_core.errors import UserError, cli_errors, require, run_cli
+from ssd_core.outputs import output_folder, replaced_folder
+from ssd_engines.build import build_engines, check_machine, engines_current
 
+from .bundle_writer import inspect_target, record_engine_set
 from .options import DEFAULT_BATCH, ENGINES, PRECISIONS, ExportOptions
+from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
 
 DEFAULT_OUT = Path("bundles/default")
 
@@ -79,11 +84,6 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
     out = DEFAULT_OUT if out is None else out
     require_extras(options)
     machine = check_trt(options)  # TensorRT and a GPU, before any work
-    from ssd_core.outputs import replaced_folder
-
-    from .bundle_writer import inspect_target
-    from .pipeline import build_bundle, export_fingerprint, find_source, load_weights
-
     source = find_source(checkpoint, options.weights)
     # the whole export holds --out (locked; a missing one is created empty until the swap)
     with replaced_folder(out, "bundle", "ssd-export", sources=(source.checkpoint, Path(source.run))) as stage:
@@ -103,8 +103,6 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
 
 def is_bundle(path: Path) -> bool:
     """Whether ``path`` is a bundle folder (rather than a checkpoint or run folder)."""
-    from ssd_core.bundle import MANIFEST
-
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
@@ -112,8 +110,6 @@ def check_trt(options: ExportOptions):
     """With --engine trt: (tensorrt, cudart, platform), or one line naming what is missing."""
     if "trt" not in options.engines:
         return None
-    from ssd_engines.build import check_machine
-
     return check_machine()
 
 
@@ -125,17 +121,11 @@ def engines_for_bundle(bundle: Path, out: Path | None, options: ExportOptions) -
     if out is not None and Path(out).resolve() != Path(bundle).resolve():
         raise UserError(f"--engine trt on a bundle builds into that bundle; drop --out {out}")
     machine = check_trt(options)
-    from ssd_core.outputs import output_folder
-
     with output_folder(bundle, "bundle", "ssd-export"):  # one writer at a time
         build_engines_here(bundle, options, machine, previous=None)
 
 
 def build_engines_here(bundle: Path, options: ExportOptions, machine, previous: Path | None) -> None:
-    from ssd_engines.build import build_engines, engines_current
-
-    from .bundle_writer import record_engine_set
-
     if engines_current(bundle, options.precision, machine):
         click.echo(f"{bundle} already has current TensorRT engines for this GPU ({options.precision})")
         return

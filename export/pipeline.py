@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ssd_core import __version__
 from ssd_core.bundle import BACKEND_FORMATS, process_section, route_contract, sha256_file, step_contract
+from ssd_core.cases import route_cases, step_coefficients
 from ssd_core.config import SSDConfig
+from ssd_core.method import ScaleSpace
 
 from . import bundle_writer, verify
 from .options import OPSET, ExportOptions
@@ -67,15 +70,13 @@ def created_by() -> dict:
     """Versions of everything that shapes the exported bytes."""
     import importlib.metadata as metadata
 
-    import ssd
-
     def version(name):
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return None
 
-    return {"ssd": ssd.__version__, "torch": version("torch"), "onnx": version("onnx"),
+    return {"ssd": __version__, "torch": version("torch"), "onnx": version("onnx"),
             "onnxscript": version("onnxscript"), "onnxruntime": version("onnxruntime"),
             "opset": OPSET, "exporter": "torch.onnx.export(dynamo=True)"}
 
@@ -178,8 +179,6 @@ def sizes_of(written: Written) -> dict:
 # --------------------------------------------------------------------------- the bundle
 def build_bundle(model, source: Source, options: ExportOptions, folder: Path, echo: Echo) -> dict:
     """Export, verify and describe a bundle in ``folder``; returns the manifest written."""
-    from ssd_core.method import ScaleSpace
-
     config = source.config
     space = ScaleSpace.from_config(config)
     contracts = contracts_for(config, options)
@@ -207,7 +206,6 @@ def verify_bundle(model, config: SSDConfig, manifest: dict, written: Written, op
                   folder: Path, echo: Echo) -> None:
     """Per-route checks into each route's ``verification`` (step graphs as "<format> step"),
     then the end-to-end runs, fused and unfused."""
-    from ssd_core.method import ScaleSpace
     from ssd.step_graph import step_module
 
     space = ScaleSpace.from_config(config)
@@ -215,10 +213,10 @@ def verify_bundle(model, config: SSDConfig, manifest: dict, written: Written, op
     report = {}
     for route in manifest["routes"]:
         name = route["name"]
-        cases = verify.route_cases(route, t_values, options.batch)
+        cases = route_cases(route, t_values, options.batch)
         report[name] = verify.verify_route(model.route(name), cases, written.paths[name], t_values)
         if written.steps[name]:
-            cases = verify.route_cases(route, t_values, options.batch, coefs=verify.step_coefficients(space, name))
+            cases = route_cases(route, t_values, options.batch, coefs=step_coefficients(space, name))
             steps = verify.verify_route(step_module(model, space, name), cases, written.steps[name], t_values)
             report[name].update({f"{fmt} step": result for fmt, result in steps.items()})
         route["verification"] = report[name]

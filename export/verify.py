@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssd_core.cases import SEED, route_cases, step_coefficients  # noqa: F401 (the pipeline calls them here)
+from ssd_core.cases import SEED
 from ssd_core.errors import UserError
 
 TOLERANCES = {"onnx": 1e-3, "onnx-fp16": 5e-2, "torchscript": 1e-4}  # route and step graphs alike

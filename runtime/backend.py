@@ -95,11 +95,6 @@ class Backend:
                                f"{2 if self.fused else 1} of {list(want)}")
         return outputs
 
-    def all_finite(self, array: Any) -> Any:
-        """Whether ``array`` holds no NaN or inf, as something ``bool()`` can read later (so a
-        GPU backend need not wait for it); None where checking would cost a copy."""
-        return None
-
     def to_array(self, array: np.ndarray) -> Any:
         return array
 

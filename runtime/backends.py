@@ -12,13 +12,13 @@ import gc
 import importlib
 import importlib.metadata
 import os
-from pathlib import Path
 
 import numpy as np
 
 from ssd_core.bundle import OUTPUT_NAME, STEP_OUTPUTS, Bundle, BundleError, RouteFile
 from ssd_core.config import ConfigError, integer
 from ssd_core.errors import install_hint
+from ssd_core.files import cache_root
 from ssd_core.torchscript_check import ROUTE_OPS, load_checked
 
 from .backend import (Backend, BackendError, closing_on_error, load_error, release_all, run_error,  # noqa: F401
@@ -137,9 +137,6 @@ class OnnxRuntimeBackend(Backend):
             raise run_error(self.files[route], "ONNX Runtime", err) from None
         return self.check_outputs(route, outputs, feeds["x"].shape[0])
 
-    def all_finite(self, array):
-        return np.isfinite(array).all()
-
 
 def tensorrt_provider_options(bundle: Bundle) -> dict[str, str]:
     """ONNX Runtime's TensorRT execution provider, the zero-build alternative to our engines:
@@ -147,7 +144,7 @@ def tensorrt_provider_options(bundle: Bundle) -> dict[str, str]:
     ``$SSD_CACHE`` (default ``~/.cache/ssd``). Precision comes from the graph loaded (the
     fp16 ONNX variant with ``precision="fp16"``), so no fp16 flag is set: TensorRT 11 has
     none, and on TensorRT 10 it would let fp32 normalisation drop to fp16."""
-    cache = Path(os.environ.get("SSD_CACHE", Path.home() / ".cache" / "ssd")) / "ort-tensorrt" / bundle.digest[:16]
+    cache = cache_root() / "ort-tensorrt" / bundle.digest[:16]
     cache.mkdir(parents=True, exist_ok=True)
     return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
@@ -259,9 +256,6 @@ class TorchScriptBackend(Backend):
         except Exception as err:  # torch.jit.Error and friends: one line naming the file
             raise run_error(self.files[route], "TorchScript", err) from None
         return self.check_outputs(route, outputs if isinstance(outputs, tuple) else (outputs,), inputs[0].shape[0])
-
-    def all_finite(self, array):
-        return self.torch.isfinite(array).all()  # stays on the device until read
 
 
 def make_backend(bundle: Bundle, backend: str = "onnxruntime", device: str | None = None,

@@ -16,6 +16,7 @@ from ssd_core.outputs import check_target, output_folder
 from ssd_core.images import SampleWriter, make_grid, save_png
 
 from .backends import BACKENDS, DEVICES
+from .default_model import default_bundle
 from .sampler import Sampler
 
 DEFAULT_BUNDLE = Path("bundles/default")
@@ -114,8 +115,6 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
     if bundle is None and DEFAULT_BUNDLE.exists():
         bundle = DEFAULT_BUNDLE
     elif bundle is None:
-        from .default_model import default_bundle
-
         check_target(out, "samples", "ssd-run", reuse=True)  # refuse a bad --out before a long export
         bundle = default_bundle(lambda line: click.echo(line, err=True))
     with Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,

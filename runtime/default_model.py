@@ -21,16 +21,16 @@ waits forever on a dead process, and the next run exports again.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 from ssd_core.errors import MissingExtraError, UserError, install_hint, one_line
+from ssd_core.files import cache_root
+from ssd_core.outputs import wait_until_free
 
 MODEL_PACKAGE = "ssd_runtime"  # the model is package data: runtime/models/fashion-mnist
 MODEL_NAME = "fashion-mnist"
@@ -77,18 +77,6 @@ def model_digest(model: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_root() -> Path:
-    """``$SSD_CACHE``, else ``~/.cache/ssd``: the cache ssd-eval's classifier and ONNX
-    Runtime's TensorRT engines use too."""
-    if os.environ.get("SSD_CACHE"):
-        return Path(os.path.abspath(os.path.expanduser(os.environ["SSD_CACHE"])))
-    try:
-        return Path.home() / ".cache" / "ssd"
-    except RuntimeError:
-        raise UserError("no BUNDLE given and no home folder for the cache of the default model's bundle: "
-                        "set SSD_CACHE to a folder, or pass a BUNDLE") from None
-
-
 def cached_bundle(digest: str) -> Path:
     """Where the packaged model's bundle lives in the cache: one folder per model, exporter
     version and bundle format."""
@@ -107,27 +95,10 @@ def is_ready(bundle: Path) -> bool:
 
 
 def wait_for_writer(bundle: Path, echo: Echo) -> bool:
-    """If a command holds ``bundle``'s lock (an ``ssd-export`` writing it), say so and wait
-    until it lets go; whether there was one to wait for."""
-    from ssd_core.outputs import LOCK
-
-    try:
-        fd = os.open(bundle / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:  # no folder or no lock file: nobody is writing it
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            pass
-        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-        who = f"{holder[1]} (pid {holder[0]})" if len(holder) >= 2 else "another ssd command"
-        echo(f"waiting for {who} to finish exporting the default model into {bundle}")
-        fcntl.flock(fd, fcntl.LOCK_SH)  # Ctrl-C interrupts the wait
-        return True
-    finally:
-        os.close(fd)
+    """If a command holds ``bundle`` (an ``ssd-export`` writing it), say so and wait until it
+    lets go; whether there was one to wait for."""
+    return wait_until_free(bundle, lambda who: echo(f"waiting for {who} to finish exporting the default model "
+                                                   f"into {bundle}"))
 
 
 def check_export_extras() -> None:

@@ -238,20 +238,28 @@ class Sampler:
         backend = self.backend
         x = backend.stage_noise(noise.draw(plan[0].in_size))
         state: SampleState | None = None
-        finite = []  # per step, read only if the batch ends non-finite (no GPU sync per step)
         for state in sample_loop(plan, step_fn, x, noise, backend.stage_noise):
             step = state.step
-            finite.append(backend.all_finite(state.x))
             if callback is not None:
                 callback(step.index, len(plan), step.t, step.in_size)
             if preview is not None and step.changes_size:
                 preview(step.out_size, to_uint8(backend.to_numpy(state.x0_pred)))
         x = backend.to_numpy(state.x)
-        if not np.isfinite(x).all():
-            bad = next((s for s, ok in zip(plan, finite) if ok is not None and not bool(ok)), plan[-1])
+        if not np.isfinite(x).all():  # the one check per batch; the failure path finds the step
+            bad = self._first_nonfinite_step(plan, step_fn, SampleNoise(noise.seed, noise.indices, noise.channels))
             raise BundleError(f"sampling produced NaN or inf at step {bad.index + 1}/{len(plan)} (t={bad.t}, "
                                f"route {bad.route}, {backend.files[bad.route]}); no images written from this batch")
         return x
+
+    def _first_nonfinite_step(self, plan, step_fn, noise: SampleNoise) -> Step:
+        """Replay a batch that ended non-finite (same noise), checking every step: work paid
+        only when sampling has already failed, never in the loop above."""
+        backend = self.backend
+        x = backend.stage_noise(noise.draw(plan[0].in_size))
+        for state in sample_loop(plan, step_fn, x, noise, backend.stage_noise):
+            if not np.isfinite(backend.to_numpy(state.x)).all():
+                return state.step
+        return plan[-1]
 
 
 def _concatenate(batches, model, dtype) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import nn
 from . import metrics
 from .data import FASHION_MNIST, DataError, decode_image, find_images, read_idx
 from ssd_core.errors import UserError
-from ssd_core.files import write_atomic
+from ssd_core.files import cache_root, write_atomic
 
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: caches are keyed by it
 FEATURES = 128
@@ -167,10 +166,6 @@ def accuracy(net: FeatureNet, data: ImageSet) -> float:
     return float((logits.argmax(1).numpy() == data.labels).mean())
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SSD_CACHE", Path.home() / ".cache" / "ssd"))
-
-
 def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> FeatureNet:
     """The classifier for a labelled set: loaded from the cache (keyed by the data, labels
     and :data:`CLASSIFIER_VERSION`), or trained once and cached (safetensors)."""
@@ -178,7 +173,7 @@ def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> Fea
 
     digest = hashlib.sha256(train.images.tobytes() + train.labels.tobytes()
                             + str(CLASSIFIER_VERSION).encode()).hexdigest()[:16]
-    path = (cache or cache_dir()) / f"classifier-{digest}.safetensors"
+    path = (cache or cache_root()) / f"classifier-{digest}.safetensors"
     net = FeatureNet(train.images.shape[1], int(train.labels.max()) + 1)
     if path.is_file():
         try:
