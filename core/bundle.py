@@ -11,6 +11,8 @@ Layout of a bundle folder::
     onnx/<route>.onnx        one graph per route (fp32); weights in onnx/weights.bin
     onnx/<route>.step.onnx   the route's fused step graph (network + posterior update)
     onnx-fp16/...            optional fp16 variant (fp32 I/O), weights in onnx-fp16/weights.bin
+    onnx-int8/...            optional int8 variant (QDQ, fp32 I/O), weights in onnx-int8/weights.bin;
+                             its calibration settings in the manifest's ``quantization`` section
     torchscript/<route>.pt   optional TorchScript modules (and <route>.step.pt)
 
 A route graph maps ``(x, t) -> x0_pred``. Its step graph (``step_files``; format version 3)
@@ -49,8 +51,11 @@ READ_VERSIONS = (2, 3)  # a version 2 bundle has no step graphs and samples unfu
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "x0_pred"
 STEP_OUTPUTS = ("x_s", OUTPUT_NAME)  # a step graph's outputs
-BACKEND_FORMATS = ("onnx", "onnx-fp16", "torchscript")
-ONNX_FORMATS = ("onnx", "onnx-fp16")
+BACKEND_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "torchscript")
+ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
+QUANTIZED_FORMATS = ("onnx-int8",)  # formats calibrated at export: their settings are in ``quantization``
+# the ssd-export flags that write each variant (for "re-export with ..." errors)
+EXPORT_FLAGS = {"onnx-fp16": "--engine onnx --precision fp16", "onnx-int8": "--engine onnx --precision int8"}
 MAX_ROUTES = 2 * MAX_LEVELS
 MAX_FILE_BYTES = 1 << 40
 MAX_TENSORS = 100_000
@@ -192,7 +197,8 @@ class BatchRange(Typed):
 @dataclass(frozen=True)
 class Manifest(Typed):
     """``manifest.json``. The last sections are informational (tools, source, options,
-    sizes, verification); ``engines`` is the TensorRT registry."""
+    sizes, verification, quantization: the calibration of each quantized format);
+    ``engines`` is the TensorRT registry."""
 
     format: str = spec(choices=(FORMAT,))
     format_version: int = spec(choices=READ_VERSIONS)
@@ -208,6 +214,7 @@ class Manifest(Typed):
     fingerprint: str = spec("", pattern=f"|{SHA256}")
     sizes: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)  # absent before the int8 variant
 
     def check(self):
         parse_engine_sets(self.engines)  # the TensorRT registry: typed and bounded too
@@ -230,6 +237,8 @@ class Manifest(Typed):
                 weights = self.shared_files.get(fmt)
                 if weights is None:  # every file a backend reads must be listed and hashed
                     raise ConfigError(f"shared_files: no {fmt} weights file, which {route.name} needs")
+                if fmt in QUANTIZED_FORMATS and fmt not in self.quantization:
+                    raise ConfigError(f"quantization: no calibration record for {fmt}, which {route.name} has")
                 if any(index >= len(weights.tensors) for index in entry.initializers.values()):
                     raise ConfigError(f"routes[{i}].files.{fmt}.initializers: index beyond the weights table")
 
@@ -328,7 +337,7 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no {backend_format!r} step graph for {route} "
                               "(exported before step graphs, or with --no-step-graphs; re-export it)")
         if backend_format not in files:
-            flags = "--engine onnx --precision fp16" if backend_format == "onnx-fp16" else f"--engine {backend_format}"
+            flags = EXPORT_FLAGS.get(backend_format, f"--engine {backend_format}")
             raise BundleError(f"bundle {self.path} has no {backend_format!r} file for {route}; it has "
                               f"{self.formats()} (re-export with {flags})")
         return files[backend_format]

@@ -1,7 +1,9 @@
 """Which operations stay float32 in a reduced-precision build (torch-, ONNX- and TensorRT-free).
 
-One rule for the fp16 ONNX variant (``ssd_export.onnx_export.to_fp16``) and for TensorRT 10's
-weakly typed fp16 engines (``ssd_engines.build``): normalisation and softmax stay float32,
+One rule for the fp16 ONNX variant (``ssd_export.onnx_export.to_fp16``), the int8 ONNX variant
+(``ssd_export.quantize``: these nodes are left out of quantization, and a step graph's
+posterior update is never quantized) and TensorRT 10's weakly typed fp16 engines
+(``ssd_engines.build``): normalisation and softmax stay float32,
 and so does everything computed from the timestep ``t`` alone (the sinusoidal embedding and
 the per-block scale/shift MLPs), because float16 cannot hold ``t * freq`` for t near 1000 to
 a useful precision. Those are the usual causes of NaN or black images in fp16.

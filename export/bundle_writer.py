@@ -110,9 +110,10 @@ def record_engine_set(folder: Path, engine_set) -> Path:
 
 def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], routes: list[dict],
                  shared_files: dict, created_by: dict, source: dict, options: dict,
-                 fingerprint_: str, sizes: dict) -> dict:
-    """The manifest in the key order of ``ssd_core.bundle`` (verification is filled in later)."""
-    return {
+                 fingerprint_: str, sizes: dict, quantization: dict | None = None) -> dict:
+    """The manifest in the key order of ``ssd_core.bundle`` (verification is filled in later);
+    ``quantization`` only where a format was quantized, so other bundles read as before."""
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -128,3 +129,6 @@ def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], route
         "sizes": sizes,
         "verification": {},
     }
+    if quantization:
+        manifest["quantization"] = quantization
+    return manifest

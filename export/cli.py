@@ -59,7 +59,8 @@ def require_extras(options: ExportOptions) -> None:
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True,
               help="N for a fixed batch, MIN:MAX for a dynamic batch axis.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="fp16 adds an fp16 ONNX variant (fp32 I/O) for GPU backends.")
+              help="fp16 adds an fp16 ONNX variant (fp32 I/O) for GPU backends; int8 an int8 ONNX "
+                   "variant (fp32 I/O) for CPUs, calibrated on sampling trajectories.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every route against PyTorch and sample end to end.")
 @click.option("--ema/--raw", default=True, show_default=True, help="Export the EMA or the raw weights.")
@@ -146,6 +147,11 @@ def summary(out: Path, manifest: dict, note: str) -> str:
                      f"{size['weights_bytes'] / 1e6:.2f} MB; self-contained files would be "
                      f"{size['naive_bytes'] / 1e6:.2f} MB, {saved:.0%} saved)")
         lines.append(line)
+    for fmt, record in manifest.get("quantization", {}).items():
+        check = record["check"]
+        lines.append(f"{fmt}: largest error {check['max_error']:.3f}, mean {check['mean_error']:.4f} of the "
+                     f"output's std against fp32 on held-out trajectories (bounds {record['bounds']['max_error']}, "
+                     f"{record['bounds']['mean_error']})")
     verified = "verified" if manifest["options"]["verify"] else "not verified (--no-verify)"
     lines.append(f"wrote {len(manifest['routes'])} routes to {out}, {verified}" + (f"; {note}" if note else ""))
     return "\n".join(lines)

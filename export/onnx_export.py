@@ -199,7 +199,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
     types.update({init.name: init.data_type for init in graph.initializer})
-    keep32 = _fp32_nodes(graph)
+    keep32 = fp32_node_names(graph)
     inits = {init.name: init for init in graph.initializer}
     home = {name: FLOAT for name, kind in types.items() if kind == FLOAT}  # precision of each value
     for node in graph.node:
@@ -223,8 +223,9 @@ def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(copy, strict_mode=True)
 
 
-def _fp32_nodes(graph: onnx.GraphProto) -> set[str]:
-    """Names of nodes that stay float32: FP32_OPS and everything computed from ``t`` alone."""
+def fp32_node_names(graph: onnx.GraphProto) -> set[str]:
+    """Names of nodes that stay float32 in a reduced-precision variant (fp16 and int8):
+    FP32_OPS and everything computed from ``t`` alone."""
     nodes = ((node.name, node.op_type, list(node.input), list(node.output)) for node in graph.node)
     return fp32_nodes(nodes, {"t"} | {init.name for init in graph.initializer}, FP32_OPS)
 

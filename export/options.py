@@ -11,7 +11,7 @@ from ssd_core.errors import UserError
 
 ENGINES = ("onnx", "torchscript", "trt")
 OPSET = 18  # ONNX opset of every exported graph; the choice is explained in onnx_export
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_BATCH = "1:64"
 
 
@@ -53,8 +53,9 @@ def example_shapes(contract: dict, batch: tuple[int, int]) -> dict[str, tuple[in
 @dataclass(frozen=True)
 class ExportOptions:
     """What to export. ``formats`` are the bundle's file formats (``onnx``, ``onnx-fp16``,
-    ``torchscript``); ``precision="fp16"`` adds ``onnx-fp16`` next to the fp32 graphs, which
-    stay the reference and the CPU default."""
+    ``onnx-int8``, ``torchscript``); ``precision="fp16"`` adds ``onnx-fp16`` and
+    ``precision="int8"`` adds ``onnx-int8`` (ssd_export.quantize) next to the fp32 graphs,
+    which stay the reference and the CPU default."""
 
     engines: tuple[str, ...] = ("onnx",)
     batch_min: int = 1
@@ -75,6 +76,10 @@ class ExportOptions:
             raise OptionError(f"--precision {self.precision!r}: choose from {list(PRECISIONS)}")
         if self.precision == "fp16" and not {"onnx", "trt"} & set(engines):
             raise OptionError("--precision fp16 makes an fp16 ONNX variant: add --engine onnx")
+        if self.precision == "int8" and "trt" in engines:
+            raise OptionError("--engine trt builds fp32 or fp16 engines: export --precision int8 without --engine trt")
+        if self.precision == "int8" and "onnx" not in engines:
+            raise OptionError("--precision int8 makes an int8 ONNX variant for CPU runtimes: add --engine onnx")
         if "trt" in engines and not self.step_graphs:
             raise OptionError("--engine trt builds engines from the step graphs: drop --no-step-graphs")
         if self.refit and "trt" not in engines:
@@ -103,8 +108,8 @@ class ExportOptions:
         formats = []
         if {"onnx", "trt"} & set(self.engines):  # TensorRT engines are built from the ONNX graphs
             formats.append("onnx")
-            if self.precision == "fp16":
-                formats.append("onnx-fp16")
+            if self.precision in ("fp16", "int8"):
+                formats.append(f"onnx-{self.precision}")
         if "torchscript" in self.engines:
             formats.append("torchscript")
         return tuple(formats)

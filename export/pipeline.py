@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from ssd_core import __version__
-from ssd_core.bundle import BACKEND_FORMATS, process_section, route_contract, sha256_file, step_contract
+from ssd_core.bundle import (BACKEND_FORMATS, QUANTIZED_FORMATS, process_section, route_contract, sha256_file,
+                             step_contract)
 from ssd_core.cases import route_cases, step_coefficients
 from ssd_core.config import SSDConfig
 from ssd_core.method import ScaleSpace
@@ -104,18 +105,25 @@ class Written:
     steps: dict[str, dict[str, Path]]
     stores: dict  # format -> weights.SharedWeights
     initializers: dict[str, dict[str, dict[str, dict[str, int]]]]  # route -> "files"|"step_files" -> ONNX format -> name -> index
+    feeds: object = None  # quantize.Feeds: the int8 variant's calibration and held-out inputs
 
 
 def export_files(model, space, contracts: dict[str, dict], options: ExportOptions, folder: Path,
                  echo: Echo) -> Written:
     """Write every route (and its step graph) in every format into ``folder`` and run
-    ``onnx.checker`` on the graphs."""
+    ``onnx.checker`` on the graphs. The int8 variant is calibrated on sampling trajectories
+    of ``model`` (``quantize.trajectories``) recorded first."""
     from ssd.step_graph import StepModule, update_for
 
-    from . import onnx_export, torchscript_export
+    from . import onnx_export, quantize, torchscript_export
     from .weights import SharedWeights, save_route
 
     formats = options.formats
+    feeds = None
+    if "onnx-int8" in formats:
+        started, channels = time.perf_counter(), next(iter(contracts.values()))["inputs"][0]["shape"][1]
+        feeds = quantize.trajectories(model, space, channels, options.batch)
+        echo(f"  int8 calibration: {quantize.describe(feeds)} ({time.perf_counter() - started:.1f} s)")
     for fmt in formats:
         (folder / fmt).mkdir()
     stores = {fmt: SharedWeights(folder / fmt / "weights.bin") for fmt in formats if fmt.startswith("onnx")}
@@ -131,6 +139,8 @@ def export_files(model, space, contracts: dict[str, dict], options: ExportOption
             variants = {"onnx": graph}
             if "onnx-fp16" in formats:
                 variants["onnx-fp16"] = onnx_export.to_fp16(graph)
+            if "onnx-int8" in formats:  # before save_route moves the fp32 weights out of ``graph``
+                variants["onnx-int8"] = quantize.quantize_route(graph, feeds.calibration[name], contract)
             fused = {}
             if update is not None:
                 update_graph = onnx_export.export_update(update, contract, options.batch)
@@ -157,7 +167,7 @@ def export_files(model, space, contracts: dict[str, dict], options: ExportOption
         for fmt, path in [*paths[name].items(), *steps[name].items()]:
             if fmt.startswith("onnx"):
                 onnx_export.check_file(path)
-    return Written(paths, steps, stores, initializers)
+    return Written(paths, steps, stores, initializers, feeds)
 
 
 def sizes_of(written: Written) -> dict:
@@ -195,11 +205,58 @@ def build_bundle(model, source: Source, options: ExportOptions, folder: Path, ec
               for fmt, store in written.stores.items()}
     manifest = bundle_writer.new_manifest(
         config, process_section(space), options.batch, list(contracts.values()), shared, created_by(),
-        source.to_dict(), options.to_dict(), export_fingerprint(source, options), sizes_of(written))
+        source.to_dict(), options.to_dict(), export_fingerprint(source, options), sizes_of(written),
+        quantization_section(written))
     if options.verify:
         verify_bundle(model, config, manifest, written, options, folder, echo)
+    if written.feeds is not None:  # always: the int8 variant is only as good as its check
+        check_quantized(manifest, written, echo)
     bundle_writer.write_manifest(folder, manifest)
     return manifest
+
+
+def quantization_section(written: Written) -> dict:
+    """The manifest's ``quantization``: per quantized format its calibration settings and
+    how many recorded calls calibrated and checked each route."""
+    from . import quantize
+
+    if written.feeds is None:
+        return {}
+    calls = lambda feeds: {name: len(route_feeds) for name, route_feeds in feeds.items()}
+    return {quantize.FORMAT: {**quantize.CALIBRATION.to_dict(), "calibration_calls": calls(written.feeds.calibration),
+                              "held_out_calls": calls(written.feeds.held_out)}}
+
+
+def check_quantized(manifest: dict, written: Written, echo: Echo) -> None:
+    """The int8 variant against the fp32 graphs on held-out trajectory inputs, per route and
+    step graph, into each route's ``verification`` ("onnx-int8", "onnx-int8 step") and the
+    ``quantization`` section; refused beyond ``quantize.MAX_ERROR`` / ``MEAN_ERROR``."""
+    from . import quantize
+
+    fmt, report = quantize.FORMAT, {}
+    for route in manifest["routes"]:
+        name, feeds = route["name"], written.feeds.held_out[route["name"]]
+        report[name] = {fmt: quantize.check_variant(written.paths[name]["onnx"], written.paths[name][fmt], feeds)}
+        if fmt in written.steps[name]:
+            report[name][f"{fmt} step"] = quantize.check_variant(
+                written.steps[name]["onnx"], written.steps[name][fmt], feeds, quantize.STEP_INPUTS)
+        route["verification"].update(report[name])
+    echo(quantize.format_table(report))
+    checks = [check for checks in report.values() for check in checks.values()]
+    manifest["quantization"][fmt]["check"] = {
+        "max_error": max(c["max_error"] for c in checks), "mean_error": max(c["mean_error"] for c in checks),
+        "passed": all(c["passed"] for c in checks)}
+    failed = quantize.failures(report)
+    if failed:
+        raise quantize.QuantizationError(
+            f"the int8 variant differs from fp32 beyond its bound (largest {quantize.MAX_ERROR}, mean "
+            f"{quantize.MEAN_ERROR} of the output's std): {'; '.join(failed)}; export without --precision int8")
+
+
+def against_torch(files: dict[str, Path]) -> dict[str, Path]:
+    """The files checked against PyTorch on seeded random inputs: all but the quantized ones,
+    which are checked against fp32 on trajectory inputs (:func:`check_quantized`)."""
+    return {fmt: path for fmt, path in files.items() if fmt not in QUANTIZED_FORMATS}
 
 
 def verify_bundle(model, config: SSDConfig, manifest: dict, written: Written, options: ExportOptions,
@@ -214,10 +271,11 @@ def verify_bundle(model, config: SSDConfig, manifest: dict, written: Written, op
     for route in manifest["routes"]:
         name = route["name"]
         cases = route_cases(route, t_values, options.batch)
-        report[name] = verify.verify_route(model.route(name), cases, written.paths[name], t_values)
+        report[name] = verify.verify_route(model.route(name), cases, against_torch(written.paths[name]), t_values)
         if written.steps[name]:
             cases = route_cases(route, t_values, options.batch, coefs=step_coefficients(space, name))
-            steps = verify.verify_route(step_module(model, space, name), cases, written.steps[name], t_values)
+            steps = verify.verify_route(step_module(model, space, name), cases, against_torch(written.steps[name]),
+                                        t_values)
             report[name].update({f"{fmt} step": result for fmt, result in steps.items()})
         route["verification"] = report[name]
     echo(verify.format_table(report))
