@@ -118,7 +118,7 @@ def quality(plan: Plan, work: Path, log) -> dict:
             seconds += time.perf_counter() - start
             folder = trainer.save()
             bundle = export(folder, work / f"bundle_{levels}L_{trainer.step}", torchscript=levels == max(plan.quality_levels))
-            sampler = Sampler.from_bundle(bundle)
+            sampler = Sampler.from_bundle(bundle, backend="onnxruntime")
             steps = {plan.curve_steps: plan.curve_samples} if i < plan.milestones else plan.eval_samples
             scores = {s: score(sampler.sample(n, seed=1, steps=s, batch=min(n, plan.sample_batch)))
                       for s, n in steps.items()}
@@ -167,7 +167,7 @@ def sampling_speed(plan: Plan, work: Path, log, models: dict | None = None) -> d
             run = work / f"speed_{levels}L"
             save_random_checkpoint(run, make_config(plan.speed_preset, levels=levels), seed=levels)
             models[levels] = (run, export(run, work / f"speed_bundle_{levels}L", levels == max(plan.speed_levels)))
-    samplers = {levels: Sampler.from_bundle(models[levels][1]) for levels in plan.speed_levels}
+    samplers = {levels: Sampler.from_bundle(models[levels][1], backend="onnxruntime") for levels in plan.speed_levels}
     seconds = {(n, s): [] for n in samplers for s in plan.speed_steps}
     profile = []
     for _ in range(plan.repeats):
@@ -316,7 +316,7 @@ def previews(bundle: Path, out: Path, seeds: int = 8, steps: int = 250) -> Path:
     every image scaled to full size."""
     from PIL import Image
 
-    sampler = Sampler.from_bundle(bundle)
+    sampler = Sampler.from_bundle(bundle, backend="onnxruntime")
     columns = []
     on_preview = lambda resolution, images: columns.append(images)
     final = sampler.sample(seeds, seed=0, steps=min(steps, sampler.bundle.space.timesteps), batch=seeds,

@@ -1,6 +1,6 @@
 """The interface every backend implements (``Backend``), its errors, and the helpers that
 make loading and releasing safe. The backends themselves: ``backends`` (ONNX Runtime,
-TorchScript) and ``tensorrt_backend``.
+TorchScript), ``openvino_backend`` and ``tensorrt_backend``.
 
 A backend owns the array type the sampling state lives in (``to_array`` / ``to_numpy``):
 ONNX Runtime keeps numpy arrays on the host; TorchScript on CUDA keeps torch tensors and
@@ -56,7 +56,9 @@ class Backend:
 
     name = "base"
     file_format = ""
+    precision = "fp32"
     closed = False
+    choice: str | None = None  # with ``backend="auto"``: which was picked, and why (one line)
 
     def __init__(self, bundle: Bundle, device: str, fused: bool = False):
         self.bundle, self.device, self.fused = bundle, device, fused
@@ -153,3 +155,23 @@ def load_error(path: str, backend: str, err: Exception) -> BundleError:
 def run_error(path: str, backend: str, err: Exception) -> BackendError:
     """A graph that loaded but fails when run (shapes it lied about, memory it cannot get)."""
     return BackendError(f"{backend} failed running {path}: {first_line(err, last=backend == 'TorchScript')}")
+
+
+def check_declared_io(inputs, outputs, contract: dict, path: str) -> None:
+    """Refuse a graph whose declared ``inputs``/``outputs`` ([(name, type, shape)], type as
+    ONNX Runtime spells it, ``tensor(float)``) differ from the manifest's contract: names,
+    float32, and every static dimension (axis 0, the batch, may be symbolic)."""
+    for kind, declared, wanted in (("inputs", inputs, contract["inputs"]),
+                                   ("outputs", outputs, contract["outputs"])):
+        got = {name: (dtype, list(shape)) for name, dtype, shape in declared}
+        if sorted(got) != sorted(io["name"] for io in wanted):
+            raise BundleError(f"{path} has {kind} {sorted(got)}; the manifest's contract for "
+                              f"{contract['name']} says {[io['name'] for io in wanted]}")
+        for io in wanted:
+            dtype, shape = got[io["name"]]
+            fits = len(shape) == len(io["shape"]) and all(
+                have == want if isinstance(have, int) else axis == 0
+                for axis, (have, want) in enumerate(zip(shape, io["shape"])))
+            if dtype != "tensor(float)" or not fits:
+                raise BundleError(f"{path}: {io['name']} is {dtype} {shape}; the manifest's contract for "
+                                  f"{contract['name']} says float32 {list(io['shape'])}")

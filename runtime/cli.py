@@ -15,7 +15,7 @@ from ssd_core.method import NOISE_VERSION, sample_indices
 from ssd_core.outputs import check_target, output_folder
 from ssd_core.images import SampleWriter, make_grid, save_png
 
-from .backends import BACKENDS, DEVICES
+from .backends import BACKENDS, DEVICES, PRECISIONS, untimed_auto
 from .default_model import default_bundle
 from .sampler import Sampler
 
@@ -86,22 +86,30 @@ def first_batch_previews(out: Path, params: dict):
               help="Samples per batch (within the bundle's range).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Any non-negative integer.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: on the CPU, the fastest installed backend that runs --precision, by a short "
+                   "timing at load (said on stderr); on cuda/tensorrt devices, onnxruntime.")
 @click.option("--device", type=click.Choice(DEVICES), default=None,
               help="cpu, cuda, or tensorrt (ONNX Runtime's TensorRT provider). [default: cpu; cuda for "
                    "--backend tensorrt]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="fp32 (exact), fp16, bf16 (openvino, on CPUs with AVX512-BF16 or AMX) or int8 (the "
+                   "bundle's int8 variant); docs/runtime.md.")
 @click.option("--preview", is_flag=True,
               help="Also write the first batch's clean prediction at each resolution (preview_<res>.png).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of every backend (default: the physical cores this process may use).")
 @click.option("--low-memory", is_flag=True, help="ONNX Runtime shares one copy of the weights (slower on CPU).")
 @click.option("--fused/--unfused", default=None,
               help="One call per step through the bundle's step graphs (default where it has them), "
                    "or route graphs + the numpy update.")
+@click.option("--batch-invariant", is_flag=True,
+              help="Sample i bit-identical at any --batch: TorchScript makes one call per sample "
+                   "(ONNX Runtime is already; auto then means onnxruntime).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (on stderr).")
 @cli_errors
 def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, device, precision, preview, threads,
-                low_memory, fused, progress):
+                low_memory, fused, batch_invariant, progress):
     """Sample images from an SSD BUNDLE.
 
     Without BUNDLE: bundles/default where it exists (a source checkout's `make demo`), else
@@ -117,12 +125,17 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
     elif bundle is None:
         check_target(out, "samples", "ssd-run", reuse=True)  # refuse a bad --out before a long export
         bundle = default_bundle(lambda line: click.echo(line, err=True))
+    if backend == "auto" and shard[1] > 1 and device in (None, "cpu"):
+        backend = untimed_auto(precision)
+        click.echo(f"backend auto: {backend} (the shards of a run skip the timing, so that all use one backend)",
+                   err=True)
     with Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
-                             threads=threads, low_memory=low_memory, fused=fused) as sampler:
+                             threads=threads, low_memory=low_memory, fused=fused, timing_batch=batch or len(indices),
+                             say=lambda line: click.echo(line, err=True), batch_invariant=batch_invariant) as sampler:
         batch = sampler.check_batch(max(len(indices), 1), batch)
         steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
         # what decides the files (not the batch or the shard: every shard writes the same bytes)
-        params = {"seed": seed, "steps": steps, "backend": backend, "precision": precision,
+        params = {"seed": seed, "steps": steps, "backend": sampler.backend.name, "precision": precision,
                   "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest, "noise": NOISE_VERSION}
         run = run_id(params, first, n, shard[1]) if shard[1] > 1 else None
         started = time.perf_counter()

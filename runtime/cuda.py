@@ -5,7 +5,8 @@ here has its release: :meth:`DeviceBuffer.free`, :meth:`Stream.close` (cudaStrea
 (cudaGraphDestroy) as soon as it is instantiated.
 
 cuda-python's runtime functions return ``(error, *values)``; :func:`check` turns a failure
-into one :class:`CudaError` line naming the call. Imported only by the ``tensorrt`` backend.
+into one :class:`CudaError` line naming the call. Imported only by the ``tensorrt`` backend
+(the others take just :func:`local_device`, which needs nothing installed).
 
 Status: written against cuda-python's documented ``cuda.bindings.runtime`` API (12.x/13.x;
 ``cuda.cudart`` before 12.6) and exercised in CI only against a stand-in
@@ -15,6 +16,7 @@ Status: written against cuda-python's documented ``cuda.bindings.runtime`` API (
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,17 @@ def check(cudart, result, call: str):
         name = getattr(error, "name", str(error))
         raise CudaError(f"CUDA call {call} failed: {name}")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def local_device(environ=os.environ) -> int:
+    """The CUDA device index of this process: ``LOCAL_RANK`` where a launcher such as torchrun
+    sets it (one GPU per process of a machine), else 0."""
+    text = environ.get("LOCAL_RANK")
+    if text is None:
+        return 0
+    if not text.strip().isdigit():
+        raise CudaError(f"LOCAL_RANK={text!r}; expected a non-negative integer (this process's GPU on its machine)")
+    return int(text)
 
 
 NO_GPU = {  # what cudaGetDeviceCount's errors mean here

@@ -1,6 +1,6 @@
 """The embeddable sampler: a bundle, a backend, and ``ssd_core.method.sample_loop``.
 
-    with Sampler.from_bundle("bundles/default", backend="onnxruntime", device="cpu") as sampler:
+    with Sampler.from_bundle("bundles/default") as sampler:  # backend="auto": the fastest on this CPU
         images = sampler.sample(16, seed=0, steps=250)  # uint8 [16, H, W, 3]
         image_37 = sampler.sample(1, seed=0, steps=250, first=37)[0]  # == sample(38, ...)[37]
         for batch in sampler.iter_batches(30_000, seed=0, steps=250, batch=16):
@@ -47,25 +47,35 @@ class Sampler:
     backend: Backend
 
     @classmethod
-    def from_bundle(cls, path, backend: str = "onnxruntime", device: str | None = None,
+    def from_bundle(cls, path, backend: str = "auto", device: str | None = None,
                     precision: str = "fp32", warmup: bool = True, threads: int | None = None,
-                    low_memory: bool = False, fused: bool | None = None) -> "Sampler":
+                    low_memory: bool = False, fused: bool | None = None, timing_batch: int | None = None,
+                    say: Callable[[str], None] | None = None, batch_invariant: bool = False) -> "Sampler":
         """Load and validate a bundle, check file hashes, open one session per route.
 
+        ``backend``: auto (default; on the CPU the fastest installed backend that runs
+        ``precision``, timed at ``timing_batch`` (default the bundle's largest batch); the
+        pick and why is ``sampler.backend.choice``, also said to ``say``, default stderr),
+        onnxruntime, openvino, torchscript or tensorrt. ``precision``: fp32, fp16, bf16
+        (openvino, on CPUs that run it natively) or int8 (the bundle's int8 variant).
         ``device``: cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider); default cpu, and
-        cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (ONNX
-        Runtime's intra-op pool; default all cores). ``low_memory``: ONNX Runtime graphs
+        cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (default
+        the physical cores this process may use). ``low_memory``: ONNX Runtime graphs
         share one copy of the weights, at some cost in CPU speed. ``fused``: one call per step through the bundle's step graphs
         (default: where the bundle has them); ``False`` runs the route graphs and the
         posterior update in numpy, the reference path. Options of the wrong type (``"no"``
         for a bool, ``"4"`` for an int) are refused, as are more threads than cores.
+        ``batch_invariant``: sample ``i`` bit-identical whatever the batch (README,
+        Reproducibility): exact on ONNX Runtime's CPU kernels already; TorchScript then
+        makes one network call per sample.
         """
         if not isinstance(path, (str, os.PathLike)):
             raise BundleError(f"bundle path {path!r}; expected a str or a path")
         check_flag(warmup, "warmup")
         bundle = load_bundle(path)
         check_covariances(bundle)
-        sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused))
+        sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused,
+                                           timing_batch, say, batch_invariant))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
                 sampler.backend.warmup(sampler.batch_range[0])
@@ -106,6 +116,8 @@ class Sampler:
             "routes": list(self.bundle.routes),
             "batch": list(self.batch_range),
             "backend": self.backend.name,
+            "choice": self.backend.choice,
+            "precision": self.backend.precision,
             "file_format": self.backend.file_format,
             "fused": self.backend.fused,
             "providers": self.backend.providers(),

@@ -38,7 +38,8 @@ from ssd_core.bundle import STEP_OUTPUTS, Bundle, BundleError
 from ssd_core.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
 
 from .backend import Backend, BackendError, closing_on_error, release_all
-from .cuda import CudaError, DeviceArray, DeviceBuffer, Stream, destroy_graph_exec, device_properties, import_cudart
+from .cuda import (CudaError, DeviceArray, DeviceBuffer, Stream, check, destroy_graph_exec, device_properties,
+                   import_cudart, local_device)
 
 
 MIN_TENSORRT = (10, 1)  # IExecutionContext.set_device_memory(memory, size) first appears in 10.1
@@ -85,9 +86,9 @@ def create(cls, *args):
                            "usable GPU, or CUDA cannot start; TensorRT's log above says why)") from None
 
 
-def probe_platform(trt, cudart) -> Platform:
-    """This machine's GPU model and TensorRT version, which engines are tied to."""
-    gpu, capability = device_properties(cudart)
+def probe_platform(trt, cudart, device: int = 0) -> Platform:
+    """GPU ``device``'s model and this TensorRT's version, which engines are tied to."""
+    gpu, capability = device_properties(cudart, device)
     return Platform(gpu, capability, str(trt.__version__))
 
 
@@ -228,7 +229,10 @@ class TensorRTBackend(Backend):
             raise BackendError("backend 'tensorrt' runs the fused step engines only; the unfused reference path is "
                                "--backend onnxruntime or torchscript")
         trt, cudart = import_tensorrt(), import_cudart()
-        here = probe_platform(trt, cudart)
+        gpu = local_device()  # LOCAL_RANK under torchrun: each process of a machine on its own GPU
+        here = probe_platform(trt, cudart, gpu)
+        if gpu:  # device 0 is current already; this thread allocates and runs on ``gpu`` from here on
+            check(cudart, cudart.cudaSetDevice(gpu), "cudaSetDevice")
         try:
             self.engine_set: EngineSet = select_engine_set(
                 bundle.engine_sets, here, precision, "step", onnx_hashes(bundle), list(bundle.routes), str(bundle.path))

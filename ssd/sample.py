@@ -14,7 +14,8 @@ import torch
 
 from ssd_core.config import SSDConfig, check_seed
 from ssd_core.images import to_uint8
-from ssd_core.method import SampleNoise, SampleState, ScaleSpace, Step, denoise_then_update, noise_for, sample_loop
+from ssd_core.method import (SampleNoise, SampleState, ScaleSpace, Step, denoise_then_update, noise_for, sample_indices,
+                              sample_loop)
 
 
 @torch.no_grad()
@@ -26,11 +27,14 @@ def sample_states(
     noise,
     device="cpu",
     channels: int = 3,
+    batch_invariant: bool = False,
 ) -> Iterator[SampleState]:
     """Yield the state after every reverse step for ``n`` samples (one batch).
 
     ``noise``: a seed (samples ``0..n-1`` of it), a :class:`SampleNoise` for other indices,
-    or a fresh ``np.random.default_rng(seed)``, which stands for its seed."""
+    or a fresh ``np.random.default_rng(seed)``, which stands for its seed. torch's kernels
+    pick their algorithm by batch size (~1e-5 apart, rarely a PNG level); ``batch_invariant``
+    calls the network once per sample, so that a sample is bit-identical at any batch."""
     device = torch.device(device)
     noise = noise_for(noise, n, channels)
     to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)
@@ -38,6 +42,9 @@ def sample_states(
     t_batch = {step.t: torch.full((n,), float(step.t), device=device) for step in plan}
 
     def denoise(step: Step, x_t: torch.Tensor) -> torch.Tensor:
+        if batch_invariant and n > 1:
+            rows = zip(x_t.split(1), t_batch[step.t].split(1))
+            return torch.cat([model(x, t, step.out_size).float() for x, t in rows])
         return model(x_t, t_batch[step.t], step.out_size).float()
 
     x = to_tensor(noise.draw(plan[0].in_size))
@@ -54,25 +61,32 @@ def sample_batches(
     batch: int | None = None,
     callback: Callable[[SampleState], None] | None = None,
     first: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    batch_invariant: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Sample images ``first .. first + n - 1``, ``batch`` at a time (default all), yielding
-    uint8 [b, H, W, 3] per batch. Sample ``i`` draws from its own stream of ``seed``, the
-    runtime's rule too, so the images do not depend on ``batch``."""
+    """Sample images ``first .. first + n - 1`` (shard ``k`` of ``count``: every ``count``-th
+    of them from ``first + k``, ``ssd_core.method.sample_indices``), ``batch`` at a time
+    (default all), yielding uint8 [b, H, W, 3] per batch. Sample ``i`` draws from its own
+    stream of ``seed``, the runtime's rule too, so the images do not depend on ``batch``
+    beyond torch's kernels' rounding (none with ``batch_invariant``: :func:`sample_states`)."""
     space = ScaleSpace.from_config(config)
     seed = check_seed(seed)
     channels = config.model.in_channels
-    batch = n if batch is None else batch
-    for start in range(0, n, batch):
-        count = min(batch, n - start)
-        noise = SampleNoise(seed, range(first + start, first + start + count), channels)
+    indices = sample_indices(n, first, shard)
+    batch = max(len(indices), 1) if batch is None else batch
+    for start in range(0, len(indices), batch):
+        chunk = indices[start:start + batch]
+        noise = SampleNoise(seed, chunk, channels)
         state = None
-        for state in sample_states(model, space, count, steps, noise, device, channels):
+        for state in sample_states(model, space, len(chunk), steps, noise, device, channels, batch_invariant):
             if callback is not None:
                 callback(state)
         yield to_uint8(state.x.cpu())
 
 
 def sample_images(model, config: SSDConfig, n: int, steps: int | None = None, seed: int = 0,
-                  device="cpu", batch: int | None = None, callback=None, first: int = 0) -> np.ndarray:
-    """All of :func:`sample_batches` as one uint8 array [n, H, W, 3]."""
-    return np.concatenate(list(sample_batches(model, config, n, steps, seed, device, batch, callback, first)))
+                  device="cpu", batch: int | None = None, callback=None, first: int = 0,
+                  shard: tuple[int, int] = (0, 1), batch_invariant: bool = False) -> np.ndarray:
+    """All of :func:`sample_batches` as one uint8 array [len(indices), H, W, 3]."""
+    return np.concatenate(list(sample_batches(model, config, n, steps, seed, device, batch, callback, first, shard,
+                                              batch_invariant)))

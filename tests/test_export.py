@@ -150,7 +150,7 @@ def test_fixed_batch_graph_is_static_and_refuses_other_batches(up):
         with pytest.raises(Exception, match="(?i)dimension|shape"):
             session.run(None, {"x": x[:2], "t": t[:2]})
     assert up.manifest["batch"] == {"min": 3, "max": 3}
-    sampler = Sampler.from_bundle(up.out, warmup=False)
+    sampler = Sampler.from_bundle(up.out, warmup=False, backend="onnxruntime")
     with pytest.raises(ConfigError, match="batch range 3..3"):
         sampler.sample(2, batch=2, steps=2)
     assert sampler.sample(3, steps=2).shape == (3, 32, 32, 3)
@@ -257,7 +257,7 @@ def test_tampered_files_fail_verification(interp, tmp_path):
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(copy).verify_files("onnx")
     with pytest.raises(BundleError):
-        Sampler.from_bundle(copy)
+        Sampler.from_bundle(copy, backend="onnxruntime")
     (copy / "torchscript" / "keep_8.pt").unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(copy).verify_files("torchscript")
@@ -287,7 +287,7 @@ def test_runtime_end_to_end_equals_torch_sampler(interp):
         ref = sample_images(interp.model, interp.config, 2, 3, seed=3, batch=2)
         assert images.shape == ref.shape == (2, 32, 32, 3)
         assert np.abs(images.astype(int) - ref).max() <= 1, backend
-    fp16 = Sampler.from_bundle(interp.out, precision="fp16", warmup=False)
+    fp16 = Sampler.from_bundle(interp.out, precision="fp16", warmup=False, backend="onnxruntime")
     assert fp16.backend.file_format == "onnx-fp16" and fp16.sample(1, seed=0, steps=3).shape == (1, 32, 32, 3)
 
 

@@ -143,28 +143,28 @@ def test_symlinks_out_of_the_bundle_devices_and_fifos_are_refused(copy_of, tmp_p
     (folder / "onnx" / "weights.bin").unlink()
     (folder / "onnx" / "weights.bin").symlink_to(outside)
     with pytest.raises(BundleError, match="outside"):
-        Sampler.from_bundle(folder)
+        Sampler.from_bundle(folder, backend="onnxruntime")
     (folder / "onnx" / "weights.bin").unlink()
     (folder / "onnx" / "weights.bin").symlink_to("/dev/zero")
     with pytest.raises(BundleError, match="outside"):
-        Sampler.from_bundle(folder)
+        Sampler.from_bundle(folder, backend="onnxruntime")
     (folder / "onnx" / "weights.bin").unlink()
     os.mkfifo(folder / "onnx" / "weights.bin")
     with pytest.raises(BundleError, match="not a regular file"):
-        Sampler.from_bundle(folder)
+        Sampler.from_bundle(folder, backend="onnxruntime")
 
 
 def test_symlinks_inside_the_bundle_are_followed(copy_of):
     folder = copy_of("bundle")
     (folder / "onnx" / "weights.bin").rename(folder / "onnx" / "weights-real.bin")
     (folder / "onnx" / "weights.bin").symlink_to("weights-real.bin")
-    assert Sampler.from_bundle(folder).sample(1, steps=3).shape == (1, 32, 32, 3)
+    assert Sampler.from_bundle(folder, backend="onnxruntime").sample(1, steps=3).shape == (1, 32, 32, 3)
     (folder / "onnx" / "weights-real.bin").rename(folder / "weights-real.bin")
     (folder / "onnx" / "weights.bin").unlink()
     (folder / "onnx" / "weights.bin").symlink_to("../weights-real.bin")
     # inside the bundle, so our checks pass; ONNX Runtime wants it in the graph's folder
     with pytest.raises(BundleError, match=r"ONNX Runtime cannot load onnx/keep_16\.step\.onnx: .*escapes"):
-        Sampler.from_bundle(folder)
+        Sampler.from_bundle(folder, backend="onnxruntime")
 
 
 def test_checkpoint_files_must_stay_inside_their_folder(copy_of):
@@ -206,7 +206,7 @@ def test_malformed_manifests_are_one_line_bundle_errors(copy_of, edit, pattern):
     except RecursionError:  # the deep case cannot even be written by json.dumps
         (folder / "manifest.json").write_text(DEEP)
     with pytest.raises(BundleError, match=pattern) as info:
-        Sampler.from_bundle(folder)
+        Sampler.from_bundle(folder, backend="onnxruntime")
     assert "\n" not in str(info.value)
 
 
@@ -231,7 +231,7 @@ def test_backend_load_errors_name_the_file(copy_of):
         fused = graph.endswith("step")
         rehash(folder, f"onnx/{graph}.onnx", b"garbage, not a protobuf")
         with pytest.raises(BundleError, match=rf"ONNX Runtime cannot load onnx/{graph}\.onnx"):
-            Sampler.from_bundle(folder, fused=fused)
+            Sampler.from_bundle(folder, fused=fused, backend="onnxruntime")
         rehash(folder, f"torchscript/{graph}.pt", b"garbage, not a zip")
         with pytest.raises(BundleError, match=rf"TorchScript cannot load torchscript/{graph}\.pt"):
             Sampler.from_bundle(folder, backend="torchscript", fused=fused)
@@ -284,7 +284,7 @@ def test_seeds_numpy_accepts_work_and_the_rest_are_one_line(bundle, tmp_path, ca
                                        tmp_path / f"s{seed}"], capsys)
         assert code == 0, err
     with pytest.raises(ConfigError, match="seed=-1"):
-        Sampler.from_bundle(bundle[1], warmup=False).sample(1, seed=-1, steps=2)
+        Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime").sample(1, seed=-1, steps=2)
     code, _, err = call(sample_main, [bundle[0], "--seed", 2**64, "--steps", "2", "--n", "1", "--out",
                                       tmp_path / "t"], capsys)
     assert code == 0, err
@@ -303,16 +303,16 @@ def test_zero_never_means_default(bundle, tmp_path, capsys, args, pattern):
 
 
 def test_api_refuses_zero_steps_batch_and_threads(bundle):
-    sampler = Sampler.from_bundle(bundle[1], warmup=False)
+    sampler = Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime")
     for kwargs, pattern in (({"steps": 0}, "steps=0"), ({"batch": 0}, "batch=0"), ({"steps": 2.5}, "steps=2.5")):
         with pytest.raises(ConfigError, match=re.escape(pattern)):
             sampler.sample(1, **kwargs)
     with pytest.raises(BackendError, match="threads=0"):
-        Sampler.from_bundle(bundle[1], threads=0)
+        Sampler.from_bundle(bundle[1], threads=0, backend="onnxruntime")
 
 
 def test_threads_set_onnxruntime_intra_op_pool(bundle):
-    sampler = Sampler.from_bundle(bundle[1], threads=1, warmup=False)
+    sampler = Sampler.from_bundle(bundle[1], backend="onnxruntime", threads=1, warmup=False)
     session = next(iter(sampler.backend.sessions.values()))
     assert session.get_session_options().intra_op_num_threads == 1
 
@@ -323,9 +323,9 @@ def test_ssd_sample_has_a_default_batch_and_checks_out_first(bundle, tmp_path, c
     batches = []
     real = ssd.sample.sample_batches
 
-    def spy(model, config, n, steps=None, seed=0, device="cpu", batch=None, callback=None):
+    def spy(model, config, n, steps=None, seed=0, device="cpu", batch=None, callback=None, **options):
         batches.append(batch)
-        return real(model, config, n, steps, seed, device, batch, callback)
+        return real(model, config, n, steps, seed, device, batch, callback, **options)
 
     monkeypatch.setattr(ssd.sample, "sample_batches", spy)
     code, _, err = call(sample_main, [bundle[0], "--n", 70, "--steps", 2, "--out", tmp_path / "s"], capsys)
@@ -352,7 +352,7 @@ def test_ssd_run_writes_each_batch_as_it_finishes(bundle, tmp_path, capsys, monk
     code, _, err = call(ssd_run, [bundle[1], "--n", 5, "--batch", 2, "--steps", 2, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert seen == [0, 2, 4]  # earlier batches were on disk before the next one was added
-    sampler = Sampler.from_bundle(bundle[1], warmup=False)
+    sampler = Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime")
     batches = list(sampler.iter_batches(5, seed=0, steps=2, batch=2))
     assert [len(b) for b in batches] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(batches), sampler.sample(5, seed=0, steps=2, batch=2))
@@ -404,8 +404,8 @@ def test_failed_commands_leave_no_empty_folders(bundle, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- memory and installs
 def test_low_memory_sessions_share_weights_and_give_the_same_images(bundle):
-    fast = Sampler.from_bundle(bundle[1], warmup=False)
-    lean = Sampler.from_bundle(bundle[1], warmup=False, low_memory=True)
+    fast = Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime")
+    lean = Sampler.from_bundle(bundle[1], warmup=False, low_memory=True, backend="onnxruntime")
     table = load_bundle(bundle[1]).weights_file("onnx").tensors
     assert len(lean.backend.shared) == len(table)
     np.testing.assert_allclose(lean.sample_float(2, seed=1, steps=4), fast.sample_float(2, seed=1, steps=4),
@@ -420,7 +420,7 @@ def test_both_onnxruntime_flavours_installed_is_named(bundle, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0")
     monkeypatch.setattr(ssd_runtime.backends, "_no_nvidia_gpu", lambda: None)  # as on a GPU machine
     with pytest.raises(BackendError, match="both installed and cannot coexist.*ssd-diffusion\\[gpu\\]"):
-        Sampler.from_bundle(bundle[1], device="cuda")
+        Sampler.from_bundle(bundle[1], device="cuda", backend="onnxruntime")
 
 
 def test_cuda_without_a_gpu_says_there_is_none(bundle, monkeypatch):
@@ -432,7 +432,7 @@ def test_cuda_without_a_gpu_says_there_is_none(bundle, monkeypatch):
         pytest.skip("this machine has an NVIDIA GPU")
     assert "NVIDIA" in why
     with pytest.raises(BackendError, match=f"needs an NVIDIA GPU: {re.escape(why)}.*--device cpu"):
-        Sampler.from_bundle(bundle[1], device="cuda")
+        Sampler.from_bundle(bundle[1], device="cuda", backend="onnxruntime")
 
 
 def test_packaging_metadata():

@@ -57,7 +57,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="ne
 def test_onnxruntime_close_releases_sessions_and_bundle_files(bundles, low_memory):
     bundle = bundles[3][1]
     before = held(bundle)
-    sampler = Sampler.from_bundle(bundle, low_memory=low_memory)
+    sampler = Sampler.from_bundle(bundle, backend="onnxruntime", low_memory=low_memory)
     sample(sampler)
     backend = sampler.backend
     sessions = [weakref.ref(s) for s in backend.sessions.values()]
@@ -77,7 +77,7 @@ def test_onnxruntime_close_releases_sessions_and_bundle_files(bundles, low_memor
 
 
 def test_a_sampler_closed_between_batches_refuses_the_next(bundles):
-    sampler = Sampler.from_bundle(bundles[1][1], warmup=False)
+    sampler = Sampler.from_bundle(bundles[1][1], warmup=False, backend="onnxruntime")
     batches = sampler.iter_float_batches(2, steps=4, batch=1)
     next(batches)
     sampler.close()
@@ -89,11 +89,11 @@ def test_a_sampler_closed_between_batches_refuses_the_next(bundles):
 def test_with_block_closes_the_sampler_also_when_it_raises(bundles):
     bundle = bundles[1][1]
     before = held(bundle)
-    with Sampler.from_bundle(bundle) as sampler:
+    with Sampler.from_bundle(bundle, backend="onnxruntime") as sampler:
         assert sample(sampler).shape[0] == 1
     assert sampler.closed and held(bundle) == before
     with pytest.raises(ZeroDivisionError):
-        with Sampler.from_bundle(bundle) as sampler:
+        with Sampler.from_bundle(bundle, backend="onnxruntime") as sampler:
             1 / 0
     assert sampler.closed and sampler.backend.sessions == {} and held(bundle) == before
     with pytest.raises(BackendError, match="the sampler is closed"):
@@ -118,7 +118,7 @@ def test_onnxruntime_a_later_session_failing_drops_the_earlier_ones(bundles, mon
 
     monkeypatch.setattr(ort, "InferenceSession", second_fails)
     with pytest.raises(BundleError) as err:  # kept: its frames hold the backend
-        Sampler.from_bundle(bundle)
+        Sampler.from_bundle(bundle, backend="onnxruntime")
     assert_one_line(err.value, "ONNX Runtime cannot load onnx/")
     gc.collect()
     assert len(made) == 1 and made[0]() is None
@@ -140,7 +140,7 @@ def test_a_failed_warmup_closes_the_backend(bundles, monkeypatch):
 
     monkeypatch.setattr(sampler_module, "make_backend", make_backend)
     with pytest.raises(BackendError, match="warmup failed"):
-        Sampler.from_bundle(bundles[1][1])
+        Sampler.from_bundle(bundles[1][1], backend="onnxruntime")
     assert made[0].closed and made[0].sessions == {}
 
 
@@ -278,7 +278,7 @@ def test_tensorrt_batch_changes_run_plainly_before_replaying_a_graph(engines, mo
     """The stand-in freezes shapes and addresses into a graph and refuses a capture or replay
     after a shape change without a plain run in between; batches 4, 2, 4 on one context."""
     calls, trt, cudart = fake_tensorrt.install(monkeypatch)
-    reference = Sampler.from_bundle(engines, warmup=False)
+    reference = Sampler.from_bundle(engines, warmup=False, backend="onnxruntime")
     with Sampler.from_bundle(engines, backend="tensorrt", warmup=False) as sampler:
         for batch in (4, 2, 4):  # one context, its input shapes changed twice
             images = sampler.sample_float(batch, seed=3, steps=20, batch=batch)

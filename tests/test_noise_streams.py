@@ -1,6 +1,7 @@
 """Per-sample noise streams (issue 20): sample i of a seed is the same image whatever the batch,
-``--n``, ``--first`` or shard draws it; shards of one run write one folder together, under
-torchrun too, and their union is the single-process folder, file for file."""
+``--n``, ``--first`` or shard draws it (ssd-run and ssd-sample); shards of one run write one
+folder together, under torchrun too, and their union is the single-process folder, file for
+file; under torchrun each process takes the GPU of its LOCAL_RANK."""
 from __future__ import annotations
 
 import os
@@ -14,9 +15,12 @@ from PIL import Image
 
 from ssd_core.images import SampleWriter, to_uint8
 from ssd_core.method import NOISE_VERSION, SampleNoise, sample_indices, sample_stream
+from ssd_core.bundle import load_bundle
 from ssd_core.outputs import LOCK, FolderError, FolderLock
 from ssd_runtime import Sampler
+from ssd_runtime.backends import BackendError, ort_providers, torch_device
 from ssd_runtime.cli import main as ssd_run
+from ssd_runtime.cuda import CudaError, local_device
 
 from conftest import assert_one_line_error, run_main
 
@@ -25,11 +29,16 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory, exported_bundle):
-    """A 1-level tiny32 bundle, ONNX + TorchScript, batch 1:8 (the shared bundles stop at 4;
-    one level exports fastest)."""
+def wide_export(tmp_path_factory, exported_bundle):
+    """(run, bundle): a 1-level tiny32 checkpoint and its bundle, ONNX + TorchScript, batch
+    1:8 (the shared bundles stop at 4; one level exports fastest)."""
     return exported_bundle(tmp_path_factory.mktemp("wide"), levels=1, seed=7, engines=("onnx", "torchscript"),
-                           batch="1:8")[1]
+                           batch="1:8")
+
+
+@pytest.fixture(scope="module")
+def wide(wide_export):
+    return wide_export[1]
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -64,10 +73,16 @@ def test_streams_are_per_sample_and_batch_stacks_them():
     assert list(sample_indices(10, 3, (1, 3))) == [4, 7, 10]
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def sampler_for(bundle: Path, backend: str) -> Sampler:
+    if backend == "torchscript-batch-invariant":
+        return Sampler.from_bundle(bundle, backend="torchscript", batch_invariant=True, warmup=False)
+    return Sampler.from_bundle(bundle, backend=backend, warmup=False)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript-batch-invariant", "torchscript"])
 def test_any_batch_gives_the_same_images(wide, tmp_path, backend):
-    sampler = Sampler.from_bundle(wide, backend=backend, warmup=False)
-    floats = {batch: sampler.sample_float(N, seed=5, steps=STEPS, batch=batch) for batch in (1, 2, 3, 8)}
+    with sampler_for(wide, backend) as sampler:
+        floats = {batch: sampler.sample_float(N, seed=5, steps=STEPS, batch=batch) for batch in (1, 2, 3, 8)}
     params = {"seed": 5, "steps": STEPS, "backend": backend, "noise": NOISE_VERSION}
     pngs = {}
     for batch, images in floats.items():
@@ -76,11 +91,11 @@ def test_any_batch_gives_the_same_images(wide, tmp_path, backend):
         writer.add(to_uint8(images))
         writer.finish()
         pngs[batch] = files(tmp_path / f"b{batch}")
-    if backend == "onnxruntime":  # ONNX Runtime's CPU kernels compute a row the same at any batch size
-        for batch in (1, 2, 3):
+    if backend != "torchscript":  # ONNX Runtime's CPU kernels compute a row the same at any batch size;
+        for batch in (1, 2, 3):   # batch_invariant TorchScript makes one call per sample
             np.testing.assert_array_equal(floats[batch], floats[8])
             assert pngs[batch] == pngs[8]
-    else:  # torch's CPU kernels pick their blocking by batch size: 1e-6 apart, rarely a level
+    else:  # torch's CPU kernels (MKL GEMM, oneDNN conv) pick algorithm and threads by batch: ~1e-5, rarely a level
         for batch in (1, 2, 3):
             assert np.abs(floats[batch] - floats[8]).max() < 1e-5
             levels = [np.abs(np.asarray(Image.open(tmp_path / f"b{batch}" / name)).astype(int)
@@ -90,7 +105,7 @@ def test_any_batch_gives_the_same_images(wide, tmp_path, backend):
 
 
 def test_iterator_and_first_pick_global_indices(wide):
-    sampler = Sampler.from_bundle(wide, warmup=False)
+    sampler = Sampler.from_bundle(wide, warmup=False, backend="onnxruntime")
     reference = sampler.sample(N, seed=2, steps=STEPS, batch=3)
     np.testing.assert_array_equal(sampler.sample(2, seed=2, steps=STEPS, first=5), reference[5:7])
     pairs = list(sampler.iter_samples(N, seed=2, steps=STEPS, batch=2, shard=(1, 3)))
@@ -153,3 +168,70 @@ def test_torchrun_two_processes_write_the_single_process_folder(wide, full_run, 
     assert result.returncode == 0, result.stderr
     assert "shard 0/2" in result.stdout and "shard 1/2" in result.stdout  # RANK/WORLD_SIZE split the run
     assert files(out) == files(full_run)
+
+
+@pytest.fixture(scope="module")
+def full_sample_run(wide_export, tmp_path_factory):
+    """``ssd-sample --n 8 --batch 3 --batch-invariant`` (the torch sampler) into one folder."""
+    out = tmp_path_factory.mktemp("full-sample") / "samples"
+    result = subprocess.run([sys.executable, "-c", "from ssd.cli import sample_main; sample_main()", str(wide_export[0]),
+                             "--n", str(N), "--batch", "3", "--steps", str(STEPS), "--out", str(out), "--batch-invariant"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_ssd_sample_first_and_shards_pick_the_full_runs_images(wide_export, full_sample_run, tmp_path, capsys):
+    from ssd.cli import sample_main
+
+    run, reference = wide_export[0], files(full_sample_run)
+    one = tmp_path / "one"
+    code, _, err = run_main(sample_main, [run, "--first", 5, "-n", 1, "--steps", STEPS, "--out", one,
+                                          "--batch-invariant"], capsys)
+    assert code == 0, err
+    assert sorted(files(one)) == ["grid.png", "sample_00005.png"]
+    assert files(one)["sample_00005.png"] == reference["sample_00005.png"]
+    shards = tmp_path / "shards"
+    for k, batch in ((0, 1), (1, 4)):
+        code, out, err = run_main(sample_main, [run, "-n", N, "--steps", STEPS, "--batch", batch, "--shard", f"{k}/2",
+                                                "--out", shards, "--batch-invariant"], capsys)
+        assert code == 0 and f"shard {k}/2" in out, err
+    assert files(shards) == reference  # the last shard wrote the grid
+    assert_one_line_error(run_main(sample_main, [run, "--steps", STEPS, "--shard", "1/1", "--out", tmp_path / "x"],
+                                   capsys), r"--shard '1/1'; expected K/N")
+
+
+def test_local_rank_picks_the_gpu_of_each_process(wide, tmp_path, monkeypatch):
+    """Not run on a GPU: the device index each CUDA backend is given, from the environment."""
+    assert local_device({}) == 0 and local_device({"LOCAL_RANK": "3"}) == 3
+    with pytest.raises(CudaError, match=r"LOCAL_RANK='x'; expected a non-negative integer"):
+        local_device({"LOCAL_RANK": "x"})
+    monkeypatch.setenv("SSD_CACHE", str(tmp_path / "cache"))
+    bundle = load_bundle(wide)
+    cpu = ["CPUExecutionProvider"]
+    assert ort_providers(cpu, bundle, {"LOCAL_RANK": "x"}) == cpu  # the CPU reads no LOCAL_RANK
+    assert ort_providers(["CUDAExecutionProvider", *cpu], bundle, {"LOCAL_RANK": "1"}) == [
+        ("CUDAExecutionProvider", {"device_id": "1"}), *cpu]
+    trt, cuda, _ = ort_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", *cpu], bundle,
+                                 {"LOCAL_RANK": "2"})
+    assert trt[0] == "TensorrtExecutionProvider" and trt[1]["device_id"] == "2" and "trt_engine_cache_path" in trt[1]
+    assert cuda == ("CUDAExecutionProvider", {"device_id": "2"})
+
+    class Torch:  # as much of torch as torch_device asks: two GPUs
+        class cuda:
+            device_count = staticmethod(lambda: 2)
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert torch_device("cpu", Torch) == "cpu" and torch_device("cuda", Torch) == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(BackendError, match=r"LOCAL_RANK=2 but this machine has 2 visible GPU\(s\)"):
+        torch_device("cuda", Torch)
+
+
+def test_batch_invariant_is_refused_where_it_is_not_known(wide):
+    with pytest.raises(BackendError, match="batch_invariant: backend 'openvino'"):
+        Sampler.from_bundle(wide, backend="openvino", batch_invariant=True, warmup=False)
+    with pytest.raises(BackendError, match="batch_invariant='yes'"):
+        Sampler.from_bundle(wide, batch_invariant="yes", warmup=False)
+    with Sampler.from_bundle(wide, batch_invariant=True, warmup=False) as sampler:  # auto: ONNX Runtime
+        assert sampler.backend.name == "onnxruntime"

@@ -61,7 +61,7 @@ def test_full_length_sampling_equals_torch_reference(bundles):
 
 
 def test_route_sequence_and_change_steps_follow_manifest(bundles):
-    sampler = Sampler.from_bundle(bundles[3][1])
+    sampler = Sampler.from_bundle(bundles[3][1], backend="onnxruntime")
     manifest = json.loads((bundles[3][1] / "manifest.json").read_text())
     change_steps = manifest["process"]["change_steps"]
     sizes = manifest["process"]["sizes"]
@@ -79,11 +79,11 @@ def test_route_sequence_and_change_steps_follow_manifest(bundles):
 @pytest.mark.parametrize("steps", [2, 1001])
 def test_impossible_step_counts_are_refused(bundles, steps):
     with pytest.raises(ConfigError, match=f"steps={steps}"):
-        Sampler.from_bundle(bundles[3][1]).sample(1, steps=steps)
+        Sampler.from_bundle(bundles[3][1], backend="onnxruntime").sample(1, steps=steps)
 
 
 def test_callback_previews_and_info(bundles):
-    sampler = Sampler.from_bundle(bundles[3][1])
+    sampler = Sampler.from_bundle(bundles[3][1], backend="onnxruntime")
     calls, previews = [], []
     images = sampler.sample(3, seed=1, steps=10, batch=2,
                             callback=lambda *a: calls.append(a),
@@ -97,7 +97,7 @@ def test_callback_previews_and_info(bundles):
 
 
 def test_sampling_is_reproducible_and_samples_differ(bundles):
-    sampler = Sampler.from_bundle(bundles[3][1])
+    sampler = Sampler.from_bundle(bundles[3][1], backend="onnxruntime")
     a = sampler.sample(4, seed=3, steps=5, batch=2)
     b = sampler.sample(4, seed=3, steps=5, batch=2)
     assert np.array_equal(a, b) and not np.array_equal(a[:2], a[2:])
@@ -117,9 +117,11 @@ def test_ssd_run_writes_pngs_without_importing_torch(bundles, tmp_path):
     assert names == ["grid.png", "preview_0016.png", "preview_0032.png",
                      "sample_00000.png", "sample_00001.png", "sample_00002.png"]
     assert Image.open(out / "preview_0016.png").width == 2 * (16 + 2) + 2  # the first batch (2), not the last (1)
-    assert result.stderr == "" and re.search(r"wrote 3 samples.* s, [\d.]+ images/s", result.stdout), result
+    (said,) = result.stderr.splitlines()  # --backend auto says which it picked, and nothing else
+    picked = re.fullmatch(r"backend auto: (onnxruntime|openvino) fp32 .* ms/step at batch 2 vs .*", said)
+    assert picked and re.search(r"wrote 3 samples.* s, [\d.]+ images/s", result.stdout), result
     text = Image.open(out / "sample_00001.png").text
-    assert text["seed"] == "0" and text["steps"] == "6" and text["backend"] == "onnxruntime"
+    assert text["seed"] == "0" and text["steps"] == "6" and text["backend"] == picked[1]
     assert len(text["bundle_sha256"]) == 64 and text["index"] == "1"
     assert text["noise"] == "per-sample-v1" and "batch" not in text  # the batch does not change the image
 
@@ -194,7 +196,7 @@ def test_backend_not_installed(bundles, tmp_path):
 
 def test_gpu_device_without_gpu_is_refused(bundles):
     with pytest.raises(BackendError, match="no CUDAExecutionProvider|needs an NVIDIA GPU"):
-        Sampler.from_bundle(bundles[3][1], device="cuda")
+        Sampler.from_bundle(bundles[3][1], device="cuda", backend="onnxruntime")
 
 
 def test_unwritable_output_folder(bundles, tmp_path):
@@ -241,6 +243,6 @@ def test_cpp_embedding_example_builds_and_writes_an_image(bundles, tmp_path):
     assert result.returncode == 0, result.stderr
     assert image.read_bytes().startswith(b"P6\n32 32\n255\n")
     assert len(image.read_bytes()) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
-    reference = Sampler.from_bundle(bundles[3][1]).sample(1, seed=0, steps=5)[0]
+    reference = Sampler.from_bundle(bundles[3][1], backend="onnxruntime").sample(1, seed=0, steps=5)[0]
     pixels = np.frombuffer(image.read_bytes()[-32 * 32 * 3:], np.uint8).reshape(32, 32, 3)
     assert np.array_equal(pixels, reference)

@@ -221,7 +221,7 @@ def test_inception_weights_are_checked_like_bundles(tmp_path):
 @pytest.mark.parametrize("threads", [available_cores() + 1, 10_000, 2**31])
 def test_threads_are_bounded_by_the_cores(bundles, tmp_path, capsys, threads):
     with pytest.raises(BackendError, match=rf"threads={threads}; expected an integer in 1\.\.{available_cores()}"):
-        Sampler.from_bundle(bundles[1][1], threads=threads, warmup=False)
+        Sampler.from_bundle(bundles[1][1], threads=threads, warmup=False, backend="onnxruntime")
     out = tmp_path / "out"
     assert_one_line_error(run_main(ssd_run, [bundles[1][1], "--threads", threads, "--out", out], capsys),
                           rf"threads={threads}")
@@ -229,7 +229,7 @@ def test_threads_are_bounded_by_the_cores(bundles, tmp_path, capsys, threads):
 
 
 def test_all_cores_are_allowed(bundles):
-    sampler = Sampler.from_bundle(bundles[1][1], threads=available_cores(), warmup=False)
+    sampler = Sampler.from_bundle(bundles[1][1], backend="onnxruntime", threads=available_cores(), warmup=False)
     session = next(iter(sampler.backend.sessions.values()))
     assert session.get_session_options().intra_op_num_threads == available_cores()
 
@@ -281,7 +281,7 @@ def test_halving_matrices_that_break_the_covariance_are_refused(copy, tmp_path, 
 
 
 def test_a_plan_with_a_nan_square_root_is_refused(bundles):
-    bundle = Sampler.from_bundle(bundles[3][1], warmup=False).bundle
+    bundle = Sampler.from_bundle(bundles[3][1], warmup=False, backend="onnxruntime").bundle
     plan = bundle.space.plan(5)
     up = next(step for step in plan if step.changes_size)
     broken = dataclasses.replace(up, noise_scale=np.full_like(up.noise_scale, np.nan))
@@ -347,7 +347,7 @@ def test_graphs_that_break_the_contract_are_one_line(copy, tmp_path, capfd, file
     ({"backend": 1}, r"backend=1; choose from"),
     ({"device": ["cpu"]}, r"device=\['cpu'\]; choose from"),
     ({"precision": 32}, r"precision=32; choose from"),
-    ({"precision": "fp64"}, r"precision='fp64'; choose from \['fp32', 'fp16'\]"),
+    ({"precision": "fp64"}, r"precision='fp64'; choose from \['fp32', 'fp16', 'bf16', 'int8'\]"),
 ])
 def test_api_options_must_have_their_types(bundles, kwargs, pattern):
     with pytest.raises(UserError, match=pattern):
@@ -356,4 +356,4 @@ def test_api_options_must_have_their_types(bundles, kwargs, pattern):
 
 def test_bundle_path_must_be_a_path():
     with pytest.raises(BundleError, match="bundle path 123"):
-        Sampler.from_bundle(123)
+        Sampler.from_bundle(123, backend="onnxruntime")

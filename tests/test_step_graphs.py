@@ -95,9 +95,9 @@ def test_export_without_step_graphs_samples_unfused(tmp_path):
     result = CliRunner().invoke(export_command, [str(run), "--out", str(out), "--batch", "1:4", "--no-verify",
                                                  "--no-step-graphs"])
     assert result.exit_code == 0, result.output
-    assert Sampler.from_bundle(out, warmup=False).backend.fused is False  # the default follows the bundle
+    assert Sampler.from_bundle(out, warmup=False, backend="onnxruntime").backend.fused is False  # the default follows the bundle
     with pytest.raises(BundleError, match="no 'onnx' step graph for keep_32.*re-export"):
-        Sampler.from_bundle(out, warmup=False, fused=True)
+        Sampler.from_bundle(out, warmup=False, fused=True, backend="onnxruntime")
 
 
 def test_version_2_bundles_still_load_and_sample_unfused(bundles, tmp_path):
@@ -113,7 +113,7 @@ def test_version_2_bundles_still_load_and_sample_unfused(bundles, tmp_path):
     for route in manifest["routes"]:
         del route["step_files"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    sampler = Sampler.from_bundle(old, warmup=False)
+    sampler = Sampler.from_bundle(old, warmup=False, backend="onnxruntime")
     assert sampler.backend.fused is False
     assert np.abs(sampler.sample_float(2, seed=3, steps=10, batch=2) - sample(bundle, True, 10)).max() < 1e-4
 

@@ -189,7 +189,7 @@ def test_build_registers_engines_and_the_backend_samples_on_the_device(copy, cap
     assert info["fused"] and info["file_format"] == "tensorrt-fp16" and "TensorRT 10.13.0.35" in info["providers"][0]
     calls.clear()
     images = sampler.sample_float(4, seed=5, steps=10, batch=4)
-    reference = Sampler.from_bundle(copy, warmup=False).sample_float(4, seed=5, steps=10, batch=4)
+    reference = Sampler.from_bundle(copy, warmup=False, backend="onnxruntime").sample_float(4, seed=5, steps=10, batch=4)
     assert np.abs(images - reference).max() < 1e-4  # the stand-in computes with ONNX Runtime fp32
     # host to device: constants once each (right after their cudaMalloc: timesteps, coefficient
     # vectors, the final step's zero noise), then only the initial noise and one z per step
@@ -258,7 +258,7 @@ def test_refit_a_new_checkpoint_into_the_same_engines(bundle, tmp_path, capsys, 
     assert code == 0, err
     assert "refitted keep_32" in out_text and calls.number("build") == 0 and calls.number("refit") == 1
     sampler = Sampler.from_bundle(out, backend="tensorrt")  # the refitted engines match the new ONNX files
-    reference = Sampler.from_bundle(out, warmup=False)
+    reference = Sampler.from_bundle(out, warmup=False, backend="onnxruntime")
     assert np.abs(sampler.sample_float(2, seed=1, steps=5, batch=2) - reference.sample_float(2, seed=1, steps=5,
                                                                                              batch=2)).max() < 1e-4
 
