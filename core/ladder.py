@@ -16,33 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ConfigError
-from .method import keep_update
-
-
-# --------------------------------------------------------------------------- resize matrices
-def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """The 1-D matrix ``[out_size, in_size]`` of torch's antialiased bilinear resize.
-
-    Reproduces ``F.interpolate(x, size=..., mode="bilinear", align_corners=False,
-    antialias=True)`` per axis (ATen's ``_compute_indices_min_size_weights_aa``): output
-    pixel ``i`` centred at ``scale (i + 1/2)`` with ``scale = in/out``; a triangle filter of
-    half-width ``max(scale, 1)`` (stretched when downsizing, which is the antialiasing),
-    truncated at the borders and renormalised. ``resize_matrix(m, m // 2)`` is bit for bit
-    ``ssd_core.method.halving_matrix(m)``; ``resize_matrix(m, m)`` is the identity.
-    """
-    if not (isinstance(in_size, int) and isinstance(out_size, int) and in_size >= 1 and out_size >= 1):
-        raise ValueError(f"cannot resize {in_size!r} -> {out_size!r}; sizes must be positive ints")
-    scale = in_size / out_size
-    support = scale if scale >= 1.0 else 1.0  # bilinear half-width 1, times the scale when shrinking
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        taps = np.arange(lo, hi)
-        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) / support))
-        matrix[i, lo:hi] = weights / weights.sum()
-    return matrix
+from .method import keep_update, resize_matrix  # noqa: F401  (resize_matrix: part of this API)
 
 
 # --------------------------------------------------------------------------- the ladder

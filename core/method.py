@@ -40,23 +40,35 @@ def resolution_levels(timesteps: int, levels: int, schedule: str, gamma: float) 
 
 
 def halving_matrix(size: int) -> np.ndarray:
-    """The 1-D matrix ``[size/2, size]`` of torch's 2x bilinear antialiased downsample.
-
-    Reproduces ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``
-    (ATen's ``_compute_indices_min_size_weights_aa``): a triangle filter stretched by the
-    scale, taps [1,3,3,1]/8 inside, renormalised where it runs off the border.
-    """
+    """The 1-D matrix ``[size/2, size]`` of torch's 2x bilinear antialiased downsample
+    (:func:`resize_matrix` from ``size`` to ``size/2``: taps [1,3,3,1]/8 inside,
+    renormalised where they run off the border)."""
     if size < 2 or size % 2:
         raise ValueError(f"cannot halve size {size}")
-    out, scale = size // 2, 2.0
-    support = 1.0 * scale  # bilinear support (1) times the scale
-    matrix = np.zeros((out, size), dtype=np.float64)
-    for i in range(out):
+    return resize_matrix(size, size // 2)
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The 1-D matrix ``[out_size, in_size]`` of torch's antialiased bilinear resize.
+
+    Reproduces ``F.interpolate(x, size=..., mode="bilinear", align_corners=False,
+    antialias=True)`` per axis (ATen's ``_compute_indices_min_size_weights_aa``): output
+    pixel ``i`` centred at ``scale (i + 1/2)`` with ``scale = in/out``; a triangle filter of
+    half-width ``max(scale, 1)`` (stretched when downsizing, which is the antialiasing),
+    truncated at the borders and renormalised. ``resize_matrix(m, m // 2)`` is
+    :func:`halving_matrix`; ``resize_matrix(m, m)`` is the identity.
+    """
+    if not (isinstance(in_size, int) and isinstance(out_size, int) and in_size >= 1 and out_size >= 1):
+        raise ValueError(f"cannot resize {in_size!r} -> {out_size!r}; sizes must be positive ints")
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0  # bilinear half-width 1, times the scale when shrinking
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for i in range(out_size):
         center = scale * (i + 0.5)
         lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), size)
+        hi = min(int(center + support + 0.5), in_size)
         taps = np.arange(lo, hi)
-        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) / scale))
+        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) / support))
         matrix[i, lo:hi] = weights / weights.sum()
     return matrix
 

@@ -41,6 +41,18 @@ def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", t
     return save_random_checkpoint(run, SSDConfig(model_config, base.diffusion), seed)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): on
+    two shared cores torch's thread pool stalls badly when another process is busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def exported_bundle():
     """``export(folder, levels, seed, engines, batch, verify=False) -> (run, bundle)``."""
