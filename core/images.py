@@ -47,6 +47,69 @@ def save_png(path, image: np.ndarray, text: dict | None = None) -> Path:
     return write_atomic(path, buffer.getvalue(), durable=False)
 
 
+ANIMATION_FORMATS = ("gif", "webp")
+HOLD_MS = 1500  # how long an animation shows its last frame (the sample)
+
+
+def upscale(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [r, r, C] -> [size, size, C] by nearest neighbour (blocks of repeated pixels)."""
+    from PIL import Image
+
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(image[..., 0] if image.shape[-1] == 1 else image))
+                         .resize((size, size), Image.Resampling.NEAREST))
+    return resized[..., None] if resized.ndim == 2 else resized
+
+
+def save_animation(path, frames, size: int, ms: int = 80, hold_ms: int = HOLD_MS) -> Path:
+    """Write uint8 [r, r, C] frames (any r) as an animated GIF or lossless WebP (by the
+    suffix of ``path``), each upscaled to ``size`` by nearest neighbour, ``ms`` per frame and
+    the last held ``hold_ms``; atomically. GIF is exact where a frame has at most 256
+    colours (always for grey images), else Pillow quantises it; WebP is always exact.
+    Identical consecutive frames are merged by the encoder (their durations add up)."""
+    kind = Path(path).suffix.lower().lstrip(".")
+    if kind not in ANIMATION_FORMATS:
+        raise ValueError(f"animation {path}: expected a .gif or .webp name")
+    images = [_animation_frame(upscale(frame, size), kind) for frame in frames]
+    durations = [ms] * (len(images) - 1) + [max(ms, hold_ms)]
+    options = {"lossless": True, "quality": 100, "method": 6} if kind == "webp" else {"optimize": False}
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=kind.upper(), save_all=True, append_images=images[1:], duration=durations,
+                   loop=0, **options)
+    return write_atomic(path, buffer.getvalue(), durable=False)
+
+
+def _animation_frame(array: np.ndarray, kind: str):
+    """A Pillow image of uint8 [H, W, C]: grey as ``L``; colour for GIF on an exact palette
+    where it has at most 256 colours."""
+    from PIL import Image
+
+    if array.shape[-1] == 1 or (array == array[..., :1]).all():
+        return Image.fromarray(np.ascontiguousarray(array[..., 0]))
+    if kind != "gif":
+        return Image.fromarray(np.ascontiguousarray(array))
+    colours, inverse = np.unique(array.reshape(-1, array.shape[-1]), axis=0, return_inverse=True)
+    if len(colours) > 256:
+        return Image.fromarray(np.ascontiguousarray(array)).quantize(256)
+    image = Image.fromarray(inverse.reshape(array.shape[:2]).astype(np.uint8), "P")
+    image.putpalette(colours.astype(np.uint8).tobytes())
+    return image
+
+
+def animation_name(index: int, what: str, kind: str = "gif") -> str:
+    """``animation_00005_x0.gif``: the animation ``what`` (x0 or xt) of sample ``index``."""
+    return f"animation_{index:05d}_{what}.{kind}"
+
+
+def save_animations(out: Path, index: int, frames: dict, size: int, ms: int, kind: str = "gif") -> None:
+    """Write sample ``index``'s animations into ``out``: ``frames`` maps ``x0``/``xt`` to its
+    frames (see :func:`save_animation`); a failed write is one :class:`OutputError` line."""
+    with _output_errors(out):
+        for what, images in frames.items():
+            save_animation(Path(out) / animation_name(index, what, kind), images, size, ms)
+
+
 class SampleWriter:
     """Writes samples as they come, batch by batch, so memory stays bounded by one batch:
     ``sample_<index>.png`` per image, named by its global index (parameters and ``index`` in

@@ -49,10 +49,11 @@ MARKER = ".ssd-folder.json"
 LOCK = ".ssd-lock"
 OURS = {MARKER, LOCK}  # bookkeeping files present in every folder we made
 KINDS = {"run": "a training run", "bundle": "a bundle", "release": "a release", "samples": "a samples folder"}
-_SAMPLE_FILE = re.compile(r"(sample_\d+|grid|preview_\d+)\.png|metrics\.json")
+_SAMPLE_FILE = re.compile(r"(sample_\d+|grid|preview_\d+)\.png|animation_\d+_(x0|xt)\.(gif|webp)|metrics\.json")
 # the temp file of an atomic write of ours in flight (``files.write_atomic``): another writer
 # of the same folder (a shard of the same run) may be writing the marker or a PNG right now
-_IN_FLIGHT = re.compile(r"\.(\.ssd-folder\.json|(sample_\d+|grid|preview_\d+)\.png)\.\w+\.tmp")
+_IN_FLIGHT = re.compile(r"\.(\.ssd-folder\.json|(sample_\d+|grid|preview_\d+)\.png|animation_\d+_(x0|xt)\.(gif|webp))"
+                        r"\.\w+\.tmp")
 
 
 class FolderError(OutputError):

@@ -1,13 +1,13 @@
 """ssd_runtime: torch-free multi-resolution SSD sampling over an exported bundle.
 
-Imports numpy and one backend (ONNX Runtime by default); never torch, unless the
-TorchScript backend is asked for.
+Imports numpy and one backend (ONNX Runtime or OpenVINO, the faster by default on the CPU);
+never torch, unless the TorchScript backend is asked for.
 """
 from ssd_core.bundle import BundleError, load_bundle
 from ssd_core.errors import UserError
 
 from .backends import BACKENDS, Backend, BackendError, make_backend
-from .sampler import Sampler
+from .sampler import Animate, Sampler
 
-__all__ = ["Sampler", "load_bundle", "make_backend", "Backend", "BACKENDS",
+__all__ = ["Sampler", "Animate", "load_bundle", "make_backend", "Backend", "BACKENDS",
            "BackendError", "BundleError", "UserError"]

@@ -13,13 +13,14 @@ from ssd_core.config import MAX_BATCH
 from ssd_core.errors import UserError, cli_errors, run_cli
 from ssd_core.method import NOISE_VERSION, sample_indices
 from ssd_core.outputs import check_target, output_folder
-from ssd_core.images import SampleWriter, make_grid, save_png
+from ssd_core.images import ANIMATION_FORMATS, SampleWriter, make_grid, save_animations, save_png
 
 from .backends import BACKENDS, DEVICES, PRECISIONS, untimed_auto
 from .default_model import default_bundle
-from .sampler import Sampler
+from .sampler import Animate, Sampler
 
 DEFAULT_BUNDLE = Path("bundles/default")
+ANIMATION_FRAMES = 60  # --animate-every's default gives about this many frames
 
 
 def progress_bar(total_steps: int, batches: int, enabled: bool = True):
@@ -71,6 +72,29 @@ def first_batch_previews(out: Path, params: dict):
     return on_preview
 
 
+def animation_frames(out: Path, last_step: int, size: int, ms: int, kind: str):
+    """A frames callback (:class:`Animate`) that writes ``animation_<index>_x0/xt.<kind>``
+    when a sample's last step comes, so memory holds one batch's frames at most."""
+    frames: dict[int, dict[str, list]] = {}
+
+    def on_frame(index, step_index, t, x0_pred, x_t):
+        sample = frames.setdefault(index, {"x0": [], "xt": []})
+        sample["x0"].append(x0_pred)
+        sample["xt"].append(x_t)
+        if step_index == last_step:
+            save_animations(out, index, frames.pop(index), size, ms, kind)
+
+    return on_frame
+
+
+def check_animate(animate: bool, every, ms, scale, kind) -> None:
+    """The --animate-* options only with --animate (or --animate-all)."""
+    given = [name for name, value in (("--animate-every", every), ("--animate-ms", ms),
+                                      ("--animate-scale", scale), ("--animate-format", kind)) if value is not None]
+    if given and not animate:
+        raise UserError(f"{given[0]} needs --animate or --animate-all")
+
+
 @click.command("ssd-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Network calls (levels..T); default T.")
@@ -97,6 +121,18 @@ def first_batch_previews(out: Path, params: dict):
                    "bundle's int8 variant); docs/runtime.md.")
 @click.option("--preview", is_flag=True,
               help="Also write the first batch's clean prediction at each resolution (preview_<res>.png).")
+@click.option("--animate", is_flag=True,
+              help="Also write animations of the first sample's clean prediction and noisy state x_t "
+                   "over the run (animation_<index>_x0.gif, animation_<index>_xt.gif).")
+@click.option("--animate-all", is_flag=True, help="--animate for every sample.")
+@click.option("--animate-every", type=click.IntRange(min=1), default=None, metavar="K",
+              help=f"A frame every K-th step and at the last. [default: about {ANIMATION_FRAMES} frames]")
+@click.option("--animate-ms", type=click.IntRange(min=20, max=10_000), default=None, metavar="MS",
+              help="Milliseconds per frame (the last, the sample, is held 1.5 s). [default: 80]")
+@click.option("--animate-scale", type=click.IntRange(min=1, max=16), default=None, metavar="S",
+              help="Frames at S times the image size (nearest neighbour). [default: 1]")
+@click.option("--animate-format", type=click.Choice(ANIMATION_FORMATS), default=None,
+              help="gif (exact up to 256 colours a frame) or webp (lossless). [default: gif]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads of every backend (default: the physical cores this process may use).")
 @click.option("--low-memory", is_flag=True, help="ONNX Runtime shares one copy of the weights (slower on CPU).")
@@ -108,8 +144,9 @@ def first_batch_previews(out: Path, params: dict):
                    "(ONNX Runtime is already; auto then means onnxruntime).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (on stderr).")
 @cli_errors
-def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, device, precision, preview, threads,
-                low_memory, fused, batch_invariant, progress):
+def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, device, precision, preview, animate,
+                animate_all, animate_every, animate_ms, animate_scale, animate_format, threads, low_memory, fused,
+                batch_invariant, progress):
     """Sample images from an SSD BUNDLE.
 
     Without BUNDLE: bundles/default where it exists (a source checkout's `make demo`), else
@@ -120,6 +157,7 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
     of a seed is the same image whatever --batch, --n, --first or --shard (docs/runtime.md)."""
     shard = parse_shard(shard)
     indices = sample_indices(n, first, shard)
+    check_animate(animate or animate_all, animate_every, animate_ms, animate_scale, animate_format)
     if bundle is None and DEFAULT_BUNDLE.exists():
         bundle = DEFAULT_BUNDLE
     elif bundle is None:
@@ -144,16 +182,24 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
                                   grid=range(first, first + min(n, SampleWriter.GRID_MAX)))
             # previews show the first batch of the shard holding FIRST (diagnostics, not samples)
             on_preview = first_batch_previews(out, params) if preview and shard[0] == 0 else None
+            animation = None
+            if animate_all or animate and shard[0] == 0:  # as previews: the first sample of the run
+                size = sampler.bundle.config.model.image_size * (animate_scale or 1)
+                on_frame = animation_frames(out, steps - 1, size, animate_ms or 80, animate_format or "gif")
+                animation = Animate(on_frame, animate_every or -(-steps // ANIMATION_FRAMES),
+                                    None if animate_all else {first})
             bar, on_step = progress_bar(steps, -(-len(indices) // batch), enabled=progress)
             with bar:
                 for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
-                                                   preview=on_preview, first=first, shard=shard):
+                                                   preview=on_preview, first=first, shard=shard,
+                                                   animate=animation):
                     writer.add(images)
             grid = writer.finish()
     seconds = time.perf_counter() - started
     what = f"{writer.count} samples" + (f" (shard {shard[0]}/{shard[1]} of {n})" if shard[1] > 1 else "")
     files = ", grid.png" if grid is not None else ""
     previews = " and the first batch's previews" if on_preview else ""
+    previews += (" and animations" if animate_all else " and an animation") if animation else ""
     click.echo(f"wrote {what}{files}{previews} to {out}: {seconds:.1f} s, "
                f"{writer.count / max(seconds, 1e-9):.2f} images/s")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Container
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,6 +38,47 @@ from .backends import check_flag, make_backend
 StepCallback = Callable[[int, int, int, int], None]
 # preview(resolution, images uint8 [N, r, r, 3]): the clean prediction at each resolution change
 PreviewCallback = Callable[[int, np.ndarray], None]
+# frames(index, step_index, t, x0_pred, x_t): sample ``index``'s animation frame, uint8 [r, r, C] each
+FrameCallback = Callable[[int, int, int, np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Animate:
+    """Animation frames, asked for with ``animate=`` (:meth:`Sampler.sample` and the iter_*
+    methods): after every ``every``-th step (0, every, 2 every, ...) and the last, ``frames``
+    gets the clean prediction and the noisy state ``x_t`` of each sample whose global index
+    is in ``samples`` (None: every sample), uint8 [r, r, C] at that step's resolution ``r``.
+    The last frame of both is the sample. Only those rows at those steps are copied; without
+    ``animate`` nothing is."""
+
+    frames: FrameCallback
+    every: int = 1
+    samples: Container[int] | None = None
+
+    def __post_init__(self):
+        if not callable(self.frames):
+            raise ConfigError(f"animate frames={self.frames!r}; expected a callable")
+        integer(self.every, "animate every", 1)
+        if self.samples is not None and not isinstance(self.samples, Container):
+            raise ConfigError(f"animate samples={self.samples!r}; expected a set of sample indices or None")
+
+    def recorder(self, indices: range, total: int, to_numpy) -> Callable[[SampleState], None] | None:
+        """What the loop calls after each step of the batch of ``indices``; None where the
+        batch holds no sample to animate."""
+        rows = [row for row, index in enumerate(indices) if self.samples is None or index in self.samples]
+        if not rows:
+            return None
+
+        def record(state: SampleState) -> None:
+            step = state.step
+            if step.index % self.every and step.index != total - 1:
+                return
+            x0_pred = to_uint8(to_numpy(state.x0_pred)[rows])  # new arrays: backends reuse buffers
+            x_t = to_uint8(to_numpy(state.x)[rows])
+            for row, x0, xt in zip(rows, x0_pred, x_t):
+                self.frames(indices[row], step.index, step.t, x0, xt)
+
+        return record
 
 
 @dataclass
@@ -137,7 +179,7 @@ class Sampler:
 
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
-               first: int = 0, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+               first: int = 0, shard: tuple[int, int] = (0, 1), animate: Animate | None = None) -> np.ndarray:
         """Sample images ``first .. first + n - 1`` as uint8 [n, H, W, 3], all in memory (see
         :meth:`iter_batches`; ``shard`` as there).
 
@@ -145,43 +187,50 @@ class Sampler:
         the same image whatever ``batch``, ``n`` and ``first`` are, on every backend (up to
         float tolerance across backends).
         """
-        return _concatenate(self.iter_batches(n, seed, steps, batch, callback, preview, first=first, shard=shard),
-                            self.bundle.config.model, np.uint8)
+        return _concatenate(self.iter_batches(n, seed, steps, batch, callback, preview, first=first, shard=shard,
+                                              animate=animate), self.bundle.config.model, np.uint8)
 
     def sample_float(self, n: int, seed: int = 0, steps: int | None = None,
                      batch: int | None = None, callback: StepCallback | None = None,
                      preview: PreviewCallback | None = None, *, first: int = 0,
-                     shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+                     shard: tuple[int, int] = (0, 1), animate: Animate | None = None) -> np.ndarray:
         """Like :meth:`sample`, but the raw float32 images [n, 3, H, W] in [-1, 1]."""
         return _concatenate(self.iter_float_batches(n, seed, steps, batch, callback, preview, first=first,
-                                                    shard=shard), self.bundle.config.model, np.float32)
+                                                    shard=shard, animate=animate),
+                            self.bundle.config.model, np.float32)
 
     def iter_samples(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                      callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
-                     first: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray]]:
+                     first: int = 0, shard: tuple[int, int] = (0, 1),
+                     animate: Animate | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(index, image)`` (uint8 [H, W, 3]) for every sample, a batch at a time:
         the global index that names it (``sample_<index>.png``) and picks its noise."""
         indices = self.indices(n, first, shard)
-        batches = self.iter_batches(n, seed, steps, batch, callback, preview, first=first, shard=shard)
+        batches = self.iter_batches(n, seed, steps, batch, callback, preview, first=first, shard=shard,
+                                    animate=animate)
         return zip(indices, (image for images in batches for image in images))
 
     def iter_batches(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                      callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
-                     first: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
+                     first: int = 0, shard: tuple[int, int] = (0, 1),
+                     animate: Animate | None = None) -> Iterator[np.ndarray]:
         """Yield uint8 [b, H, W, 3] per batch as it finishes (the last may be smaller):
         for streaming any ``n`` with memory bounded by one batch. The images are those of
         :meth:`indices` ``(n, first, shard)``, in order: shard ``(k, count)`` takes every
-        ``count``-th of ``first .. first + n - 1`` from ``first + k``. Arguments are
-        checked now, not at the first ``next``."""
+        ``count``-th of ``first .. first + n - 1`` from ``first + k``. ``animate``
+        (:class:`Animate`) hands over animation frames of chosen samples as their batch
+        runs. Arguments are checked now, not at the first ``next``."""
         return map(to_uint8, self.iter_float_batches(n, seed, steps, batch, callback, preview, first=first,
-                                                     shard=shard))
+                                                     shard=shard, animate=animate))
 
     def iter_float_batches(self, n: int, seed: int = 0, steps: int | None = None,
                            batch: int | None = None, callback: StepCallback | None = None,
                            preview: PreviewCallback | None = None, *, first: int = 0,
-                           shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
+                           shard: tuple[int, int] = (0, 1), animate: Animate | None = None) -> Iterator[np.ndarray]:
         """Like :meth:`iter_batches`, with float32 [b, 3, H, W] images in [-1, 1]."""
         self.check_open()
+        if animate is not None and not isinstance(animate, Animate):
+            raise ConfigError(f"animate={animate!r}; expected an ssd_runtime.sampler.Animate")
         indices = self.indices(n, first, shard)
         batch = self.check_batch(max(len(indices), 1), batch)
         plan = self.plan(self.check_steps(steps))
@@ -194,7 +243,8 @@ class Sampler:
             # of the indices that would follow, and those rows are dropped
             padded = range(chunk.start, chunk.start + batch * chunk.step, chunk.step)
             noise = SampleNoise(seed, padded, channels)
-            return self._sample_batch(plan, step_fn, noise, callback, preview)[: len(chunk)]
+            record = animate.recorder(chunk, len(plan), self.backend.to_numpy) if animate is not None else None
+            return self._sample_batch(plan, step_fn, noise, callback, preview, record)[: len(chunk)]
 
         return (run(indices[start: start + batch]) for start in range(0, len(indices), batch))
 
@@ -244,7 +294,7 @@ class Sampler:
 
         return step_fn
 
-    def _sample_batch(self, plan, step_fn, noise: SampleNoise, callback, preview) -> np.ndarray:
+    def _sample_batch(self, plan, step_fn, noise: SampleNoise, callback, preview, record=None) -> np.ndarray:
         """One batch through the loop, its noise from ``noise``'s per-sample streams."""
         self.check_open()  # closed between two batches of an iterator
         backend = self.backend
@@ -256,6 +306,8 @@ class Sampler:
                 callback(step.index, len(plan), step.t, step.in_size)
             if preview is not None and step.changes_size:
                 preview(step.out_size, to_uint8(backend.to_numpy(state.x0_pred)))
+            if record is not None:
+                record(state)
         x = backend.to_numpy(state.x)
         if not np.isfinite(x).all():  # the one check per batch; the failure path finds the step
             bad = self._first_nonfinite_step(plan, step_fn, SampleNoise(noise.seed, noise.indices, noise.channels))
@@ -304,4 +356,4 @@ def check_plan(bundle: Bundle, plan: list[Step]) -> None:
                               f"(t={step.t}, route {step.route}) a negative noise variance")
 
 
-__all__ = ["Sampler", "to_uint8", "UserError"]
+__all__ = ["Animate", "Sampler", "to_uint8", "UserError"]
