@@ -95,17 +95,27 @@ def check_animate(animate: bool, every, ms, scale, kind) -> None:
         raise UserError(f"{given[0]} needs --animate or --animate-all")
 
 
+def sample_index_options(command):
+    """-n, --first and --shard: which sample indices a run writes (ssd-run and ssd-sample)."""
+    options = [
+        click.option("-n", "--n", "n", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Number of samples (-n under torchrun, whose parser takes --n for its own options)."),
+        click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Global index of the first sample: samples FIRST..FIRST+N-1 (sample_<index>.png)."),
+        click.option("--shard", default=None, metavar="K/N",
+                     help="Sample every N-th of those indices, from FIRST+K (shard K of N); shards of one run "
+                          "write into one --out together. [default: RANK/WORLD_SIZE under torchrun, else 0/1]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("ssd-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Network calls (levels..T); default T.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
-@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Number of samples (-n under torchrun, whose parser takes --n for its own options).")
-@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Global index of the first sample: samples FIRST..FIRST+N-1 (sample_<index>.png).")
-@click.option("--shard", default=None, metavar="K/N",
-              help="Sample every N-th of those indices, from FIRST+K (shard K of N); shards of one run "
-                   "write into one --out together. [default: RANK/WORLD_SIZE under torchrun, else 0/1]")
+@sample_index_options
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help="Samples per batch (within the bundle's range).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

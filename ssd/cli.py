@@ -17,6 +17,7 @@ from ssd_core.config import MAX_BATCH, MODEL_PRESETS, TrainConfig
 from ssd_core.errors import UserError, cli_errors, require, run_cli
 from ssd_core.files import sha256_file
 from ssd_core.outputs import output_folder
+from ssd_runtime.cli import sample_index_options
 
 # --help shows TrainConfig's defaults. Options not given on the command line are not passed
 # on, so a resumed run keeps its checkpoint's values.
@@ -163,13 +164,7 @@ def interrupted(out: Path, step: int, what: str = "interrupted", code: int = 130
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Network calls (levels..T).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Number of samples (-n under torchrun, whose parser takes --n).")
-@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Global index of the first sample: samples FIRST..FIRST+N-1 (sample_<index>.png).")
-@click.option("--shard", default=None, metavar="K/N",
-              help="Sample every N-th of those indices, from FIRST+K (shard K of N); shards of one run "
-                   "write into one --out together. [default: RANK/WORLD_SIZE under torchrun, else 0/1]")
+@sample_index_options
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help=f"Samples per batch [default: min(n, {SAMPLE_BATCH})].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -190,12 +185,16 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
     from ssd_core.images import SampleWriter
     from ssd_core.method import NOISE_VERSION, ScaleSpace, sample_indices
     from ssd_runtime.cli import parse_shard, run_id
+    from ssd_runtime.cuda import local_device
+    import torch
     from .sample import sample_batches
     from .train import resolve_device
 
     shard = parse_shard(shard)
     indices = sample_indices(n, first, shard)
     device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
+        device = torch.device("cuda", local_device())
     config, model = load_model(checkpoint, ema=not raw, device=device)
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
     batch = batch or min(max(len(indices), 1), SAMPLE_BATCH)
