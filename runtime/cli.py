@@ -95,6 +95,10 @@ def check_animate(animate: bool, every, ms, scale, kind) -> None:
         raise UserError(f"{given[0]} needs --animate or --animate-all")
 
 
+INT8_WARNING = ("warning: --precision int8 is experimental: measurably worse samples than fp32 on the shipped "
+                "model (docs/cpu-backends.md)")
+
+
 def sample_index_options(command):
     """-n, --first and --shard: which sample indices a run writes (ssd-run and ssd-sample)."""
     options = [
@@ -128,7 +132,7 @@ def sample_index_options(command):
                    "--backend tensorrt]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="fp32 (exact), fp16, bf16 (openvino, on CPUs with AVX512-BF16 or AMX) or int8 (the "
-                   "bundle's int8 variant); docs/runtime.md.")
+                   "bundle's int8 variant; experimental); docs/runtime.md.")
 @click.option("--preview", is_flag=True,
               help="Also write the first batch's clean prediction at each resolution (preview_<res>.png).")
 @click.option("--animate", is_flag=True,
@@ -173,13 +177,17 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
     elif bundle is None:
         check_target(out, "samples", "ssd-run", reuse=True)  # refuse a bad --out before a long export
         bundle = default_bundle(lambda line: click.echo(line, err=True))
-    if backend == "auto" and shard[1] > 1 and device in (None, "cpu"):
+    untimed = backend == "auto" and shard[1] > 1 and device in (None, "cpu")
+    if untimed:  # the shards of a run must all use one backend
         backend = untimed_auto(precision)
-        click.echo(f"backend auto: {backend} (the shards of a run skip the timing, so that all use one backend)",
-                   err=True)
+    notes = []  # what auto picked, warnings: said once every check has passed, so a refusal stays one line
     with Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
                              threads=threads, low_memory=low_memory, fused=fused, timing_batch=batch or len(indices),
-                             say=lambda line: click.echo(line, err=True), batch_invariant=batch_invariant) as sampler:
+                             say=notes.append, batch_invariant=batch_invariant) as sampler:
+        if untimed:
+            notes.append(f"backend auto: {backend} (the shards of a run skip the timing, so that all use one backend)")
+        if precision == "int8":
+            notes.append(INT8_WARNING)
         batch = sampler.check_batch(max(len(indices), 1), batch)
         steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
         # what decides the files (not the batch or the shard: every shard writes the same bytes)
@@ -198,6 +206,8 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
                 on_frame = animation_frames(out, steps - 1, size, animate_ms or 80, animate_format or "gif")
                 animation = Animate(on_frame, animate_every or -(-steps // ANIMATION_FRAMES),
                                     None if animate_all else {first})
+            for note in notes:
+                click.echo(note, err=True)
             bar, on_step = progress_bar(steps, -(-len(indices) // batch), enabled=progress)
             with bar:
                 for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,

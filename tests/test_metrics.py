@@ -124,7 +124,7 @@ def test_ssd_eval_command_writes_the_report(tmp_path, capsys, monkeypatch):
     write_pngs(tmp_path / "samples", striped_classes(100, 1).images)
     code, out, err = run_main(eval_main, [tmp_path / "samples", "--ref", tmp_path / "ref"], capsys)
     assert code == 0, err
-    assert "classifier FD (not FID)" in out and "SWD" in out and "precision / recall" in out
+    assert "classifier FD (not FID)" in out and "SWD" in out and "| precision |" in out and "| recall |" in out
     report = json.loads((tmp_path / "samples" / "metrics.json").read_text())
     assert report["n_samples"] == 100 and "NOT comparable" in report["classifier"]["note"]
     code, _, err = run_main(eval_main, [tmp_path / "nothing", "--ref", tmp_path / "ref"], capsys)

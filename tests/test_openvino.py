@@ -17,7 +17,7 @@ from ssd_core.bundle import BundleError
 from ssd_runtime import Sampler, load_bundle
 from ssd_runtime import backends as backends_module
 from ssd_runtime.backends import BackendError, available_cores, choose_backend, physical_cores
-from ssd_runtime.cli import main as ssd_run
+from ssd_runtime.cli import INT8_WARNING, main as ssd_run
 from test_lifecycle import held, needs_proc
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'ssd-diffusion[openvino]')")
@@ -175,6 +175,13 @@ def test_int8_loads_in_onnxruntime_and_openvino(int8_bundle, fused):
     said = []
     with Sampler.from_bundle(int8_bundle, precision="int8", fused=fused, say=said.append, warmup=False):
         assert said[0].startswith("backend auto: ") and " int8 (onnx-int8" in said[0]
+
+
+def test_ssd_run_says_int8_is_experimental(int8_bundle, tmp_path, capsys):
+    code, out, err = run_main(ssd_run, [int8_bundle, "--precision", "int8", "--backend", "onnxruntime", "--steps", "2",
+                                        "-n", "1", "--out", tmp_path / "o", "--no-progress"], capsys)
+    assert code == 0 and err.splitlines() == [INT8_WARNING], err
+    assert "wrote 1 samples" in out
 
 
 # --------------------------------------------------------------------------- auto

@@ -188,7 +188,7 @@ def test_missing_route_file(bundle_copy, tmp_path):
 
 
 def test_backend_not_installed(bundles, tmp_path):
-    result = run_cli(bundles[3][1], "--out", tmp_path / "o", block="onnxruntime")
+    result = run_cli(bundles[3][1], "--out", tmp_path / "o", "--backend", "onnxruntime", block="onnxruntime")
     assert_one_line_error(result, "not installed")
     result = run_cli(bundles[3][1], "--out", tmp_path / "o", "--backend", "torchscript", block="torch")
     assert_one_line_error(result, "needs torch")

@@ -266,7 +266,8 @@ def nan_route() -> bytes:
 def test_nan_from_a_graph_stops_naming_the_first_step(copy, tmp_path, capfd, file, graph, flag):
     replace(copy, file, graph())
     out = tmp_path / "out"
-    code, _, err = run_main(ssd_run, [copy, flag, "--steps", "5", "--n", "1", "--out", out], capfd)
+    code, _, err = run_main(ssd_run, [copy, flag, "--backend", "onnxruntime", "--steps", "5", "--n", "1", "--out", out],
+                            capfd)
     err = "\n".join(line for line in err.splitlines() if "step/s" not in line)  # the progress bar, before it
     assert_one_line_error((code, "", err), rf"NaN or inf at step 1/5 \(t=999, route keep_8, {file}\)")
     assert not out.exists()
