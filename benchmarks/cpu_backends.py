@@ -312,13 +312,17 @@ def main(argv=None) -> dict:
     figures["peaks"] = peaks.summary()
     figures["missing"] = {label(row): why for row, why in missing.items()}
     figures["load_after"] = load_average()
-    table = markdown(figures)
+    report(figures, markdown(figures), args)
+    return figures
+
+
+def report(figures: dict, table: str, args) -> None:
+    """Print the tables; also write them (``--md``) and the raw figures (``--json``)."""
     print(table)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     if args.md:
         args.md.write_text(table)
-    return figures
 
 
 def markdown(f: dict) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cpu_backends import ROWS, EagerRows, cpu_description, label, load_rows, prepare_model  # noqa: E402
+from cpu_backends import report as write_report  # noqa: E402
 
 from ssd_runtime import Sampler  # noqa: E402
 from ssd_runtime.backends import available_cores  # noqa: E402
@@ -242,12 +243,7 @@ def main(argv=None) -> dict:
         p.add_argument("--md", type=Path, help="also write the tables here")
     args = parser.parse_args(argv)
     figures = errors_mode(args) if args.mode == "errors" else fd_mode(args)
-    table = (errors_markdown if args.mode == "errors" else fd_markdown)(figures)
-    print(table)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
-    if args.md:
-        args.md.write_text(table)
+    write_report(figures, (errors_markdown if args.mode == "errors" else fd_markdown)(figures), args)
     return figures
 
 

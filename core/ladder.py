@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ConfigError
-from .method import keep_update, resize_matrix  # noqa: F401  (resize_matrix: part of this API)
+from .method import checked_schedule, keep_update, resize_matrix  # noqa: F401  (resize_matrix: part of this API)
 
 
 # --------------------------------------------------------------------------- the ladder
@@ -288,14 +288,7 @@ class LadderProcess:
     """
 
     def __init__(self, abar, sizes, matrices: dict[tuple[int, int], np.ndarray] | None = None):
-        self.abar = np.asarray(abar, dtype=np.float64)
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        if self.abar.ndim != 1 or self.abar.shape != self.sizes.shape:
-            raise ConfigError(f"abar {self.abar.shape} and sizes {self.sizes.shape} must be [T]")
-        if not (np.all(np.diff(self.abar) < 0) and 0 < self.abar[-1] and self.abar[0] < 1):
-            raise ConfigError("abar must decrease strictly inside (0, 1)")
-        if np.any(np.diff(self.sizes) > 0) or self.sizes[-1] < 1:
-            raise ConfigError("r(t) must be >= 1 and must not grow with t")
+        self.abar, self.sizes = checked_schedule(abar, sizes)
         self.ladder = tuple(int(m) for m in dict.fromkeys(self.sizes.tolist()))  # largest first
         self.matrices = {}
         for big, small in zip(self.ladder, self.ladder[1:]):

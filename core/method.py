@@ -73,6 +73,19 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+def checked_schedule(abar, sizes) -> tuple[np.ndarray, np.ndarray]:
+    """``abar`` as float64 [T], strictly decreasing inside (0, 1), and ``sizes`` r(t) as int
+    [T], at least 1 and never growing with t; a ConfigError otherwise."""
+    abar, sizes = np.asarray(abar, dtype=np.float64), np.asarray(sizes, dtype=np.int64)
+    if abar.ndim != 1 or abar.shape != sizes.shape:
+        raise ConfigError(f"abar {abar.shape} and sizes {sizes.shape} must be [T]")
+    if not (np.all(np.diff(abar) < 0) and 0 < abar[-1] and abar[0] < 1):
+        raise ConfigError("abar must decrease strictly inside (0, 1)")
+    if np.any(np.diff(sizes) > 0) or sizes[-1] < 1:
+        raise ConfigError("r(t) must be >= 1 and must not grow with t")
+    return abar, sizes
+
+
 def route_name(in_size: int, out_size: int) -> str:
     """Name of the network route from ``in_size`` to ``out_size`` (``keep_32``, ``up_16_32``)."""
     if out_size == in_size:
@@ -201,13 +214,8 @@ class ScaleSpace:
     """
 
     def __init__(self, abar, sizes, halving: dict[int, np.ndarray] | None = None):
-        self.abar = np.asarray(abar, dtype=np.float64)
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        if self.abar.ndim != 1 or self.abar.shape != self.sizes.shape:
-            raise ConfigError(f"abar {self.abar.shape} and sizes {self.sizes.shape} must be [T]")
-        if not (np.all(np.diff(self.abar) < 0) and 0 < self.abar[-1] and self.abar[0] < 1):
-            raise ConfigError("abar must decrease strictly inside (0, 1)")
-        if np.any(np.diff(self.sizes) > 0) or np.any(self.sizes[:-1] > 2 * self.sizes[1:]):
+        self.abar, self.sizes = checked_schedule(abar, sizes)
+        if np.any(self.sizes[:-1] > 2 * self.sizes[1:]):
             raise ConfigError("r(t) must shrink with t, by at most one halving per step")
         self.timesteps = len(self.abar)
         self.image_size = int(self.sizes[0])
