@@ -351,9 +351,7 @@ def make_backend(bundle: Bundle, backend: str = "auto", device: str | None = Non
             raise BackendError(f"backend 'tensorrt' runs fp32 or fp16, not {precision}")
         from .tensorrt_backend import TensorRTBackend  # imports TensorRT and cuda-python, only here
 
-        engines = TensorRTBackend(bundle, device, precision, fused)
-        engines.precision = precision
-        return engines
+        return TensorRTBackend(bundle, device, precision, fused)
     if precision != "fp32":
         raise BackendError("backend 'torchscript' runs fp32 only")
     return TorchScriptBackend(bundle, device, threads, fused, batch_invariant)

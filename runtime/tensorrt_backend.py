@@ -240,6 +240,7 @@ class TensorRTBackend(Backend):
             raise BackendError(str(err)) from None
         super().__init__(bundle, device, fused=True)
         self.file_format = f"tensorrt-{precision}"
+        self.precision = precision
         self.stream: Stream | None = None
         self.runtime = None
         self.runners: dict[str, EngineRunner] = {}

@@ -31,6 +31,16 @@ def assert_one_line_error(result, pattern, code=1):
     return lines[0]
 
 
+def assert_refused(result, *fragments):
+    """``result`` (``.code``, ``.err``: a CliRunner call) failed with one ``error:`` line
+    holding every one of ``fragments``."""
+    assert result.code != 0
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", top: str | None = None) -> Path:
     """A random-weight checkpoint of ``preset`` with ``levels`` levels (and top transition)."""
     from ssd.checkpoint import save_random_checkpoint

@@ -38,7 +38,7 @@ from ssd_export.torchscript_export import device_constants
 from ssd_export.verify import TOLERANCES, check_timesteps
 from ssd_runtime import Sampler
 
-from conftest import make_checkpoint
+from conftest import assert_refused, make_checkpoint
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -286,14 +286,6 @@ def test_runtime_end_to_end_equals_torch_sampler(interp):
 
 
 # --------------------------------------------------------------------------- bad input
-def assert_one_line_error(result, *fragments):
-    assert result.code != 0
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("text, expected", [("8", (8, 8)), ("1:64", (1, 64)), (" 2:2 ", (2, 2))])
 def test_batch_parsing(text, expected):
     assert parse_batch(text) == expected
@@ -303,50 +295,50 @@ def test_batch_parsing(text, expected):
 def test_nonsense_batch_is_one_line_error(up, tmp_path, text):
     with pytest.raises(OptionError):
         parse_batch(text)
-    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--batch", text), "--batch")
+    assert_refused(export(up.run, "--out", tmp_path / "b", "--batch", text), "--batch")
 
 
 def test_bad_checkpoints_are_one_line_errors(up, tmp_path):
-    assert_one_line_error(export(tmp_path / "nope", "--out", tmp_path / "b"), "no checkpoint")
+    assert_refused(export(tmp_path / "nope", "--out", tmp_path / "b"), "no checkpoint")
     run = tmp_path / "run"
     shutil.copytree(up.run, run)
     ckpt = next((run / "checkpoints").glob("step_*"))
     state = json.loads((ckpt / "state.json").read_text())
     (ckpt / "state.json").write_text(json.dumps({**state, "format_version": 99}))
-    assert_one_line_error(export(run, "--out", tmp_path / "b"), "format version 99")
+    assert_refused(export(run, "--out", tmp_path / "b"), "format version 99")
     (ckpt / "state.json").write_text(json.dumps(state))
     data = (ckpt / "ema.safetensors").read_bytes()
     (ckpt / "ema.safetensors").write_bytes(data[: len(data) // 2])
-    assert_one_line_error(export(run, "--out", tmp_path / "b"), "corrupt")
+    assert_refused(export(run, "--out", tmp_path / "b"), "corrupt")
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
 
 
 def test_output_folder_with_other_things_is_refused(interp, up, tmp_path):
     other = tmp_path / "other_model"
     shutil.copytree(interp.out, other)
-    assert_one_line_error(export(up.run, "--out", other, "--batch", "3"), "another model", "--force")
+    assert_refused(export(up.run, "--out", other, "--batch", "3"), "another model", "--force")
     assert file_hashes(other) == interp.hashes  # untouched
     unrelated = tmp_path / "unrelated"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("mine")
     for force in ([], ["--force"]):  # --force replaces a bundle, never files ssd did not make
-        assert_one_line_error(export(up.run, "--out", unrelated, *force), "holds files ssd did not make", "notes.txt")
+        assert_refused(export(up.run, "--out", unrelated, *force), "holds files ssd did not make", "notes.txt")
     assert (unrelated / "notes.txt").read_text() == "mine"
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert_one_line_error(export(up.run, "--out", blocker / "bundle"), "cannot write")
+    assert_refused(export(up.run, "--out", blocker / "bundle"), "cannot write")
 
 
 def test_unsupported_engine_and_missing_extra_are_one_line_errors(up, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as here: TensorRT is not installed
-    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--engine", "trt"), "TensorRT is not installed")
-    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--refit"), "--refit", "--engine trt")
+    assert_refused(export(up.run, "--out", tmp_path / "b", "--engine", "trt"), "TensorRT is not installed")
+    assert_refused(export(up.run, "--out", tmp_path / "b", "--refit"), "--refit", "--engine trt")
     assert not (tmp_path / "b").exists()
-    assert_one_line_error(export(up.run, "--out", tmp_path / "b", "--engine", "torchscript",
+    assert_refused(export(up.run, "--out", tmp_path / "b", "--engine", "torchscript",
                                  "--precision", "fp16"), "--engine onnx")
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     result = export(up.run, "--out", tmp_path / "b")
-    assert_one_line_error(result, "'export' extra", "onnx")
+    assert_refused(result, "'export' extra", "onnx")
     assert result.code == 2
 
 
@@ -357,7 +349,7 @@ def test_failed_export_leaves_the_old_bundle_and_no_partial_folder(up, tmp_path,
     shutil.copytree(up.out, target)
     monkeypatch.setitem(verify.TOLERANCES, "torchscript", -1.0)  # every check now fails
     result = export(up.run, "--out", target, "--engine", "torchscript", "--batch", "3")
-    assert_one_line_error(result, "does not match PyTorch", "keep_16/torchscript")
+    assert_refused(result, "does not match PyTorch", "keep_16/torchscript")
     assert "| keep_16 | torchscript |" in result.out  # the table is printed before the error
     assert file_hashes(target) == up.hashes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
@@ -368,6 +360,6 @@ def test_unwritable_output_folder_is_one_line_error(up, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        assert_one_line_error(export(up.run, "--out", locked / "bundle"), "cannot write")
+        assert_refused(export(up.run, "--out", locked / "bundle"), "cannot write")
     finally:
         locked.chmod(0o700)

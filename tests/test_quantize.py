@@ -27,7 +27,7 @@ from ssd_export.bundle_writer import validate_manifest
 from ssd_export.cli import export_command
 from ssd_export.onnx_export import fp32_node_names
 
-from conftest import make_checkpoint
+from conftest import assert_refused, make_checkpoint
 
 INT8 = "onnx-int8"
 
@@ -35,14 +35,6 @@ INT8 = "onnx-int8"
 def export(*args) -> SimpleNamespace:
     result = CliRunner().invoke(export_command, [str(a) for a in args])
     return SimpleNamespace(code=result.exit_code, out=result.stdout, err=result.stderr)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.code != 0
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -251,9 +243,9 @@ def test_the_fp32_islands_stay_float32(int8):
 # --------------------------------------------------------------------------- refusals
 def test_int8_options_that_cannot_work_are_one_line_errors(tmp_path):
     run = tmp_path / "run"  # options are refused before the checkpoint is read
-    assert_one_line_error(export(run, "--out", tmp_path / "b", "--engine", "torchscript", "--precision", "int8"),
+    assert_refused(export(run, "--out", tmp_path / "b", "--engine", "torchscript", "--precision", "int8"),
                           "--precision int8", "--engine onnx")
-    assert_one_line_error(export(run, "--out", tmp_path / "b", "--engine", "onnx", "--engine", "trt",
+    assert_refused(export(run, "--out", tmp_path / "b", "--engine", "onnx", "--engine", "trt",
                                  "--precision", "int8"), "--engine trt")
     assert not (tmp_path / "b").exists()
 
