@@ -6,6 +6,7 @@ dataclass, so a value out of its bounds is refused wherever it comes from.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -37,6 +38,100 @@ def integer(value, name: str, low: int = 0, high: int | None = None) -> int:
 def check_seed(seed, high: int | None = None) -> int:
     """A seed numpy accepts (a non-negative integer), at most ``high`` where given."""
     return integer(seed, "seed", 0, high)
+
+
+# --------------------------------------------------------------------------- the ladder
+@dataclass(frozen=True)
+class Ladder:
+    """The sizes a gradual process visits, from the authors' rule (see :func:`ladder_sizes`).
+
+    ``raw`` is the rule's list, largest first, one entry per requested level and repeats
+    kept: the resolution schedule maps level ``k(t)`` (``ssd_core.method.resolution_levels``
+    with ``levels``) to ``raw[k]``, so a repeated size owns the union of its intervals.
+    ``sizes`` keeps each size once (largest first); ``removed`` lists the ``(index, size)``
+    of the repeats dropped from ``raw``. ``unet_level[size]`` is the Flexi-UNet level whose
+    nominal size ``image_size / 2^l`` is the smallest one at or above ``size``.
+    """
+
+    image_size: int
+    channel_mults: tuple[int, ...]
+    ds_factor: float
+    levels: int
+    raw: tuple[int, ...]
+    sizes: tuple[int, ...]
+    removed: tuple[tuple[int, int], ...]
+    unet_level: dict
+
+    def nominal_size(self, size: int) -> int:
+        """The native size of the UNet level that ``size`` enters at (and leaves from)."""
+        return self.image_size >> self.unet_level[size]
+
+    def size_schedule(self, level_of_t) -> list[int]:
+        """r(t) for every t from k(t) (``ssd_core.method.resolution_levels`` with ``levels``)."""
+        return [self.raw[int(k)] for k in level_of_t]
+
+    def routes(self) -> list[tuple[int, int]]:
+        """(in, out) of every route the ladder needs: a keep per size, an up per consecutive pair."""
+        keeps = [(m, m) for m in self.sizes]
+        ups = [(small, big) for big, small in zip(self.sizes, self.sizes[1:])]
+        return keeps + ups
+
+    def note(self) -> str:
+        """One line saying which repeated sizes were kept once ('' when none repeat)."""
+        if not self.removed:
+            return ""
+        repeats = ", ".join(str(size) for _, size in self.removed)
+        return (f"the ladder rule repeats size(s) {repeats} ({', '.join(map(str, self.raw))}); "
+                f"each size is kept once: {', '.join(map(str, self.sizes))}")
+
+
+def _nearest_multiple(value: int, divisor: int) -> int:
+    """The multiple of ``divisor`` nearest ``value``; a tie goes down (the authors' rule)."""
+    low = value - value % divisor
+    return low if value - low <= divisor / 2 else low + divisor
+
+
+def ladder_sizes(image_size: int, channel_mults, ds_factor: float, levels: int) -> Ladder:
+    """The resolution ladder of the authors' gradual downsizing (their ``get_resolutions_array``).
+
+    ``c_0 = image_size``, ``c_{k+1} = round(c_k / ds_factor)`` (Python's round, half to
+    even). Level ``k``'s size is ``c_k`` rounded to the nearest multiple of ``2^(L-1-j)``
+    (a tie rounds down), where ``L = len(channel_mults)`` and ``j`` is the UNet level whose
+    nominal interval ``(image_size / 2^(j+1), image_size / 2^j]`` holds ``c_k`` (``j = L-1``
+    below the smallest): every halving left inside the UNet below that level is exact. The
+    rule stops after size 1; asking for more levels than that is an error, as theirs.
+    Note that ``c_{k+1}`` divides ``c_k`` before the multiple rounding, as in their code.
+    """
+    mults = tuple(int(m) for m in channel_mults)
+    depth = len(mults)
+    if not (isinstance(levels, int) and levels >= 1):
+        raise ConfigError(f"levels={levels!r}; expected an int >= 1")
+    if not (isinstance(ds_factor, (int, float)) and math.isfinite(ds_factor) and ds_factor > 1):
+        raise ConfigError(f"ds_factor={ds_factor!r}; expected a number > 1")
+    if depth < 1 or image_size < 1 or image_size % 2 ** (depth - 1):
+        raise ConfigError(f"image_size={image_size} must be divisible by 2^{depth - 1} "
+                          f"for channel_mult={mults}")
+    raw: list[int] = []
+    current = image_size
+    while len(raw) < levels and current >= 1 and 1 not in raw:
+        j = next((j for j in range(depth - 1) if current > image_size / 2 ** (j + 1)), depth - 1)
+        raw.append(_nearest_multiple(current, 2 ** (depth - 1 - j)))
+        current = round(current / ds_factor)
+    if len(raw) < levels:
+        raise ConfigError(f"levels={levels} is too many for image_size={image_size}, "
+                          f"ds_factor={ds_factor}: the ladder ends at {raw} (size 1 or below)")
+    if min(raw) < 1 or any(b > a for a, b in zip(raw, raw[1:])):
+        raise ConfigError(f"the ladder rule gives {raw} for image_size={image_size}, "
+                          f"channel_mult={mults}, ds_factor={ds_factor}; sizes must shrink and stay >= 1")
+    sizes = tuple(dict.fromkeys(raw))
+    removed = tuple((k, m) for k, m in enumerate(raw) if k and raw[k - 1] == m)
+    unet_level = {}
+    for m in sizes:
+        level = max(l for l in range(depth) if image_size >> l >= m)
+        assert m % 2 ** (depth - 1 - level) == 0, (m, level)  # holds by construction of the rule
+        unet_level[m] = level
+    return Ladder(image_size, mults, float(ds_factor), levels, tuple(raw), sizes, removed, unet_level)
+
 
 
 @dataclass(frozen=True)
@@ -105,10 +200,14 @@ class ModelConfig(Typed):
         return tuple(self.image_size >> level for level in range(self.num_levels))
 
     def level_of(self, size: int) -> int:
-        """The UNet level whose native size is ``size``."""
-        if size not in self.native_sizes:
-            raise ConfigError(f"size {size} is not a native size {self.native_sizes}")
-        return self.native_sizes.index(size)
+        """The UNet level a size ``size`` enters at and leaves from: the one whose native size
+        is the smallest at or above ``size`` (a native size's own level). Every halving left
+        below that level must be exact (the ladder rule guarantees it, docs/method.md §10.1)."""
+        levels = [level for level, native in enumerate(self.native_sizes) if native >= size]
+        if not levels or size < 1 or size % 2 ** (self.num_levels - 1 - levels[-1]):
+            raise ConfigError(f"size {size} cannot run in a UNet of native sizes {self.native_sizes} "
+                              f"(it must be at most {self.image_size} and its level's halvings exact)")
+        return levels[-1]
 
 
 @dataclass(frozen=True)
@@ -121,6 +220,9 @@ class DiffusionConfig(Typed):
     levels: int = spec(3, lo=1, hi=MAX_LEVELS)  # n in "nL"; 1 is DDPM with an x0-predicting network
     resolution_schedule: str = spec("convex", choices=RESOLUTION_SCHEDULES)
     gamma: float = spec(0.5, lo=0.0, hi=1.0)  # ConvexDecay exponent
+    # Downsizing factor between levels (docs/method.md §10): 2 halves; e.g. 1.25 or 1.5 give a
+    # gradual ladder by the authors' rule. Left out of JSON at 2, so older documents are unchanged.
+    ds_factor: float = spec(2.0, lo=1.0, hi=float(MAX_IMAGE_SIZE), omit_default=True)
 
     def check(self):
         if not 0 < self.beta_start < self.beta_end < 1:
@@ -129,6 +231,8 @@ class DiffusionConfig(Typed):
             )
         if self.gamma <= 0:
             raise ConfigError(f"gamma={self.gamma}; need 0 < gamma <= 1")
+        if not self.ds_factor > 1:
+            raise ConfigError(f"ds_factor={self.ds_factor}; need a factor > 1")
 
 
 @dataclass(frozen=True)
@@ -139,17 +243,31 @@ class SSDConfig(Typed):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def check(self):
-        if self.diffusion.levels > self.model.num_levels:
+        ladder = self.resolution_ladder()
+        deepest = self.model.native_sizes[-1]
+        if ladder.sizes[-1] < deepest:
             raise ConfigError(
-                f"diffusion.levels={self.diffusion.levels} needs at least that many UNet "
-                f"levels, but channel_mult={self.model.channel_mult} has {self.model.num_levels}"
-            )
+                f"diffusion.levels={self.diffusion.levels} with ds_factor={self.diffusion.ds_factor} "
+                f"reaches size {ladder.sizes[-1]}, below the deepest UNet level's {deepest} "
+                f"(channel_mult={self.model.channel_mult}); use fewer levels")
+        if self.model.route_style == "authors" and not self.is_halving:
+            raise ConfigError("route_style='authors' (imported checkpoints) runs 2x ladders only")
+
+    def resolution_ladder(self) -> Ladder:
+        """The sizes the process visits, by the authors' rule (:func:`ladder_sizes`)."""
+        m, d = self.model, self.diffusion
+        return ladder_sizes(m.image_size, m.channel_mult, d.ds_factor, d.levels)
 
     @property
     def ladder(self) -> tuple[int, ...]:
-        """Resolutions used by the process, smallest first: full/2^(n-1) ... full."""
-        n = self.diffusion.levels
-        return tuple(self.model.image_size >> k for k in reversed(range(n)))
+        """Resolutions used by the process, smallest first (full/2^(n-1) ... full for 2x)."""
+        return tuple(reversed(self.resolution_ladder().sizes))
+
+    @property
+    def is_halving(self) -> bool:
+        """Whether every size is half the next (the 2x process of format version 3 bundles)."""
+        sizes = self.ladder
+        return all(2 * small == big for small, big in zip(sizes, sizes[1:]))
 
     def to_dict(self) -> dict:
         return to_json(self)
@@ -196,6 +314,8 @@ class TrainConfig(Typed):
     preset: str = spec("tiny32", choices=tuple(MODEL_PRESETS))
     levels: int | None = spec(None, lo=1, hi=MAX_LEVELS)
     data: str = "fashion-mnist"
+    # the ladder's downsizing factor (DiffusionConfig.ds_factor); left out of JSON at 2
+    ds_factor: float = spec(2.0, lo=1.0, hi=float(MAX_IMAGE_SIZE), omit_default=True)
     batch_size: int = spec(64, lo=1, hi=MAX_BATCH)  # the global batch, split across processes
     grad_accum: int = spec(1, lo=1, hi=MAX_BATCH)  # micro-batches per optimiser step
     lr: float = spec(1e-4, lo=0.0, hi=10.0)
@@ -225,7 +345,7 @@ class TrainConfig(Typed):
                 raise ConfigError(f"{name}={getattr(self, name)} is out of range")
 
     def ssd_config(self) -> SSDConfig:
-        return make_config(self.preset, self.levels)
+        return make_config(self.preset, self.levels, ds_factor=self.ds_factor)
 
     def to_dict(self) -> dict:
         return to_json(self)

@@ -5,8 +5,10 @@ resolution schedule ``sizes`` (r(t) for every t). The trainer, the torch referen
 the exporter's checks and the torch-free runtime all import this module; torch code turns
 the arrays into tensors once. Nothing here imports torch.
 
-Shapes: images are ``[N, C, H, W]`` with square ``H == W``; a 1-D resize matrix ``A`` that
-halves size ``m`` is ``[m/2, m]`` and acts as ``R x = A x A^T`` on the last two axes.
+Shapes: images are ``[N, C, H, W]`` with square ``H == W``; the 1-D resize matrix ``A`` from
+one ladder size ``m`` to the next smaller ``n`` is ``[n, m]`` and acts as ``R x = A x A^T`` on the
+last two axes (a halving for the 2x ladder, any antialiased bilinear resize for a gradual one,
+docs/method.md §10).
 """
 from __future__ import annotations
 
@@ -87,10 +89,11 @@ def checked_schedule(abar, sizes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def route_name(in_size: int, out_size: int) -> str:
-    """Name of the network route from ``in_size`` to ``out_size`` (``keep_32``, ``up_16_32``)."""
+    """Name of the network route from ``in_size`` to ``out_size`` (``keep_32``, ``up_16_32``,
+    ``up_20_32`` on a gradual ladder)."""
     if out_size == in_size:
         return f"keep_{in_size}"
-    if out_size == 2 * in_size:
+    if out_size > in_size:
         return f"up_{in_size}_{out_size}"
     raise ValueError(f"no route from size {in_size} to {out_size}")
 
@@ -104,9 +107,9 @@ def parse_route(name: str) -> tuple[int, int]:
         sizes = []
     if kind == "keep" and len(sizes) == 1:
         return sizes[0], sizes[0]
-    if kind == "up" and len(sizes) == 2 and sizes[1] == 2 * sizes[0]:
+    if kind == "up" and len(sizes) == 2 and 0 < sizes[0] < sizes[1]:
         return sizes[0], sizes[1]
-    raise ValueError(f"malformed route name {name!r}; expected keep_R or up_R_2R")
+    raise ValueError(f"malformed route name {name!r}; expected keep_R or up_R_S with R < S")
 
 
 # --------------------------------------------------------------------------- sampling plan
@@ -116,7 +119,7 @@ class Step:
 
     The update (docs/method.md §5), with ``mu = a_s * x0_pred`` and ``z`` white noise at ``out_size``:
     - same size:  ``x_s = c_x0 * x0_pred + c_xt * x_t + noise_std * z``
-    - size x2:    ``x_s = mu + k_res * R^T (x_t - k_fwd * R mu) + sigma_s * U (S * (U^T z U)) U^T``
+    - size up:    ``x_s = mu + k_res * R^T (x_t - k_fwd * R mu) + sigma_s * U (S * (U^T z U)) U^T``
     - final:      ``x_s = x0_pred``
     """
 
@@ -133,7 +136,7 @@ class Step:
     k_fwd: float = 0.0
     sigma_s: float = 0.0
     rho_alpha: float = 0.0  # rho * alpha, which shapes the correlated noise S
-    halve: Any = None  # A [in, out]: R for this step (size-increasing steps only)
+    halve: Any = None  # A [in, out]: the resize out -> in, R for this step (size-increasing steps only)
     eigvecs: Any = None  # U [out, out]: eigenvectors of A^T A
     noise_scale: Any = None  # S [out, out]: sqrt(1 - rho * alpha * l_i * l_j)
     route: str = dataclasses.field(init=False)  # named once, not per call in the hot loop
@@ -182,8 +185,9 @@ def keep_update(x_t, x0_pred, z, c_x0, c_xt, noise_std):
 
 
 def up_update(x_t, x0_pred, z, a_s, k_fwd, k_res, sigma_s, A, U, S):
-    """Size-doubling posterior draw (docs/method.md §5) with the exact correlated noise
-    ``U (S * (U^T z U)) U^T``; ``A`` halves the output size, ``U`` and ``S`` as in :class:`Step`."""
+    """Size-increasing posterior draw (docs/method.md §5, §10) with the exact correlated noise
+    ``U (S * (U^T z U)) U^T``; ``A`` resizes the output size to the input size, ``U`` and ``S``
+    as in :class:`Step`."""
     mu = a_s * x0_pred
     residual = x_t - k_fwd * (A @ mu @ A.mT)
     mean = mu + k_res * (A.mT @ residual @ A)
@@ -209,45 +213,60 @@ class ScaleSpace:
     """The scale-space process: noise schedule, resolution schedule and resize operators.
 
     Built from arrays so that the runtime can rebuild it from a bundle without trusting any
-    formula: ``abar`` float64 [T], ``sizes`` int [T] (r(t)), and optionally the 1-D halving
-    matrices keyed by the size they halve.
+    formula: ``abar`` float64 [T], ``sizes`` int [T] (r(t), never growing), and optionally the
+    1-D resize matrices between consecutive ladder sizes keyed ``(big, small)`` (``resize``;
+    default :func:`resize_matrix`), or, as bundles of format version 3 carry them, keyed by
+    the size they halve (``halving``).
     """
 
-    def __init__(self, abar, sizes, halving: dict[int, np.ndarray] | None = None):
+    def __init__(self, abar, sizes, resize: dict[tuple[int, int], np.ndarray] | None = None,
+                 halving: dict[int, np.ndarray] | None = None):
         self.abar, self.sizes = checked_schedule(abar, sizes)
-        if np.any(self.sizes[:-1] > 2 * self.sizes[1:]):
-            raise ConfigError("r(t) must shrink with t, by at most one halving per step")
         self.timesteps = len(self.abar)
         self.image_size = int(self.sizes[0])
-        self.ladder = tuple(int(r) for r in sorted(set(self.sizes.tolist())))
-        # A change step t has r(t-1) > r(t): input at r(t), output at 2 r(t).
+        self.ladder = tuple(int(r) for r in sorted(set(self.sizes.tolist())))  # smallest first
+        # A change step t has r(t-1) > r(t): input at r(t), output at the next ladder size.
         self.change_steps = np.flatnonzero(self.sizes[:-1] > self.sizes[1:]) + 1
-        self.halving = {m: np.asarray(a, np.float64) for m, a in (halving or {}).items()}
-        for m in self.ladder[1:]:
-            self.halving.setdefault(m, halving_matrix(m))
-        self._eig = {m: np.linalg.eigh(self.halving[m].T @ self.halving[m]) for m in self.ladder[1:]}
+        given = dict(resize or {})
+        given.update({(int(m), int(m) // 2): a for m, a in (halving or {}).items()})
+        self.resize = {}
+        for small, big in zip(self.ladder, self.ladder[1:]):
+            matrix = given.get((big, small))
+            matrix = resize_matrix(big, small) if matrix is None else np.asarray(matrix, np.float64)
+            if matrix.shape != (small, big):
+                raise ConfigError(f"resize matrix {big}->{small} has shape {matrix.shape}; expected {(small, big)}")
+            self.resize[big, small] = matrix
+        self.below = {big: small for big, small in self.resize}  # the next smaller ladder size
+        self._eig = {big: np.linalg.eigh(a.T @ a) for (big, _), a in self.resize.items()}
 
     @classmethod
     def from_config(cls, config: SSDConfig) -> "ScaleSpace":
         d = config.diffusion
         abar = linear_abar(d.timesteps, d.beta_start, d.beta_end)
         levels = resolution_levels(d.timesteps, d.levels, d.resolution_schedule, d.gamma)
-        return cls(abar, config.model.image_size >> levels)
+        return cls(abar, config.resolution_ladder().size_schedule(levels))
+
+    @property
+    def is_halving(self) -> bool:
+        """Whether every resize halves (the 2x process, format version 3 bundles)."""
+        return all(big == 2 * small for big, small in self.resize)
 
     # ---------------------------------------------------------------- operators
     def downsample(self, x: np.ndarray, to_size: int) -> np.ndarray:
-        """``R_{m -> to_size} x`` as a composition of 2x halvings; ``x`` is [..., m, m]."""
-        while x.shape[-1] > to_size:
-            A = self.halving[x.shape[-1]]
+        """``R_{m -> to_size} x``: the consecutive resizes down the ladder; ``x`` is [..., m, m]."""
+        while x.shape[-1] > to_size and x.shape[-1] in self.below:
+            A = self.resize[x.shape[-1], self.below[x.shape[-1]]]
             x = A @ x @ A.T
         if x.shape[-1] != to_size:
-            raise ValueError(f"cannot downsample size {x.shape[-1]} to {to_size}")
+            raise ValueError(f"cannot downsample size {x.shape[-1]} to {to_size} on ladder {self.ladder}")
         return x
 
     def adjoint(self, y: np.ndarray, to_size: int) -> np.ndarray:
         """``R^T y``: the adjoint of :meth:`downsample` from ``to_size`` down to y's size."""
+        above = {small: big for big, small in self.resize}
         while y.shape[-1] < to_size:
-            A = self.halving[2 * y.shape[-1]]
+            big = above[y.shape[-1]]
+            A = self.resize[big, y.shape[-1]]
             y = A.T @ y @ A
         return y
 
@@ -257,11 +276,12 @@ class ScaleSpace:
         return np.sqrt(abar) * self.downsample(x0, int(self.sizes[t])) + np.sqrt(1 - abar) * eps
 
     def update_constants(self, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What a size-doubling update to ``out_size`` needs besides its scalars: the halving
-        matrix ``A`` [out/2, out], the eigenvectors ``U`` of ``A^T A`` and the outer product of
-        its (clipped) eigenvalues, from which ``S = sqrt(1 - rho alpha l l^T)``."""
+        """What a size-increasing update to ``out_size`` needs besides its scalars: the resize
+        matrix ``A`` [in, out] down to the next ladder size, the eigenvectors ``U`` of ``A^T A``
+        and the outer product of its (clipped) eigenvalues, from which
+        ``S = sqrt(1 - rho alpha l l^T)`` (docs/method.md (10.10))."""
         eigvals, eigvecs = self._eig[out_size]
-        return self.halving[out_size], eigvecs, np.outer(eigvals.clip(0), eigvals.clip(0))
+        return self.resize[out_size, self.below[out_size]], eigvecs, np.outer(eigvals.clip(0), eigvals.clip(0))
 
     # ---------------------------------------------------------------- training
     def loss_weight(self, t) -> np.ndarray:
@@ -342,7 +362,7 @@ class ScaleSpace:
             k_fwd=math.sqrt(alpha),
             sigma_s=math.sqrt(var_s),
             rho_alpha=rho * alpha,
-            halve=self.halving[out_size],
+            halve=self.resize[out_size, in_size],
             eigvecs=eigvecs,
             noise_scale=scale,
         )

@@ -31,12 +31,14 @@ class ConfigError(UserError, ValueError):
 
 def spec(default=MISSING, *, default_factory=MISSING, lo=None, hi=None, choices=None,
          pattern: str | None = None, max_items: int | None = None, min_items: int = 0,
-         max_len: int = MAX_STRING):
+         max_len: int = MAX_STRING, omit_default: bool = False):
     """A dataclass field with bounds: ``lo``/``hi`` (numbers, inclusive), ``choices``,
     ``pattern`` (strings, full match), ``max_len``; ``min_items``/``max_items`` bound the
-    length of lists and dicts, while the other bounds apply to their elements."""
+    length of lists and dicts, while the other bounds apply to their elements.
+    ``omit_default``: :func:`to_json` leaves the field out at its default, so documents
+    written before the field existed stay byte for byte what they were."""
     bounds = {"lo": lo, "hi": hi, "choices": choices, "pattern": pattern, "max_items": max_items,
-              "min_items": min_items, "max_len": max_len}
+              "min_items": min_items, "max_len": max_len, "omit_default": omit_default}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=bounds)
 
 
@@ -61,8 +63,16 @@ def parse(kind, data, where: str = ""):
 
 
 def to_json(value):
-    """A Typed document as plain JSON data (tuples become lists when dumped)."""
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    """A Typed document as plain JSON data (tuples become lists when dumped); fields marked
+    ``omit_default`` are left out while they hold their default."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_json(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
 
 
 def fail(where: str, message: str):

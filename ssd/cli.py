@@ -51,6 +51,8 @@ def _need_train_extra(tool: str) -> None:
 @_option("data", str, "fashion-mnist (built in), fixture (test images) or an image folder.")
 @_option("preset", click.Choice(sorted(MODEL_PRESETS)), "Network preset.")
 @_option("levels", click.IntRange(min=1), "Resolution levels n (1 = DDPM-x0).")
+@_option("ds_factor", float, "Downsizing factor F > 1 between levels: 2 halves; e.g. 1.5 gives the "
+         "gradual ladder 32, 20, 14, 8 px with --levels 4 (docs/training.md).")
 @_option("steps", click.IntRange(min=1), "Train until this step.")
 @_option("batch_size", click.IntRange(min=1), "Images per optimiser step: the global batch, split across torchrun processes.")
 @_option("grad_accum", click.IntRange(min=1), "Split each batch into K micro-batches (gradient accumulation).")
@@ -118,8 +120,12 @@ def _train_in(ctx, out: Path, resume: bool, progress: bool, options: dict, dist)
     trainer = start_run(out, given_options(ctx, options), resume, dist=dist)
     cfg = trainer.cfg
     ranks = f", {dist.world_size} processes" if dist.active else ""
-    say(f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L at step {trainer.step} on "
-        f"{trainer.dataset.source} ({len(trainer.dataset)} images), {trainer.device}{ranks}, into {out}")
+    say(f"{'resuming' if resume else 'training'} {cfg.preset} {cfg.levels}L{ladder_text(trainer.config)} at step "
+        f"{trainer.step} on {trainer.dataset.source} ({len(trainer.dataset)} images), {trainer.device}{ranks}, "
+        f"into {out}")
+    note = trainer.config.resolution_ladder().note()
+    if note and dist.is_main:
+        click.echo(f"note: {note}", err=True)
     for note in trainer.notes:
         say(note)
     if trainer.step >= cfg.steps:
@@ -132,6 +138,14 @@ def _train_in(ctx, out: Path, resume: bool, progress: bool, options: dict, dist)
     except TerminatedError:
         raise interrupted(out, trainer.step, "terminated (SIGTERM)", 143) from None
     say(f"done: step {trainer.step}, checkpoints in {out / 'checkpoints'}")
+
+
+def ladder_text(config) -> str:
+    """`` ds 1.5 (32, 20, 14, 8 px)`` for a gradual ladder, ``''`` for the 2x one."""
+    if config.diffusion.ds_factor == 2:
+        return ""
+    sizes = ", ".join(str(size) for size in reversed(config.ladder))
+    return f" ds {config.diffusion.ds_factor:g} ({sizes} px)"
 
 
 def _shared_by_all_ranks(err: BaseException) -> bool:

@@ -5,7 +5,8 @@ MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta
 matrix products (convs, linears, attention matmuls); normalisations, activations, softmax,
 resizes and additions are not counted (they are <1% of an ADM UNet's MACs).
 
-Run ``python -m ssd.flops adm64 4`` for a table.
+Run ``python -m ssd.flops adm64 4`` for a table; ``--ds-factor 1.5`` for a gradual ladder
+(docs/method.md §10), ``--steps 250`` for a respaced run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from collections import Counter
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssd_core.config import MODEL_PRESETS, ModelConfig, SSDConfig, make_config
+from ssd_core.config import MODEL_PRESETS, ConfigError, ModelConfig, SSDConfig, make_config
+from ssd_core.errors import cli_errors
+from ssd_core.method import ScaleSpace
 from .unet import FlexiUNet, parse_route, route_name, route_names
 
 
@@ -61,8 +64,6 @@ def route_counts(ssd_config: SSDConfig, steps: int | None = None) -> dict[str, i
     change step (``r(t-1) > r(t)``) which uses ``up_{r(t)}_{r(t-1)}``. With fewer steps the
     routes of :meth:`ssd_core.method.ScaleSpace.plan` are counted.
     """
-    from ssd_core.method import ScaleSpace
-
     space = ScaleSpace.from_config(ssd_config)
     if steps is not None:
         return dict(Counter(step.route for step in space.plan(steps)))
@@ -92,8 +93,11 @@ def sampling_mac_ratio(ssd_config: SSDConfig, steps: int | None = None,
     over the n-level run's, both with ``steps`` network calls (default T); >1: SSD is cheaper.
 
     ``convention="network"`` counts the routes this network runs; ``"paper"`` counts them
-    as the paper does (:func:`paper_route_macs`; baseline still the full UNet).
+    as the paper does (:func:`paper_route_macs`; baseline still the full UNet), defined for
+    2x ladders only (the authors' route style runs no gradual one).
     """
+    if convention == "paper" and not ssd_config.is_halving:
+        raise ConfigError("the paper's MAC accounting is defined for 2x ladders only (ds_factor 2)")
     calls = steps or ssd_config.diffusion.timesteps
     full = ssd_config.model.image_size
     plain = dataclasses.replace(ssd_config.model, route_style="full")  # the whole UNet, every block
@@ -101,36 +105,45 @@ def sampling_mac_ratio(ssd_config: SSDConfig, steps: int | None = None,
     return baseline / sampling_macs(ssd_config, route_counts(ssd_config, steps), convention)
 
 
-def mac_table(ssd_config: SSDConfig) -> str:
-    """A text table of GMACs per route (ours and the paper's accounting), calls over T
-    steps, and both sampling MAC ratios."""
-    counts = route_counts(ssd_config)
+def mac_table(ssd_config: SSDConfig, steps: int | None = None) -> str:
+    """A text table of GMACs per route (ours and, for 2x ladders, the paper's accounting),
+    calls over ``steps`` network calls (default T), and the sampling MAC ratios vs DDPM-x0."""
+    counts = route_counts(ssd_config, steps)
+    paper = ssd_config.is_halving
     lines = [f"{'route':<12}{'GMACs':>9}{'paper':>9}{'calls':>8}"]
     for name in route_names(ssd_config):
         gmacs = route_macs(ssd_config.model, name) / 1e9
-        paper = paper_route_macs(ssd_config.model, name) / 1e9
-        lines.append(f"{name:<12}{gmacs:>9.2f}{paper:>9.2f}{counts.get(name, 0):>8}")
+        theirs = f"{paper_route_macs(ssd_config.model, name) / 1e9:>9.2f}" if paper else f"{'-':>9}"
+        lines.append(f"{name:<12}{gmacs:>9.2f}{theirs}{counts.get(name, 0):>8}")
     d = ssd_config.diffusion
+    ladder = "" if d.ds_factor == 2 else f" ds {d.ds_factor:g}"
+    sizes = ", ".join(str(size) for size in reversed(ssd_config.ladder))
+    paper_ratio = (f"paper accounting {sampling_mac_ratio(ssd_config, steps, 'paper'):.3f}x" if paper
+                   else "paper accounting: 2x ladders only")
     lines.append(
-        f"{d.levels}L {d.resolution_schedule}, {d.timesteps} steps, MACs of "
-        f"the plain UNet x T over SSD's: "
-        f"{sampling_mac_ratio(ssd_config):.3f}x "
-        f"(paper accounting {sampling_mac_ratio(ssd_config, convention='paper'):.3f}x)"
+        f"{d.levels}L{ladder} ({sizes} px) {d.resolution_schedule}, {steps or d.timesteps} steps, MACs of "
+        f"the plain UNet over SSD's: {sampling_mac_ratio(ssd_config, steps):.3f}x ({paper_ratio})"
     )
     return "\n".join(lines)
 
 
-def print_mac_table(ssd_config: SSDConfig) -> None:
-    print(mac_table(ssd_config))
+def print_mac_table(ssd_config: SSDConfig, steps: int | None = None) -> None:
+    print(mac_table(ssd_config, steps))
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", choices=sorted(MODEL_PRESETS))
     parser.add_argument("levels", type=int, nargs="?")
     parser.add_argument("--schedule", default="convex", choices=("convex", "equal"))
+    parser.add_argument("--ds-factor", type=float, default=2.0, help="downsizing factor F > 1 between levels")
+    parser.add_argument("--steps", type=int, default=None, help="network calls per run [default: T]")
     args = parser.parse_args(argv)
-    print_mac_table(make_config(args.preset, args.levels, resolution_schedule=args.schedule))
+    config = make_config(args.preset, args.levels, resolution_schedule=args.schedule, ds_factor=args.ds_factor)
+    if args.steps is not None:
+        ScaleSpace.from_config(config).timesteps_for(args.steps)  # a bad --steps is one line
+    print_mac_table(config, args.steps)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 route, clamps its prediction and draws ``x_s`` with the update of docs/method.md §5 (the same
 :func:`ssd_core.method.keep_update` / :func:`ssd_core.method.up_update` the numpy loop uses). The
 step's scalars come in ``coef`` (``Step.coefficients()``, so respaced sampling needs no new
-graph); the matrices of a size-doubling update (``A``, ``U`` and the eigenvalue outer product
+graph); the matrices of a size-increasing update (``A``, ``U`` and the eigenvalue outer product
 that ``S`` is computed from) are baked in as buffers. The exporter writes these modules to
 ONNX and TorchScript next to the plain route graphs, which stay the verification reference.
 """

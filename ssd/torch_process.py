@@ -12,7 +12,7 @@ from ssd_core.method import ScaleSpace
 
 
 class TorchScaleSpace:
-    """``ScaleSpace`` with its schedules and halving matrices as float32 tensors on ``device``."""
+    """``ScaleSpace`` with its schedules and resize matrices as float32 tensors on ``device``."""
 
     def __init__(self, space: ScaleSpace, device="cpu"):
         self.space = space
@@ -21,12 +21,13 @@ class TorchScaleSpace:
         self.sqrt_abar = as_tensor(np.sqrt(space.abar))
         self.sqrt_one_minus_abar = as_tensor(np.sqrt(1.0 - space.abar))
         self.loss_weights = as_tensor(space.loss_weight(np.arange(space.timesteps)))
-        self.halving = {m: as_tensor(a) for m, a in space.halving.items()}
+        self.resize = {big: as_tensor(a) for (big, _), a in space.resize.items()}  # down from size big
 
     def downsample(self, x: torch.Tensor, to_size: int) -> torch.Tensor:
-        """``R_{m -> to_size} x`` for ``x`` [N, C, m, m], by the same matrices as the runtime."""
+        """``R_{m -> to_size} x`` for ``x`` [N, C, m, m]: the consecutive resizes down the
+        ladder, by the same matrices as the runtime."""
         while x.shape[-1] > to_size:
-            A = self.halving[x.shape[-1]]
+            A = self.resize[x.shape[-1]]
             x = A @ x @ A.mT
         return x
 

@@ -33,8 +33,8 @@ from .torch_process import TorchScaleSpace
 from .unet import FlexiUNet
 
 # Fields a resumed run must share with its checkpoint (the others may change, e.g. --steps).
-RESUME_FIXED = ("preset", "levels", "data", "batch_size", "lr", "weight_decay", "ema_decay", "ema_warmup",
-                "grad_clip", "seed")
+RESUME_FIXED = ("preset", "levels", "ds_factor", "data", "batch_size", "lr", "weight_decay", "ema_decay",
+                "ema_warmup", "grad_clip", "seed")
 # Defaults of a new run that differ from TrainConfig's, which are what older checkpoints mean.
 NEW_RUN_DEFAULTS = {"ema_warmup": True}
 SAMPLE_COUNT = 16  # images in each sample grid

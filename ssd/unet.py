@@ -1,15 +1,19 @@
 """The ADM ("guided-diffusion") style Flexi-UNet of docs/method.md §7.
 
 One set of weights, several *routes*. An input of size ``r`` enters at the UNet level ``l``
-whose native size is ``r`` (``cfg.level_of(r)``):
+whose native size is the smallest at or above ``r`` (``cfg.level_of(r)``; ``r`` itself on a 2x
+ladder, e.g. 24 px runs the 32-px blocks at 24 px on a gradual one, docs/method.md §10):
 
 - ``keep_{r}``: shared ``conv_in`` at size ``r`` -> 1x1 entry adapter (``l > 0``) -> encoder
   levels ``l..L-1`` -> middle -> decoder levels ``L-1..l`` with real skips (without level
   ``l``'s upsample) -> 1x1 exit adapter (``l > 0``) -> shared output head. Output at ``r``.
-- ``up_{r}_{2r}``: the same, but the decoder also runs level ``l``'s upsample and level
-  ``l-1``'s blocks, fed zero tensors where the never-run encoder's skips would be. Output
-  at ``2r``. Into full size, ``cfg.top_transition == "interp"`` replaces this with a
-  bilinear x2 of the input followed by ``keep_{full}`` (what the authors' code does).
+- ``up_{r}_{s}``: the same, but the decoder also runs level ``l``'s upsample and the blocks of
+  the output size's level (``cfg.level_of(s)``, and of any level between), fed zero tensors
+  where the never-run encoder's skips would be. Output at ``s``: the last upsample is the
+  nearest x2 where ``s`` is the double, a bilinear resize to ``s`` otherwise. Into full size,
+  ``cfg.top_transition == "interp"`` replaces this with a bilinear resize of the input to
+  ``s`` followed by ``keep_{s}`` (what the authors' code does); so does an up route whose two
+  sizes share a level (24 -> 32), where there is no upsample to run.
 
 ``cfg.route_style == "authors"`` reproduces the authors' FlexiUNet for their released
 checkpoints (``ssd.authors``): the output level runs one decoder block fewer, an up route
@@ -35,14 +39,14 @@ from ssd_core.method import parse_route, route_name
 # --------------------------------------------------------------------------- route names
 
 def route_names(ssd_config: SSDConfig) -> list[str]:
-    """The ``2n-1`` routes of an ``n``-level SSD model, smallest first, interleaved:
-    ``keep_8, up_8_16, keep_16, up_16_32, keep_32``."""
+    """The ``2n-1`` routes of a model whose ladder has ``n`` sizes, smallest first, interleaved:
+    ``keep_8, up_8_16, keep_16, up_16_32, keep_32`` (``keep_8, up_8_14, keep_14, ...`` gradual)."""
     ladder = ssd_config.ladder
     names = []
     for i, size in enumerate(ladder):
         names.append(route_name(size, size))
         if i + 1 < len(ladder):
-            names.append(route_name(size, 2 * size))
+            names.append(route_name(size, ladder[i + 1]))
     return names
 
 
@@ -180,14 +184,25 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv: [N,C,H,W] -> [N,C,2H,2W]."""
+    """Nearest x2 then 3x3 conv: [N,C,H,W] -> [N,C,2H,2W]; with ``size``, a bilinear resize to
+    ``size`` x ``size`` instead of the x2 (the last upsample of a gradual ladder's up route)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(resize(x, size))
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``x`` [N,C,h,w] to [N,C,size,size] (half-pixel centres; the exact x2
+    keeps the scale-factor form every exported 2x graph has)."""
+    if size == 2 * x.shape[-1]:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 # --------------------------------------------------------------------------- the network
@@ -298,13 +313,21 @@ class RouteModule(nn.Module):
         self.in_size, self.out_size = parse_route(name)
         self.base_channels = cfg.base_channels
         self.interp = self.out_size != self.in_size and (
-            self.out_size == cfg.image_size and cfg.top_transition == "interp"
+            (self.out_size == cfg.image_size and cfg.top_transition == "interp")
+            or cfg.level_of(self.in_size) == cfg.level_of(self.out_size)  # no upsample between them
         )
         run_size = self.out_size if self.interp else self.in_size
         self.level = cfg.level_of(run_size)  # entry level
         self.out_level = cfg.level_of(self.out_size)
         self.enc_levels = list(range(self.level, cfg.num_levels))
         self.decoder = self._decoder_plan(unet)
+        # Each upsample's target size: None for the nearest x2; the levels below the output one
+        # run at out_size / 2^k, so every size on the way is exact (docs/method.md §10.1).
+        self.up_sizes = {}
+        for level in range(self.out_level + 1, self.level + 1):
+            target = self.out_size >> (level - 1 - self.out_level)
+            current = run_size if level == self.level else self.out_size >> (level - self.out_level)
+            self.up_sizes[str(level)] = None if target == 2 * current else target
         self._share(unet)
 
     def _decoder_plan(self, unet: FlexiUNet) -> list[tuple[int, int, list[int]]]:
@@ -325,9 +348,9 @@ class RouteModule(nn.Module):
                 plan.append((level, blocks, unet.skip_channels(level)[-1:] if goes_up else []))
             else:
                 plan.append((level, blocks + 1, []))
-        if goes_up:
-            zeros = unet.skip_channels(self.out_level)
-            plan.append((self.out_level, 0, zeros[:blocks] if authors else zeros))
+        for level in range(self.level - 1, self.out_level - 1, -1) if goes_up else ():
+            zeros = unet.skip_channels(level)
+            plan.append((level, 0, zeros[:blocks] if authors else zeros))
         return plan
 
     def _share(self, unet: FlexiUNet) -> None:
@@ -344,7 +367,8 @@ class RouteModule(nn.Module):
         self.middle = unet.middle
         self.dec = nn.ModuleDict({str(level): nn.ModuleList(unet.dec[level][:real + len(zeros)])
                                   for level, real, zeros in self.decoder})  # the blocks it runs
-        self.up = pick(unet.up, [l for l in levels if l > self.out_level])
+        self.up = pick(unet.up, [l for l in range(self.out_level + 1, self.level + 1)] +
+                       [l for l in levels if l > self.level])
         self.exit = pick(unet.exit, [self.out_level] if str(self.out_level) in unet.exit else [])
         self.head = unet.head
 
@@ -364,7 +388,7 @@ class RouteModule(nn.Module):
         t_emb = timestep_embedding(as_timesteps(t, x), self.base_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [N, 4*base]
         if self.interp:
-            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = resize(x, self.out_size)
         h = self.conv_in(x)
         if str(self.level) in self.entry:
             h = self.entry[str(self.level)](h)
@@ -385,7 +409,7 @@ class RouteModule(nn.Module):
                 zeros = h.new_zeros((h.shape[0], channels, h.shape[2], h.shape[3]))
                 h = block(torch.cat([h, zeros], dim=1), emb)
             if str(level) in self.up:
-                h = self.up[str(level)](h)
+                h = self.up[str(level)](h, self.up_sizes.get(str(level)))
         if str(self.out_level) in self.exit:
             h = self.exit[str(self.out_level)](h)
         return self.head(h)

@@ -66,7 +66,7 @@ def test_ladder_example_of_the_issue_keeps_repeats_once_and_says_so():
     assert "24, 12" in ladder.note() and ladder_sizes(32, (1, 2, 2, 2), 1.5, 4).note() == ""
     # a repeated size owns the union of its intervals of the schedule
     k = resolution_levels(1000, 6, "convex", 0.5)
-    r = ladder.size_schedule(k)
+    r = np.asarray(ladder.size_schedule(k))
     assert sorted(set(r.tolist()), reverse=True) == [32, 24, 16, 12]
     assert np.all(np.diff(r) <= 0) and r[0] == 32 and r[-1] == 12
 
@@ -284,13 +284,18 @@ def test_forward_chain_over_a_gradual_ladder_monte_carlo():
 
 
 # ------------------------------------------------------------------ F = 2 is today's code
-@pytest.mark.parametrize("preset, steps", [("cpu64", None), ("cpu64", 37), ("tiny32", 20)])
-def test_factor_two_reproduces_core_method(preset, steps):
-    """F = 2 through the general code gives today's step constants and draws bit for bit."""
-    config = make_config(preset)
+@pytest.mark.parametrize("preset, steps, levels, factor", [
+    ("cpu64", None, None, 2.0), ("cpu64", 37, None, 2.0), ("tiny32", 20, None, 2.0),
+    ("tiny32", 30, 4, 1.5), ("tiny32", None, 7, 1.25), ("cpu64", 41, 6, 1.5)])
+def test_core_method_equals_the_general_posterior(preset, steps, levels, factor):
+    """ScaleSpace (the sampler's and runtime's code) gives the step constants and draws of the
+    general separable posterior, bit for bit: for F = 2 (today's process) and gradual ladders."""
+    config = make_config(preset, levels, ds_factor=factor)
     space = ScaleSpace.from_config(config)
     d = config.diffusion
-    ladder = ladder_sizes(config.model.image_size, config.model.channel_mult, 2.0, d.levels)
+    ladder = ladder_sizes(config.model.image_size, config.model.channel_mult, factor, d.levels)
+    assert space.ladder == config.ladder == tuple(reversed(ladder.sizes))
+    assert space.is_halving == (factor == 2.0)
     process = LadderProcess(space.abar, ladder.size_schedule(
         resolution_levels(d.timesteps, d.levels, d.resolution_schedule, d.gamma)))
     rng = np.random.default_rng(7)

@@ -15,7 +15,11 @@ from ssd_core.errors import OutputError
 from ssd_core.config import TrainConfig
 from ssd.train import Trainer, start_run
 
+from conftest import assert_one_line_error, run_main
+
 TINY = dict(preset="tiny32", data="fixture", batch_size=4, sample_every=0, seed=3)
+# a gradual ladder (docs/training.md): --levels 4 --ds-factor 1.5 visits 32, 20, 14, 8 px
+GRADUAL = dict(levels=4, ds_factor=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +63,9 @@ def state_tensors(trainer):
     return {"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "optimizer": optimizer}
 
 
-def test_resume_is_bit_for_bit(tmp_path, fixture_data):
-    settings = dict(TINY, steps=6, save_every=3, ema_decay=0.9)
+@pytest.mark.parametrize("ladder", [{}, GRADUAL], ids=["2x", "gradual"])
+def test_resume_is_bit_for_bit(tmp_path, fixture_data, ladder):
+    settings = dict(TINY, **ladder, steps=6, save_every=3, ema_decay=0.9)
     straight = start_run(tmp_path / "straight", settings, dataset=fixture_data)
     straight.train(progress=False)
 
@@ -76,6 +81,7 @@ def test_resume_is_bit_for_bit(tmp_path, fixture_data):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     assert straight.rng_state() == resumed.rng_state()
+    assert resumed.config.ladder == ((8, 14, 20, 32) if ladder else (8, 16, 32))
 
 
 def test_resume_with_another_config_names_the_fields(two_step_run, fixture_data):
@@ -174,3 +180,63 @@ def test_disk_full_keeps_the_earlier_checkpoint(tmp_path, fixture_data, monkeypa
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name != "latest"] == ["step_00000001"]
     assert read_checkpoint(tmp_path).step == 1  # hashes still match
+
+
+# --------------------------------------------------------------------------- gradual ladders (--ds-factor)
+def test_a_2x_run_writes_no_ds_factor(two_step_run):
+    """ds_factor is left out at 2, so a 2x run's state.json is what it was before the option
+    existed, and older runs resume unchanged (test_resume_is_bit_for_bit[2x])."""
+    state = json.loads((latest_checkpoint(two_step_run[0]) / "state.json").read_text())
+    assert "ds_factor" not in state["train"] and "ds_factor" not in state["config"]["diffusion"]
+
+
+def test_gradual_run_through_the_cli(tmp_path, capsys):
+    """ssd-train --ds-factor: the start line names the ladder, the checkpoint keeps the factor,
+    a resume may not change it, and ssd-sample samples the model through every size."""
+    from ssd.cli import sample_main, train_main
+    from ssd.sample import sample_states
+    from ssd_core.method import ScaleSpace
+
+    run = tmp_path / "run"
+    args = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress", "--seed", "3",
+            "--steps", "1", "--levels", "4", "--ds-factor", "1.5", "--out", run]
+    code, out, err = run_main(train_main, args, capsys)
+    assert code == 0, err
+    assert "training tiny32 4L ds 1.5 (32, 20, 14, 8 px) at step 0" in out and err == ""
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert state["train"]["ds_factor"] == state["config"]["diffusion"]["ds_factor"] == 1.5
+    result = run_main(train_main, ["--resume", "--out", run, "--steps", "2", "--ds-factor", "2"], capsys)
+    assert_one_line_error(result, r"different config: ds_factor=2\.0 \(checkpoint: 1\.5\)")
+
+    code, out, err = run_main(sample_main, [run, "--steps", "8", "--n", "2", "--out", tmp_path / "s"], capsys)
+    assert code == 0 and "wrote 2 samples" in out, err
+    config, model = load_model(run)
+    sizes = [state.x.shape[-1] for state in sample_states(model, ScaleSpace.from_config(config), 2, 8, 0)]
+    assert sorted(set(sizes)) == [8, 14, 20, 32] and sizes[-1] == 32
+
+
+def test_a_repeating_ladder_is_noted_once(tmp_path, capsys):
+    """F = 1.1 with 12 levels: the authors' rule repeats sizes, each is kept once, and the
+    run says so on stderr, once."""
+    from ssd.cli import train_main
+
+    args = ["--data", "fixture", "--batch-size", "2", "--sample-every", "0", "--no-progress", "--steps", "1",
+            "--levels", "12", "--ds-factor", "1.1", "--out", tmp_path / "run"]
+    code, out, err = run_main(train_main, args, capsys)
+    assert code == 0 and "12L ds 1.1 (32, 28, 24, 20, 16, 14, 12 px)" in out
+    assert err.count("repeats size") == 1 and err.startswith("note: the ladder rule repeats size(s) 24, 20")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--ds-factor", "1"], r"ds_factor=1\.0; need a factor > 1"),
+    (["--ds-factor", "0.5"], r"ds_factor: 0\.5 is out of range"),
+    (["--ds-factor", "nan"], r"ds_factor: expected a finite number"),
+    (["--ds-factor", "1.5", "--levels", "5"], r"levels=5 with ds_factor=1\.5 reaches size 6"),
+    (["--ds-factor", "1.5", "--levels", "10"], r"levels=10 is too many .*ds_factor=1\.5"),
+])
+def test_bad_ds_factor_is_one_line(tmp_path, capsys, args, pattern):
+    from ssd.cli import train_main
+
+    result = run_main(train_main, ["--data", "fixture", "--no-progress", "--out", tmp_path / "run"] + args, capsys)
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "run").exists()

@@ -15,8 +15,12 @@ TINY_UP = dataclasses.replace(TINY, top_transition="up")
 CONFIGS = {"tiny32": TINY, "small32": MODEL_PRESETS["small32"], "tiny32-up": TINY_UP}
 
 
-def ssd_config(model, levels=None) -> SSDConfig:
-    return SSDConfig(model=model, diffusion=DiffusionConfig(levels=levels or model.num_levels))
+def ssd_config(model, levels=None, ds_factor=2.0) -> SSDConfig:
+    return SSDConfig(model=model, diffusion=DiffusionConfig(levels=levels or model.num_levels, ds_factor=ds_factor))
+
+
+# gradual ladders (docs/method.md §10): 32, 20, 14, 8 and 32, 24, 20, 16, 14, 10, 8
+GRADUAL = {"tiny32-1.5": (TINY, 4, 1.5), "tiny32-up-1.25": (TINY_UP, 7, 1.25)}
 
 
 def randomized(cfg, seed=0) -> FlexiUNet:
@@ -44,8 +48,11 @@ def test_route_names():
     assert len(route_names(make_config("adm256"))) == 11
     for name in route_names(make_config("adm64")):
         assert route_name(*parse_route(name)) == name
-    for bad in [lambda: route_name(8, 32), lambda: parse_route("up_8_32"),
-                lambda: parse_route("keep8"), lambda: FlexiUNet(TINY).route("keep_12"),
+    assert route_names(ssd_config(TINY, 4, 1.5)) == [
+        "keep_8", "up_8_14", "keep_14", "up_14_20", "keep_20", "up_20_32", "keep_32"]
+    assert len(route_names(ssd_config(TINY_UP, 7, 1.25))) == 13
+    for bad in [lambda: route_name(32, 8), lambda: parse_route("up_32_16"), lambda: parse_route("up_8_8"),
+                lambda: parse_route("keep8"), lambda: FlexiUNet(TINY).route("keep_13"),
                 lambda: FlexiUNet(TINY).route("up_32_64"),
                 lambda: dataclasses.replace(TINY, num_heads=3, attention_resolutions=())]:
         with pytest.raises(ValueError):
@@ -53,11 +60,11 @@ def test_route_names():
 
 
 # --------------------------------------------------------------------------- routes
-@pytest.mark.parametrize("preset", sorted(CONFIGS))
+@pytest.mark.parametrize("preset", sorted(CONFIGS) + sorted(GRADUAL))
 def test_route_shapes(preset):
-    cfg = CONFIGS[preset]
+    cfg, levels, factor = GRADUAL.get(preset, (CONFIGS.get(preset), None, 2.0))
     model = FlexiUNet(cfg).eval()
-    for name in route_names(ssd_config(cfg)):
+    for name in route_names(ssd_config(cfg, levels, factor)):
         x, t, out_size = inputs(cfg, name)
         with torch.no_grad():
             y = model(x, t, out_size)
@@ -114,12 +121,35 @@ def test_routes_use_the_submodules_of_spec_section_7():
         model.route("keep_32"))
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY_UP], ids=["interp", "up"])
-def test_route_weights_are_shared_subsets_covering_the_model(cfg):
+def test_gradual_routes_enter_and_leave_at_the_smallest_level_at_or_above():
+    """14 px runs the 16-px blocks, 20 and 24 px the 32-px ones; an up route between two levels
+    runs the upsample and the output level's blocks; one inside a level (24 -> 32) is the keep
+    route of the bilinear-resized input, whatever the top transition."""
+    model = randomized(TINY_UP)
+    shared = {"time_embed", "conv_in", "middle", "head"}
+    below = {"enc.2", "dec.2", "up.2"}
+    assert top_level_modules(model.route("keep_14")) == shared | below | {"entry.1", "enc.1", "down.1", "dec.1",
+                                                                          "exit.1"}
+    assert top_level_modules(model.route("up_14_20")) == shared | below | {
+        "entry.1", "enc.1", "down.1", "dec.1", "up.1", "dec.0"}
+    assert model.route("up_14_20").up_sizes == {"1": 20}  # bilinear 14 -> 20, not the nearest x2
+    assert model.route("up_8_16").up_sizes == {"2": None}
+    for small, big in [(24, 32), (10, 14)]:
+        route = model.route(f"up_{small}_{big}")
+        assert route.interp and route.level == route.out_level
+        x = torch.randn(2, 3, small, small)
+        with torch.no_grad():
+            resized = F.interpolate(x, size=(big, big), mode="bilinear", align_corners=False)
+            assert torch.equal(route(x, torch.tensor([5.0, 600.0])), model(resized, torch.tensor([5.0, 600.0])))
+
+
+@pytest.mark.parametrize("cfg, levels, factor", [(TINY, None, 2.0), (TINY_UP, None, 2.0), (TINY, 4, 1.5)],
+                         ids=["interp", "up", "gradual"])
+def test_route_weights_are_shared_subsets_covering_the_model(cfg, levels, factor):
     model = FlexiUNet(cfg)
     full = model.state_dict()
     covered = set()
-    for name in route_names(ssd_config(cfg)):
+    for name in route_names(ssd_config(cfg, levels, factor)):
         route_state = model.route(name).state_dict()
         for key, tensor in route_state.items():
             assert key in full and tensor.data_ptr() == full[key].data_ptr(), (name, key)
@@ -247,3 +277,64 @@ def test_mac_counts_against_spec_section_7():
     assert sampling_mac_ratio(cfg, convention="paper") == pytest.approx(1.55, rel=0.05)
     assert sampling_mac_ratio(cfg) == pytest.approx(1.436, abs=0.01)
     assert sampling_mac_ratio(make_config("adm64", 1)) == pytest.approx(1.0)
+
+
+def hook_macs(route, in_size: int, channels: int) -> int:
+    """MACs per image of one ``route`` forward counted independently of FlopCounterMode: from
+    the output shapes seen by forward hooks on every conv and linear layer, plus the two
+    attention matmuls (``2 C T^2`` for T = H*W tokens) of every attention block it runs."""
+    from ssd.unet import AttentionBlock
+
+    total = 0
+
+    def layer(module, args, out):
+        nonlocal total
+        if isinstance(module, torch.nn.Linear):
+            total += out.numel() * module.in_features
+        else:  # Conv1d / Conv2d: each output value is one dot product over (C_in/groups) x kernel
+            kernel = module.in_channels // module.groups
+            for k in module.kernel_size:
+                kernel *= k
+            total += out.numel() * kernel
+
+    def attention(module, args, out):
+        nonlocal total
+        n, c, h, w = args[0].shape
+        total += n * 2 * c * (h * w) ** 2
+
+    layers = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
+    hooks = [m.register_forward_hook(layer) for m in route.modules() if isinstance(m, layers)]
+    hooks += [m.register_forward_hook(attention) for m in route.modules() if isinstance(m, AttentionBlock)]
+    try:
+        with torch.no_grad():
+            route(torch.zeros(1, channels, in_size, in_size), torch.zeros(1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+@pytest.mark.parametrize("preset", ["tiny32"] + sorted(GRADUAL))
+def test_route_macs_agree_with_an_independent_hook_count(preset):
+    """Every route of the 2x and the gradual ladders (bilinear last upsample, interp routes
+    inside a level): the FlopCounterMode count on the meta device equals the hook count."""
+    cfg, levels, factor = GRADUAL.get(preset, (TINY, None, 2.0))
+    model = FlexiUNet(cfg).eval()
+    for name in route_names(ssd_config(cfg, levels, factor)):
+        in_size, _ = parse_route(name)
+        assert route_macs(cfg, name) == hook_macs(model.route(name), in_size, cfg.in_channels), name
+
+
+def test_gradual_route_counts_and_mac_ratio():
+    """A gradual ladder keeps the 2x schedule's level intervals (only the sizes change), so its
+    calls per route are adm64 4L's; the MAC ratio is the plain UNet x T over their sum."""
+    cfg = ssd_config(MODEL_PRESETS["small32"], 4, 1.5)
+    counts = route_counts(cfg)
+    assert counts == {"keep_32": 438, "up_20_32": 1, "keep_20": 311, "up_14_20": 1,
+                      "keep_14": 186, "up_8_14": 1, "keep_8": 62}
+    total = sum(n * route_macs(cfg.model, name) for name, n in counts.items())
+    assert sampling_mac_ratio(cfg) == pytest.approx(1000 * route_macs(cfg.model, "keep_32") / total, rel=1e-12)
+    assert sampling_mac_ratio(cfg) == pytest.approx(1.559, abs=0.001)
+    assert sampling_mac_ratio(make_config("small32", 3)) == pytest.approx(1.351, abs=0.001)
+    with pytest.raises(ValueError, match="2x ladders only"):
+        sampling_mac_ratio(cfg, convention="paper")
