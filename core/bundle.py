@@ -45,9 +45,12 @@ from .method import COEFFICIENTS, ScaleSpace, route_name
 from .schema import ConfigError, Typed, parse, spec
 
 FORMAT = "ssd-bundle"
-# 2: weights tables for in-memory ONNX weights, one weights file per format; 3: fused step graphs
-FORMAT_VERSION = 3
-READ_VERSIONS = (2, 3)  # a version 2 bundle has no step graphs and samples unfused
+# 2: weights tables for in-memory ONNX weights, one weights file per format; 3: fused step graphs;
+# 4: any resolution ladder (process.resize keyed by size pair, routes up_R_S with S > R). A 2x
+# model is still written as version 3, which every earlier runtime reads (format_version_for).
+FORMAT_VERSION = 4
+HALVING_VERSION = 3  # the newest version whose process is described by halving matrices
+READ_VERSIONS = (2, 3, 4)  # a version 2 bundle has no step graphs and samples unfused
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "x0_pred"
 STEP_OUTPUTS = ("x_s", OUTPUT_NAME)  # a step graph's outputs
@@ -136,7 +139,7 @@ class TensorIO(Typed):
 
 @dataclass(frozen=True)
 class Route(Typed):
-    """One network route (docs/method.md §7): ``keep_R`` or ``up_R_2R``, its I/O and files."""
+    """One network route (docs/method.md §7): ``keep_R`` or ``up_R_S``, its I/O and files."""
 
     name: str = spec(pattern=r"keep_[0-9]{1,4}|up_[0-9]{1,4}_[0-9]{1,4}")
     kind: str = spec(choices=("keep", "up"))
@@ -168,20 +171,37 @@ class Process(Typed):
     sizes: tuple[int, ...] = spec(lo=1, hi=MAX_IMAGE_SIZE, max_items=MAX_TIMESTEPS)
     ladder: tuple[int, ...] = spec(lo=1, hi=MAX_IMAGE_SIZE, min_items=1, max_items=MAX_LEVELS)
     change_steps: tuple[int, ...] = spec(lo=1, hi=MAX_TIMESTEPS, max_items=MAX_LEVELS)
-    halving: dict[str, tuple[tuple[float, ...], ...]] = spec(pattern="[0-9]{1,4}", lo=0.0, hi=1.0,
-                                                             max_items=MAX_IMAGE_SIZE)
+    # Up to format version 3: the 1-D halving matrix [m/2, m] keyed by the size m it halves.
+    halving: dict[str, tuple[tuple[float, ...], ...]] = spec(default_factory=dict, pattern="[0-9]{1,4}", lo=0.0,
+                                                             hi=1.0, max_items=MAX_IMAGE_SIZE)
+    # From version 4: the 1-D resize [small, big] between consecutive ladder sizes, keyed "big_small";
+    # the same matrix acts on both axes of the square images (docs/method.md §10).
+    resize: dict[str, tuple[tuple[float, ...], ...]] = spec(default_factory=dict, pattern="[0-9]{1,4}_[0-9]{1,4}",
+                                                            lo=0.0, hi=1.0, max_items=MAX_IMAGE_SIZE)
 
     def check(self):
         if not len(self.abar) == len(self.sizes) == self.timesteps:
             raise ConfigError(f"abar: {len(self.abar)} and sizes {len(self.sizes)} values; "
                               f"expected timesteps={self.timesteps} of each")
-        if set(self.halving) != {str(m) for m in self.ladder[1:]}:
-            raise ConfigError(f"halving: matrices for sizes {sorted(self.halving, key=int)}; "
-                              f"expected {list(self.ladder[1:])}")
-        for size, rows in self.halving.items():
-            m = int(size)
-            if len(rows) != m // 2 or any(len(row) != m for row in rows):
-                raise ConfigError(f"halving.{size}: expected a {m // 2}x{m} matrix")
+        pairs = list(zip(self.ladder[1:], self.ladder))  # (big, small), the ladder smallest first
+        section, wanted = ("resize", {f"{big}_{small}": (small, big) for big, small in pairs}) if self.resize else (
+            "halving", {str(big): (big // 2, big) for big, _ in pairs})
+        if self.resize and self.halving:
+            raise ConfigError("resize: given with halving matrices too; a bundle carries one of them")
+        matrices = getattr(self, section)
+        if set(matrices) != set(wanted):
+            raise ConfigError(f"{section}: matrices for {sorted(matrices)}; expected {sorted(wanted)}")
+        for key, rows in matrices.items():
+            height, width = wanted[key]
+            if len(rows) != height or any(len(row) != width for row in rows):
+                raise ConfigError(f"{section}.{key}: expected a {height}x{width} matrix")
+
+    def matrices(self) -> dict[tuple[int, int], np.ndarray]:
+        """The resize matrices keyed ``(big, small)``, whichever section carries them."""
+        if self.resize:
+            return {tuple(int(m) for m in key.split("_")): np.asarray(rows, np.float64)
+                    for key, rows in self.resize.items()}
+        return {(int(m), int(m) // 2): np.asarray(rows, np.float64) for m, rows in self.halving.items()}
 
 
 @dataclass(frozen=True)
@@ -218,6 +238,8 @@ class Manifest(Typed):
 
     def check(self):
         parse_engine_sets(self.engines)  # the TensorRT registry: typed and bounded too
+        if self.process.resize and self.format_version < FORMAT_VERSION:
+            raise ConfigError(f"format_version: {self.format_version}, but process.resize needs {FORMAT_VERSION}")
         levels = self.config.diffusion.levels
         if len(self.routes) > 2 * levels - 1:
             raise ConfigError(f"routes: {len(self.routes)} routes; a {levels}-level model has {2 * levels - 1}")
@@ -276,15 +298,25 @@ def step_contract(route: dict) -> dict:
 
 
 def process_section(space: ScaleSpace) -> dict:
-    """The process as arrays, so the runtime depends on no formula agreeing."""
-    return {
+    """The process as arrays, so the runtime depends on no formula agreeing: a 2x ladder's
+    halving matrices as format version 3 has them, any other ladder's resizes by size pair."""
+    section = {
         "timesteps": space.timesteps,
         "abar": space.abar.tolist(),
         "sizes": space.sizes.tolist(),
         "ladder": list(space.ladder),
         "change_steps": space.change_steps.tolist(),
-        "halving": {str(m): a.tolist() for m, a in sorted(space.halving.items())},
     }
+    if space.is_halving:
+        section["halving"] = {str(big): a.tolist() for (big, _), a in sorted(space.resize.items())}
+    else:
+        section["resize"] = {f"{big}_{small}": a.tolist() for (big, small), a in sorted(space.resize.items())}
+    return section
+
+
+def format_version_for(space: ScaleSpace) -> int:
+    """The format version a bundle of ``space`` is written as: the oldest that describes it."""
+    return HALVING_VERSION if space.is_halving else FORMAT_VERSION
 
 
 def parse_manifest(document: dict, where: Path) -> Manifest:
@@ -377,10 +409,14 @@ def load_bundle(path) -> Bundle:
     data = read_capped(manifest_path, MAX_JSON_BYTES, BundleError)
     manifest = parse_manifest(loads_json(data, path / MANIFEST, BundleError), path / MANIFEST)
     space = _scale_space(manifest, path / MANIFEST)
-    needed = {route_name(r, r) for r in space.ladder} | {route_name(r, 2 * r) for r in space.ladder[:-1]}
-    missing = sorted(needed - {route.name for route in manifest.routes})
-    if missing:
-        raise BundleError(f"{path / MANIFEST} lacks routes {missing}")
+    sizes = space.ladder
+    needed = {route_name(r, r) for r in sizes} | {route_name(r, s) for r, s in zip(sizes, sizes[1:])}
+    names = {route.name for route in manifest.routes}
+    if names - needed:
+        raise BundleError(f"{path / MANIFEST} is malformed: routes {sorted(names - needed)} do not match the "
+                          f"ladder {list(sizes)}, whose routes are {sorted(needed)}")
+    if needed - names:
+        raise BundleError(f"{path / MANIFEST} lacks routes {sorted(needed - names)}")
     return Bundle(path, manifest, space, hashlib.sha256(data).hexdigest())
 
 
@@ -388,8 +424,7 @@ def _scale_space(manifest: Manifest, where: Path) -> ScaleSpace:
     """The process of a manifest, checked against its own summary and its config."""
     process, config = manifest.process, manifest.config
     try:
-        halving = {int(m): np.asarray(rows, np.float64) for m, rows in process.halving.items()}
-        space = ScaleSpace(process.abar, process.sizes, halving)
+        space = ScaleSpace(process.abar, process.sizes, process.matrices())
     except ConfigError as err:
         raise BundleError(f"{where} is malformed: process: {err}") from None
     if (space.ladder != process.ladder or space.change_steps.tolist() != list(process.change_steps)

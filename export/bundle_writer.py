@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd_core.bundle import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, Manifest, load_bundle, sha256_file
+from ssd_core.bundle import (FORMAT, FORMAT_VERSION, HALVING_VERSION, MANIFEST, BundleError, Manifest, load_bundle,
+                             sha256_file)
 from ssd_core.config import SSDConfig
 from ssd_core.errors import UserError
 from ssd_core.files import write_json_atomic
@@ -32,7 +33,9 @@ def file_entry(root: Path, path: Path) -> dict:
 
 def fingerprint(options: dict, checkpoint_sha256: dict, created_by: dict) -> str:
     """sha256 naming exactly what an export depends on (not where the checkpoint lives)."""
-    key = {"format_version": FORMAT_VERSION, "options": options, "checkpoint": checkpoint_sha256,
+    # the version key stays 3 (the last halving-only format): the checkpoint's hash already fixes its
+    # ladder, and exports made before version 4 keep their fingerprint (so they stay up to date)
+    key = {"format_version": HALVING_VERSION, "options": options, "checkpoint": checkpoint_sha256,
            "created_by": created_by}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -115,7 +118,7 @@ def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], route
     ``quantization`` only where a format was quantized, so other bundles read as before."""
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if "resize" in process else HALVING_VERSION,  # format_version_for
         "config": config.to_dict(),
         "process": process,
         "batch": {"min": batch[0], "max": batch[1]},

@@ -1,7 +1,7 @@
 """One external-data file shared by every route of a format, each weight stored once.
 
 The routes of a Flexi-UNet share most of their weights (every route runs the middle block
-and the output head; ``keep_r`` and ``up_r_2r`` share the whole encoder). Instead of one
+and the output head; ``keep_r`` and ``up_r_o`` share the whole encoder). Instead of one
 self-contained ``.onnx`` per route, the exporter writes ``<format>/weights.bin`` and points
 each route's initializers into it (ONNX external data: ``location``, ``offset``,
 ``length``). Blobs are keyed by the sha256 of their bytes, so a tensor that several routes

@@ -81,9 +81,9 @@ def cached_bundle(digest: str) -> Path:
     """Where the packaged model's bundle lives in the cache: one folder per model, exporter
     version and bundle format."""
     from ssd_core import __version__
-    from ssd_core.bundle import FORMAT_VERSION
+    from ssd_core.bundle import HALVING_VERSION  # the shipped model has a 2x ladder: format version 3
 
-    return cache_root() / "bundles" / f"{MODEL_NAME}-{digest[:16]}-ssd{__version__}-bundle{FORMAT_VERSION}"
+    return cache_root() / "bundles" / f"{MODEL_NAME}-{digest[:16]}-ssd{__version__}-bundle{HALVING_VERSION}"
 
 
 def is_ready(bundle: Path) -> bool:

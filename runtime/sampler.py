@@ -336,13 +336,15 @@ def _concatenate(batches, model, dtype) -> np.ndarray:
 
 
 def check_covariances(bundle: Bundle) -> None:
-    """Refuse halving matrices whose ``A^T A`` has an eigenvalue above 1 (a true averaging
-    filter stays near 0.5): the noise covariance ``1 - rho alpha l_i l_j`` of a size-doubling
-    step could turn negative and its square root NaN."""
-    for size in bundle.space.ladder[1:]:
-        largest = float(bundle.space.update_constants(size)[2].max())
+    """Refuse resize matrices whose ``A^T A`` has an eigenvalue above 1 (a true averaging
+    filter stays at or below 1): the noise covariance ``1 - rho alpha l_i l_j`` of a
+    size-increasing step could turn negative and its square root NaN."""
+    section = "halving" if bundle.manifest.process.halving else "resize"
+    for big, small in bundle.space.resize:
+        largest = float(bundle.space.update_constants(big)[2].max())
         if not largest <= 1.0:
-            raise BundleError(f"{bundle.path / MANIFEST}: process.halving.{size} is no averaging filter "
+            key = big if section == "halving" else f"{big}_{small}"
+            raise BundleError(f"{bundle.path / MANIFEST}: process.{section}.{key} is no averaging filter "
                               f"(A^T A has eigenvalue {largest ** 0.5:.3g} > 1), so the noise covariance "
                               "can turn negative")
 

@@ -49,7 +49,7 @@ def test_the_packaged_model_is_package_data():
 
 def test_the_cache_is_named_by_model_exporter_and_format(monkeypatch, tmp_path):
     import ssd
-    from ssd_core.bundle import FORMAT_VERSION
+    from ssd_core.bundle import HALVING_VERSION  # the shipped model is 2x: version 3
 
     monkeypatch.delenv("SSD_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -57,7 +57,7 @@ def test_the_cache_is_named_by_model_exporter_and_format(monkeypatch, tmp_path):
     monkeypatch.setenv("SSD_CACHE", str(tmp_path / "mine"))
     bundle = default_model.cached_bundle("ab" * 32)
     assert bundle.parent == tmp_path / "mine" / "bundles"
-    assert bundle.name == f"fashion-mnist-{'ab' * 8}-ssd{ssd.__version__}-bundle{FORMAT_VERSION}"
+    assert bundle.name == f"fashion-mnist-{'ab' * 8}-ssd{ssd.__version__}-bundle{HALVING_VERSION}"
 
 
 def test_without_torch_it_names_the_extra_and_writes_nothing(tmp_path):
