@@ -10,6 +10,11 @@ Models have random weights (timing does not depend on training). Each timed quan
 the median of ``--repeats`` runs, interleaved.
 
     python benchmarks/runtime_speed.py --preset cpu64 --levels 4 --steps 1000 --batch 1
+    python benchmarks/runtime_speed.py --preset small32 --levels 4 --ds-factor 1.5 --twin-levels 3 --steps 250 --batch 8
+
+``--ds-factor`` gives the SSD model a gradual ladder (docs/method.md §10); ``--twin-levels K``
+times a 2x K-level model of the same preset in the same interleaved runs (e.g. the gradual
+ladder against the 2x ladder with the same smallest and largest sizes).
 """
 from __future__ import annotations
 
@@ -110,24 +115,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cpu64")
     parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--ds-factor", type=float, default=2.0, help="the SSD model's ladder factor [2]")
+    parser.add_argument("--twin-levels", type=int, help="also time a 2x model with this many levels")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    ssd_config = make_config(args.preset, levels=args.levels)
+    ssd_config = make_config(args.preset, levels=args.levels, ds_factor=args.ds_factor)
     ddpm_config = make_config(args.preset, levels=1)
     work = Path(tempfile.mkdtemp(prefix="ssd-bench-"))
     configs = {"ssd": ssd_config, "ddpm": ddpm_config}
+    if args.twin_levels:
+        configs["twin"] = make_config(args.preset, levels=args.twin_levels)
     bundles = {k: export_bundle(configs[k], work / k) for k in configs}
     ssd_model = load_model(work / "ssd" / "run")[1]
     samplers = {k: TimedSampler(b) for k, b in bundles.items()}
 
-    runs = {key: [] for key in ("ssd", "ddpm", "torch_ssd")}
+    runs = {key: [] for key in (*configs, "torch_ssd")}
     outside = []
     for _ in range(args.repeats):
-        for key in ("ssd", "ddpm"):
+        for key in configs:
             wall, frac = samplers[key].time(args.batch, args.steps)
             runs[key].append(wall)
             if key == "ssd":
@@ -142,12 +151,16 @@ def main(argv=None):
     }
     mac_ratio = sampling_mac_ratio(ssd_config, args.steps)
     figures = {
-        "machine": machine_name(), "preset": args.preset, "levels": args.levels,
-        "steps": args.steps, "batch": args.batch, "median_seconds": median,
+        "machine": machine_name(), "preset": args.preset, "levels": args.levels, "ds_factor": args.ds_factor,
+        "ladder": list(ssd_config.ladder), "steps": args.steps, "batch": args.batch, "median_seconds": median,
         "wall_ratio": median["ddpm"] / median["ssd"], "mac_ratio": mac_ratio,
         "runtime_vs_torch": median["torch_ssd"] / median["ssd"],
         "outside_network": statistics.median(outside), "cold_start": cold,
     }
+    if "twin" in configs:
+        figures["twin"] = {"levels": args.twin_levels, "ladder": list(configs["twin"].ladder),
+                           "wall_ratio": median["ddpm"] / median["twin"],
+                           "mac_ratio": sampling_mac_ratio(configs["twin"], args.steps)}
     print_table(figures, args)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
@@ -159,8 +172,15 @@ def print_table(f: dict, args) -> None:
           f"medians of {args.repeats} interleaved runs")
     print(f"Machine: {f['machine']}\n")
     print("| measurement | value |\n|---|---|")
+    ssd = f"SSD-{args.levels}L" + (f" (F = {args.ds_factor:g}: {', '.join(map(str, f['ladder']))} px)"
+                                   if args.ds_factor != 2 else "")
     print(f"| DDPM-1L, ONNX Runtime | {m['ddpm']:.2f} s |")
-    print(f"| SSD-{args.levels}L, ONNX Runtime | {m['ssd']:.2f} s |")
+    print(f"| {ssd}, ONNX Runtime | {m['ssd']:.2f} s |")
+    if "twin" in f:
+        twin = f"SSD-{args.twin_levels}L (F = 2: {', '.join(map(str, f['twin']['ladder']))} px)"
+        print(f"| {twin}, ONNX Runtime | {m['twin']:.2f} s |")
+        print(f"| {twin}: wall-time / MAC ratio vs DDPM | {f['twin']['wall_ratio']:.2f}x / "
+              f"{f['twin']['mac_ratio']:.2f}x |")
     print(f"| SSD-{args.levels}L, PyTorch eager reference sampler | {m['torch_ssd']:.2f} s |")
     print(f"| wall-time ratio DDPM / SSD | {f['wall_ratio']:.2f}x |")
     print(f"| MAC ratio DDPM / SSD | {f['mac_ratio']:.2f}x |")
