@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def assert_refused(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    """Rewrite ``bundle``'s manifest.json with ``edit`` (a function changing the parsed dict in place)."""
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
 
 
 def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", top: str | None = None) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import assert_one_line_error, run_main
+from conftest import assert_one_line_error, edit_manifest, run_main
 from ssd_core.bundle import BundleError, format_version_for, load_bundle, process_section
 from ssd_core.config import make_config
 from ssd_core.images import to_uint8
@@ -78,13 +78,6 @@ def copy(gradual, tmp_path):
     folder = tmp_path / "bundle"
     shutil.copytree(gradual.bundle, folder)
     return folder
-
-
-def edit_manifest(folder: Path, edit) -> None:
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 # --------------------------------------------------------------------------- the bundle

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import edit_manifest
 from ssd_core.bundle import BundleError
 from ssd.checkpoint import load_model
 from ssd_core.config import ConfigError
@@ -152,13 +153,6 @@ def bundle_copy(bundles, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundles[3][1], copy)
     return copy
-
-
-def edit_manifest(bundle: Path, edit) -> None:
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def test_missing_bundle(tmp_path):
