@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import console_script, interval, run, sampled_with  # noqa: E402
+from quality import METRIC_COLUMNS, console_script, metric_cells, run, sampled_with  # noqa: E402
 from ssd_core.errors import UserError  # noqa: E402
 from ssd_core.files import loads_json, write_atomic, write_json_atomic  # noqa: E402
 
@@ -239,15 +239,9 @@ def markdown(rows: list[dict], speed: dict, missing: list[str], args) -> str:
              f"| model | s / step | speed-up vs {model_name(int(fewest))} |", "|---|---|---|"]
     for n, seconds in sorted(per_step.items(), key=lambda item: int(item[0])):
         lines.append(f"| {model_name(int(n))} | {seconds:.3f} | {per_step[fewest] / seconds:.2f}x |")
-    lines += ["", "| model | step | training h | n | FID | classifier FD | KID x1e3 | precision | recall | SWD x1e3 | "
-              "sampling s | ssd-eval s |", "|" + "---|" * 12]
-    for row in rows:
-        r, c = row["report"], row["report"].get("classifier", {})
-        sampling = f"{row['sample_seconds']:.0f}" if row["sample_seconds"] is not None else "(done before)"
-        lines.append(f"| {row['model']} | {row['step']} | {row['train_seconds'] / 3600:.2f} | {r['n_samples']} | "
-                     f"{interval(r, 'fid')} | {interval(c, 'fd')} | {interval(c, 'kid', 1e3)} | "
-                     f"{interval(c, 'precision', digits=3)} | {interval(c, 'recall', digits=3)} | "
-                     f"{r['swd']['mean']:.1f} | {sampling} | {row['eval_seconds']:.0f} |")
+    lines += ["", "| model | step | training h | " + METRIC_COLUMNS, "|" + "---|" * 12]
+    lines += [f"| {row['model']} | {row['step']} | {row['train_seconds'] / 3600:.2f} | "
+              + metric_cells(row, not_sampled="(done before)") for row in rows]
     lines += ["", "Differences at equal steps (B - A; inside the intervals = the two 95% intervals overlap, "
               "so this sample count does not resolve it):", ""]
     found = comparisons(rows)

@@ -81,16 +81,21 @@ def interval(report: dict, key: str, scale: float = 1.0, digits: int = 2) -> str
     return text
 
 
+METRIC_COLUMNS = "n | FID | classifier FD | KID x1e3 | precision | recall | SWD x1e3 | sampling s | ssd-eval s |"
+
+
+def metric_cells(row: dict, not_sampled: str = "(given)") -> str:
+    """A row's cells under :data:`METRIC_COLUMNS`: count, figures with intervals, seconds."""
+    r, c = row["report"], row["report"].get("classifier", {})
+    sampling = f"{row['sample_seconds']:.0f}" if row["sample_seconds"] is not None else not_sampled
+    return (f"{r['n_samples']} | {interval(r, 'fid')} | {interval(c, 'fd')} | {interval(c, 'kid', 1e3)} | "
+            f"{interval(c, 'precision', digits=3)} | {interval(c, 'recall', digits=3)} | {r['swd']['mean']:.1f} | "
+            f"{sampling} | {row['eval_seconds']:.0f} |")
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| samples | steps | seed | n | FID | classifier FD | KID x1e3 | precision | recall | SWD x1e3 | "
-             "sampling s | ssd-eval s |", "|" + "---|" * 12]
-    for row in rows:
-        r, c = row["report"], row["report"].get("classifier", {})
-        sampling = f"{row['sample_seconds']:.0f}" if row["sample_seconds"] is not None else "(given)"
-        lines.append(f"| {row['name']} | {row['steps']} | {row['seed']} | {r['n_samples']} | {interval(r, 'fid')} | "
-                     f"{interval(c, 'fd')} | {interval(c, 'kid', 1e3)} | {interval(c, 'precision', digits=3)} | "
-                     f"{interval(c, 'recall', digits=3)} | {r['swd']['mean']:.1f} | {sampling} | "
-                     f"{row['eval_seconds']:.0f} |")
+    lines = ["| samples | steps | seed | " + METRIC_COLUMNS, "|" + "---|" * 12]
+    lines += [f"| {row['name']} | {row['steps']} | {row['seed']} | {metric_cells(row)}" for row in rows]
     return "\n".join(lines)
 
 

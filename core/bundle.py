@@ -314,9 +314,10 @@ def process_section(space: ScaleSpace) -> dict:
     return section
 
 
-def format_version_for(space: ScaleSpace) -> int:
-    """The format version a bundle of ``space`` is written as: the oldest that describes it."""
-    return HALVING_VERSION if space.is_halving else FORMAT_VERSION
+def format_version_for(process: dict) -> int:
+    """The format version a bundle with this :func:`process_section` is written as: the oldest
+    that describes it (3 for halving matrices, 4 for resizes by size pair)."""
+    return FORMAT_VERSION if "resize" in process else HALVING_VERSION
 
 
 def parse_manifest(document: dict, where: Path) -> Manifest:

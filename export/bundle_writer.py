@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd_core.bundle import (FORMAT, FORMAT_VERSION, HALVING_VERSION, MANIFEST, BundleError, Manifest, load_bundle,
-                             sha256_file)
+from ssd_core.bundle import (FORMAT, HALVING_VERSION, MANIFEST, BundleError, Manifest, format_version_for,
+                             load_bundle, sha256_file)
 from ssd_core.config import SSDConfig
 from ssd_core.errors import UserError
 from ssd_core.files import write_json_atomic
@@ -118,7 +118,7 @@ def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], route
     ``quantization`` only where a format was quantized, so other bundles read as before."""
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if "resize" in process else HALVING_VERSION,  # format_version_for
+        "format_version": format_version_for(process),
         "config": config.to_dict(),
         "process": process,
         "batch": {"min": batch[0], "max": batch[1]},
