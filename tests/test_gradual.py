@@ -89,7 +89,7 @@ def test_the_model_has_the_gradual_ladder(gradual):
 
 def test_manifest_is_version_4_with_the_resize_matrices(gradual):
     manifest, space = gradual.manifest, ScaleSpace.from_config(gradual.config)
-    assert manifest["format_version"] == 4 and format_version_for(space) == 4
+    assert manifest["format_version"] == 4 and format_version_for(process_section(space)) == 4
     process = manifest["process"]
     assert "halving" not in process and process["ladder"] == LADDER
     assert set(process["resize"]) == set(PAIRS)
@@ -140,7 +140,7 @@ def test_a_2x_model_still_writes_format_version_3_without_resize():
     space = ScaleSpace.from_config(make_config("tiny32", 3))
     process = process_section(space)
     assert "resize" not in process and set(process["halving"]) == {"16", "32"}
-    assert format_version_for(space) == 3
+    assert format_version_for(process_section(space)) == 3
     manifest = new_manifest(make_config("tiny32", 3), process, (1, 2), [], {}, {}, {}, {}, "", {})
     assert manifest["format_version"] == 3
     gradual = ScaleSpace.from_config(make_config("tiny32", 4, ds_factor=1.5))
