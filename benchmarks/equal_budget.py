@@ -88,13 +88,17 @@ def train_to(args, levels: int, step: int) -> None:
 
 def seconds_per_step(args) -> dict:
     """Seconds per optimizer step of each model at the training batch, measured side by side
-    with ``train_speed.measure`` (cached in ``OUT/train_speed.json`` for the same setup)."""
+    with ``train_speed.measure`` (cached in ``OUT/train_speed.json``; a stored measurement of
+    the same setup that covers these levels is reused, so a run of some models keeps the
+    side-by-side figures of all)."""
     path = args.out / "train_speed.json"
     setup = {"preset": args.preset, "batch": args.train_batch, "levels": sorted(args.levels),
              "threads": args.speed_threads, "repeats": args.speed_repeats}
     if path.is_file():
         stored = loads_json(path.read_bytes(), str(path), UserError)
-        if stored.get("setup") == setup:
+        same = {key: value for key, value in stored.get("setup", {}).items() if key != "levels"}
+        if same == {key: value for key, value in setup.items() if key != "levels"} and \
+                set(setup["levels"]) <= set(stored["setup"].get("levels", ())):
             return stored
     import torch
     import train_speed

@@ -193,3 +193,27 @@ def test_fid_reference_in_chunks_agrees_with_ssd_eval_on_the_real_network(tmp_pa
     theirs = evaluate.reference_statistics(reference, evaluate.Inception())  # all 8 images at once
     np.testing.assert_allclose(ours.mu, theirs.mu, rtol=0, atol=1e-4)
     np.testing.assert_allclose(ours.cov, theirs.cov, rtol=0, atol=1e-4)
+
+
+def test_a_run_of_some_models_keeps_the_side_by_side_speed_of_all(tmp_path, monkeypatch):
+    """Scoring one model (``--levels 3``) reuses the stored measurement of 1, 2 and 3 levels
+    instead of replacing it with a measurement of 3 alone."""
+    import train_speed
+
+    out = tmp_path / "out"
+    out.mkdir()
+    setup = {"preset": "tiny32", "batch": 2, "levels": [1, 2, 3], "threads": 1, "repeats": 1}
+    stored = {"setup": setup, "seconds_per_step": {"1": 1.2, "2": 1.0, "3": 0.9},
+              "measured": {"machine": "test", "levels": {}}}
+    (out / "train_speed.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(train_speed, "measure", lambda *a, **k: pytest.fail("measured again"))
+    args = equal_budget.parse([str(a) for a in ["--work", tmp_path / "work", "--out", out, "--levels", "3",
+                                                "--preset", "tiny32", "--train-batch", "2", "--speed-repeats", "1"]])
+    assert equal_budget.seconds_per_step(args) == stored
+    assert json.loads((out / "train_speed.json").read_text()) == stored
+
+    calls = []  # another setup (here the batch) is measured again
+    monkeypatch.setattr(train_speed, "measure", lambda *a, **k: calls.append(a) or {
+        "machine": "test", "levels": {3: {"images_per_s": 4.0}}})
+    args.train_batch = 4
+    assert equal_budget.seconds_per_step(args)["seconds_per_step"] == {"3": 1.0} and len(calls) == 1
