@@ -4,6 +4,7 @@ intervals and counts, against training steps and training time (not a test).
 
     python benchmarks/equal_budget.py --work /work/measure/equal-budget     # score the milestones that exist
     python benchmarks/equal_budget.py --work runs/equal-budget --train      # train (or resume) to each milestone too
+    python benchmarks/equal_budget.py --work runs/equal-budget --report-only  # the tables of the rows stored so far
 
 ``--work`` holds the run folders ``train_1L``, ``train_2L``, ``train_3L`` (what ``ssd-train
 --out`` wrote) and gets the bundles and samples this script makes (``bundles/``,
@@ -253,7 +254,7 @@ def markdown(rows: list[dict], speed: dict, missing: list[str], args) -> str:
               f"({'inside the intervals' if c['inside_intervals'] else 'outside the intervals: resolved'})"
               for c in found] or ["- none yet (fewer than two models at one step)"]
     if missing:
-        lines += ["", "Not scored yet (no checkpoint): " + ", ".join(missing)]
+        lines += ["", "Not scored yet: " + ", ".join(missing)]
     lines += ["", "95% intervals: bootstrap of the samples (FID, classifier FD, precision, recall; reference fixed), "
               "KID's subsets. FID at this sample count is biased upwards: compare rows of equal n only."]
     return "\n".join(lines) + "\n"
@@ -313,6 +314,8 @@ def parse(argv):
     parser.add_argument("--ref", default="fashion-mnist", help="ssd-eval --ref [fashion-mnist: its test set]")
     parser.add_argument("--bootstrap", type=int, default=200, help="ssd-eval --bootstrap [200]")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (no Inception network needed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the rows stored so far; train and score nothing")
     recipe = parser.add_argument_group("the training recipe (the shipped model's; --train and the time axis)")
     recipe.add_argument("--data", default="fashion-mnist")
     recipe.add_argument("--preset", default="small32")
@@ -335,7 +338,7 @@ def main(argv=None) -> dict:
     for folder in ("rows", "eval"):
         (args.out / folder).mkdir(parents=True, exist_ok=True)
     speed = seconds_per_step(args)
-    if not args.no_fid:
+    if not (args.no_fid or args.report_only):
         fid_reference(args)
     wanted = settings(args)
     rows, missing = [], []
@@ -346,9 +349,9 @@ def main(argv=None) -> dict:
             if row is not None:
                 print(f"{model_name(levels)} step {step}: done before ({row_path})")
             else:
-                if args.train:
+                if args.train and not args.report_only:
                     train_to(args, levels, step)
-                checkpoint = checkpoints(args.work, levels).get(step)
+                checkpoint = None if args.report_only else checkpoints(args.work, levels).get(step)
                 if checkpoint is None:
                     missing.append(f"{model_name(levels)} step {step}")
                     continue

@@ -92,6 +92,9 @@ def test_trains_scores_writes_and_skips_done_rows(tmp_path, monkeypatch, in_proc
     in_process.clear()  # everything done: nothing runs again
     equal_budget.main(args)
     assert in_process == [] and "DDPM-1L step 1: done before" in capsys.readouterr().out
+    result = equal_budget.main(args + ["--steps", "2", "--report-only"])  # tables only: nothing trains or scores
+    assert in_process == [] and len(result["rows"]) == 2 and result["missing"] == ["DDPM-1L step 2", "SSD-3L step 2"]
+    assert "Not scored yet: DDPM-1L step 2, SSD-3L step 2" in (out / "quality.md").read_text()
 
     cut = out / "rows" / "1L-step1.json"  # a row cut short while sampling: only the missing sample is drawn
     samples = Path(json.loads(cut.read_text())["samples"])
@@ -129,7 +132,7 @@ def test_missing_checkpoints_are_listed_and_contiguous_samples_counted(tmp_path,
                                                  "--train-batch", "2", "--speed-repeats", "1", "--no-fid"]])
     assert result["rows"] == [] and result["missing"] == ["SSD-2L step 5", "SSD-2L step 10"]
     assert in_process == []
-    assert "Not scored yet (no checkpoint): SSD-2L step 5, SSD-2L step 10" in (out / "quality.md").read_text()
+    assert "Not scored yet: SSD-2L step 5, SSD-2L step 10" in (out / "quality.md").read_text()
 
 
 class FakeInception:
