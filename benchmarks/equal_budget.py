@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import METRIC_COLUMNS, console_script, metric_cells, run, sampled_with  # noqa: E402
+from quality import (INTERVAL_NOTE, METRIC_COLUMNS, console_script, metric_cells, run, sampled_with,  # noqa: E402
+                     score_samples)
 from ssd_core.errors import UserError  # noqa: E402
 from ssd_core.files import loads_json, write_atomic, write_json_atomic  # noqa: E402
 
@@ -97,9 +98,9 @@ def seconds_per_step(args) -> dict:
              "threads": args.speed_threads, "repeats": args.speed_repeats}
     if path.is_file():
         stored = loads_json(path.read_bytes(), str(path), UserError)
-        same = {key: value for key, value in stored.get("setup", {}).items() if key != "levels"}
-        if same == {key: value for key, value in setup.items() if key != "levels"} and \
-                set(setup["levels"]) <= set(stored["setup"].get("levels", ())):
+        stored_setup = stored.get("setup", {})
+        if {**stored_setup, "levels": setup["levels"]} == setup and \
+                set(setup["levels"]) <= set(stored_setup.get("levels", ())):
             return stored
     import torch
     import train_speed
@@ -178,16 +179,13 @@ def score(args, levels: int, step: int, checkpoint: Path, row_path: Path) -> dic
                           "--first", first, "--batch", args.batch, "--seed", args.seed, "--backend", args.backend,
                           "--out", samples, "--no-progress"] + (["--threads", args.threads] if args.threads else [])
         sample_seconds = run(sample_command)
-    report_path = args.out / "eval" / f"{tag}.json"
-    evaluate = [console_script("ssd-eval"), samples, "--ref", args.ref, "--bootstrap", args.bootstrap,
-                "--out", report_path] + ([] if args.no_fid else ["--fid"])
-    eval_seconds = run(evaluate)
-    report = loads_json(report_path.read_bytes(), str(report_path), UserError)
+    eval_command, eval_seconds, report = score_samples(samples, args.out / "eval" / f"{tag}.json", args.ref,
+                                                       args.bootstrap, not args.no_fid)
     row = {"model": model_name(levels), "levels": levels, "step": step, "checkpoint": str(checkpoint),
            "bundle": str(bundle), "samples": str(samples), "settings": settings(args),
            "sampled_with": sampled_with(samples), "export_seconds": export_seconds,
            "sample_command": sample_command and [str(c) for c in sample_command], "sample_first": first,
-           "sample_seconds": sample_seconds, "eval_command": [str(c) for c in evaluate],
+           "sample_seconds": sample_seconds, "eval_command": eval_command,
            "eval_seconds": eval_seconds, "report": report}
     write_json_atomic(row_path, row)
     return row
@@ -255,8 +253,7 @@ def markdown(rows: list[dict], speed: dict, missing: list[str], args) -> str:
               for c in found] or ["- none yet (fewer than two models at one step)"]
     if missing:
         lines += ["", "Not scored yet: " + ", ".join(missing)]
-    lines += ["", "95% intervals: bootstrap of the samples (FID, classifier FD, precision, recall; reference fixed), "
-              "KID's subsets. FID at this sample count is biased upwards: compare rows of equal n only."]
+    lines += ["", INTERVAL_NOTE]
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,19 @@ def metric_cells(row: dict, not_sampled: str = "(given)") -> str:
             f"{sampling} | {row['eval_seconds']:.0f} |")
 
 
+INTERVAL_NOTE = ("95% intervals: bootstrap of the samples (FID, classifier FD, precision, recall; reference fixed), "
+                 "KID's subsets. FID at this sample count is biased upwards: compare rows of equal n only.")
+
+
+def score_samples(folder: Path, report_path: Path, ref: str, bootstrap: int,
+                  fid: bool) -> tuple[list[str], float, dict]:
+    """``ssd-eval`` the samples in ``folder`` into ``report_path``: (the command, its seconds, the report)."""
+    command = [console_script("ssd-eval"), folder, "--ref", ref, "--bootstrap", bootstrap,
+               "--out", report_path] + (["--fid"] if fid else [])
+    seconds = run(command)
+    return [str(c) for c in command], seconds, json.loads(Path(report_path).read_text())
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| samples | steps | seed | " + METRIC_COLUMNS, "|" + "---|" * 12]
     lines += [f"| {row['name']} | {row['steps']} | {row['seed']} | {metric_cells(row)}" for row in rows]
@@ -135,20 +148,16 @@ def main(argv=None) -> None:
                 print(f"{folder} already holds {args.n} samples: scoring them")
             else:
                 sample_seconds = run(command)
-        report_path = args.out / "eval" / f"{name}.json"
-        evaluate = [console_script("ssd-eval"), folder, "--ref", args.ref, "--bootstrap", args.bootstrap,
-                    "--out", report_path] + ([] if args.no_fid else ["--fid"])
-        eval_seconds = run(evaluate)
+        eval_command, eval_seconds, report = score_samples(folder, args.out / "eval" / f"{name}.json", args.ref,
+                                                           args.bootstrap, not args.no_fid)
         meta = sampled_with(folder)
         rows.append({"name": name, "folder": str(folder), "steps": meta.get("steps", "?"), "seed": meta.get("seed", "?"),
                      "sampled_with": meta, "sample_command": command and [str(c) for c in command],
-                     "sample_seconds": sample_seconds, "eval_command": [str(c) for c in evaluate],
-                     "eval_seconds": eval_seconds, "report": json.loads(report_path.read_text())})
+                     "sample_seconds": sample_seconds, "eval_command": eval_command,
+                     "eval_seconds": eval_seconds, "report": report})
         write_json_atomic(args.out / "quality.json", {"machine": platform.processor() or platform.machine(),
                                                       "python": sys.version.split()[0], "rows": rows})
-    note = ("95% intervals: bootstrap of the samples (FID, classifier FD, precision, recall; reference fixed), "
-            "KID's subsets. FID at this sample count is biased upwards: compare rows of equal n only.")
-    text = f"{table(rows)}\n\n{note}\n"
+    text = f"{table(rows)}\n\n{INTERVAL_NOTE}\n"
     write_atomic(args.out / "quality.md", text.encode())
     print(text)
 

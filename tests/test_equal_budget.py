@@ -19,6 +19,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import equal_budget  # noqa: E402
+import quality  # noqa: E402
 
 from ssd.cli import eval_main, train_main  # noqa: E402
 from ssd_runtime.cli import main as run_main  # noqa: E402
@@ -49,6 +50,7 @@ def in_process(monkeypatch, bundles):
         return 0.5
 
     monkeypatch.setattr(equal_budget, "run", run)
+    monkeypatch.setattr(quality, "run", run)  # ssd-eval, through quality.score_samples
     return calls
 
 
