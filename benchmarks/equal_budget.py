@@ -330,6 +330,14 @@ def parse(argv):
     return args
 
 
+def train_and_score(args, levels: int, step: int, row_path: Path) -> dict | None:
+    """Train to ``step`` first with ``--train``, then score its checkpoint; None when it does not exist."""
+    if args.train:
+        train_to(args, levels, step)
+    checkpoint = checkpoints(args.work, levels).get(step)
+    return None if checkpoint is None else score(args, levels, step, checkpoint, row_path)
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     for folder in ("rows", "eval"):
@@ -345,14 +353,11 @@ def main(argv=None) -> dict:
             row = stored_row(row_path, wanted)
             if row is not None:
                 print(f"{model_name(levels)} step {step}: done before ({row_path})")
-            else:
-                if args.train and not args.report_only:
-                    train_to(args, levels, step)
-                checkpoint = None if args.report_only else checkpoints(args.work, levels).get(step)
-                if checkpoint is None:
-                    missing.append(f"{model_name(levels)} step {step}")
-                    continue
-                row = score(args, levels, step, checkpoint, row_path)
+            elif not args.report_only:
+                row = train_and_score(args, levels, step, row_path)
+            if row is None:
+                missing.append(f"{model_name(levels)} step {step}")
+                continue
             row["train_seconds"] = step * speed["seconds_per_step"][str(levels)]
             rows.append(row)
             write_results(args, rows, speed, missing)

@@ -20,7 +20,6 @@ seconds) and ``OUT/eval/<row>.json``; samples it draws go to ``OUT/samples/<row>
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -30,7 +29,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ssd_core.files import write_atomic, write_json_atomic
+from ssd_core.errors import UserError
+from ssd_core.files import loads_json, write_atomic, write_json_atomic
 
 
 def console_script(name: str) -> str:
@@ -103,7 +103,7 @@ def score_samples(folder: Path, report_path: Path, ref: str, bootstrap: int,
     command = [console_script("ssd-eval"), folder, "--ref", ref, "--bootstrap", bootstrap,
                "--out", report_path] + (["--fid"] if fid else [])
     seconds = run(command)
-    return [str(c) for c in command], seconds, json.loads(Path(report_path).read_text())
+    return [str(c) for c in command], seconds, loads_json(Path(report_path).read_bytes(), str(report_path), UserError)
 
 
 def table(rows: list[dict]) -> str:
