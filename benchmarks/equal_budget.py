@@ -132,8 +132,9 @@ def fid_reference(args, chunk: int = 500) -> Path:
 
     _, reference = evaluate.reference_sets(args.ref)
     network = evaluate.Inception()
+    key = evaluate.statistics_key(reference.images, network.sha256)
     path = evaluate.statistics_path(reference.images, network.sha256)
-    if evaluate.load_statistics(path) is not None:
+    if evaluate.load_statistics(path, key) is not None:
         return path
     parts = args.work / "fid-reference" / path.stem
     parts.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def fid_reference(args, chunk: int = 500) -> Path:
     if features.shape != (len(reference.images), evaluate.INCEPTION_FEATURES):
         raise UserError(f"the chunks in {parts} hold features of shape {list(features.shape)}, not "
                         f"[{len(reference.images)}, {evaluate.INCEPTION_FEATURES}]: delete the folder")
-    evaluate.save_statistics(path, metrics.FrechetReference.of(features))
+    evaluate.save_statistics(path, metrics.FrechetReference.of(features), key)
     return path
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .errors import UserError
 from .files import (MAX_JSON_BYTES, check_format, inside, loads_json, read_capped, read_verified,
                     sha256_file, write_json_atomic)
 from .method import COEFFICIENTS, ScaleSpace, route_name
+from .onnx_refs import MalformedGraph, external_locations
 from .schema import ConfigError, Typed, parse, spec
 
 FORMAT = "ssd-bundle"
@@ -384,9 +386,27 @@ class Bundle:
         return read_verified(path, entry.bytes, entry.sha256, BundleError, MANIFEST)
 
     def verified_path(self, entry: FileEntry) -> Path:
-        """A listed file's path, after the checks of :meth:`read`, for a backend that opens it."""
-        self.read(entry)
+        """A listed file's path, after the checks of :meth:`read`, for a backend that opens it;
+        an ONNX graph must name no external data but its format's hash-checked weights file."""
+        data = self.read(entry)
+        if entry.path.endswith(".onnx"):
+            self.check_external_data(entry, data)
         return self.path / entry.path
+
+    def check_external_data(self, entry: FileEntry, data: bytes) -> None:
+        """Refuse a graph whose external-data locations name anything but the weights file
+        beside it (which the backends hash-check): another file would be read unchecked."""
+        folder = posixpath.dirname(entry.path)
+        allowed = {posixpath.basename(w.path) for w in self.manifest.shared_files.values()
+                   if posixpath.dirname(w.path) == folder}
+        try:
+            locations = external_locations(data)
+        except MalformedGraph as err:
+            raise BundleError(f"{self.path / entry.path} is not a valid ONNX graph ({err})") from None
+        unknown = sorted(locations - allowed)
+        if unknown:
+            raise BundleError(f"{self.path / entry.path} reads external data from {unknown[0][:80]!r}, which is not "
+                              f"its format's hash-checked weights file; refusing to load it")
 
     def verify_files(self, backend_format: str) -> None:
         """Check every file a backend format uses, shared weights included."""
@@ -432,4 +452,22 @@ def _scale_space(manifest: Manifest, where: Path) -> ScaleSpace:
             or space.ladder != config.ladder or space.timesteps != config.diffusion.timesteps):
         raise BundleError(f"{where} is malformed: process.ladder {list(process.ladder)} and its change "
                           f"steps disagree with r(t) or with the config's ladder {list(config.ladder)}")
+    check_against_config(space, config, where)
     return space
+
+
+MATRIX_TOLERANCE = 1e-6  # the manifest stores float64 matrices as JSON decimals: exact to ~1e-16
+
+
+def check_against_config(space: ScaleSpace, config, where: Path) -> None:
+    """Refuse a manifest whose noise schedule or resize matrices are not the ones its config
+    implies (recomputed here): the unfused sampler uses them, the fused graphs carry their own."""
+    implied = ScaleSpace.from_config(config)
+    if not np.allclose(space.abar, implied.abar, rtol=0, atol=MATRIX_TOLERANCE):
+        raise BundleError(f"{where} is malformed: process.abar is not the noise schedule of its config")
+    for key, matrix in implied.resize.items():
+        given = space.resize.get(key)
+        if given is None or given.shape != matrix.shape or not np.allclose(given, matrix, rtol=0,
+                                                                            atol=MATRIX_TOLERANCE):
+            raise BundleError(f"{where} is malformed: the resize matrix {key[0]} -> {key[1]} px is not the one its "
+                              f"config's ladder implies")

@@ -191,11 +191,19 @@ def check_replaceable(path: Path) -> None:
         raise OutputError(f"{path} is {found}, not a regular file; refusing to replace it")
 
 
-def write_atomic(path, data: bytes, durable: bool = True) -> Path:
+# called as hook(path, data) before every write_atomic: ssd_core.outputs records writes into
+# the folders this process holds on their inventories (and refuses to replace foreign files)
+WRITE_HOOKS: list = []
+
+
+def write_atomic(path, data: bytes, durable: bool = True, hooks: bool = True) -> Path:
     """Replace ``path`` (missing or a regular file) with ``data`` through a unique temp file
-    in the same folder and a rename; with ``durable``, fsync the file and the folder too."""
+    in the same folder and a rename; with ``durable``, fsync the file and the folder too.
+    ``hooks=False``: the caller has recorded the write itself."""
     path = Path(path)
     check_replaceable(path)
+    for hook in WRITE_HOOKS if hooks else ():
+        hook(path, data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

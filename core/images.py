@@ -125,20 +125,23 @@ class SampleWriter:
 
     GRID_MAX = 256
 
-    def __init__(self, out: Path, params: dict, indices=None, grid=None):
+    def __init__(self, out: Path, params: dict, indices=None, grid=None, skip=frozenset()):
         self.out, self.params, self.count = Path(out), dict(params), 0
         self._indices = iter(indices) if indices is not None else itertools.count()
         self._grid_indices = list(grid) if grid is not None else None
         self._grid: dict[int, np.ndarray] = {}
+        self._skip = skip  # indices whose files a previous command of this run wrote
 
     def add(self, images: np.ndarray) -> None:
-        """Write uint8 [N, H, W, C] images, the next N of ``indices``."""
+        """Write uint8 [N, H, W, C] images, the next N of ``indices`` (those in ``skip`` are
+        already on disk and only kept for the grid)."""
         wanted = set(self._grid_indices) if self._grid_indices is not None else None
         with _output_errors(self.out):
             for image in images:
                 index = next(self._indices)
-                save_png(self.out / sample_name(index), image, {**self.params, "index": index})
-                self.count += 1
+                if index not in self._skip:
+                    save_png(self.out / sample_name(index), image, {**self.params, "index": index})
+                    self.count += 1
                 if wanted is None and len(self._grid) < self.GRID_MAX or wanted is not None and index in wanted:
                     self._grid[index] = image
 

@@ -435,6 +435,25 @@ def sample_indices(n: int, first: int = 0, shard: tuple[int, int] = (0, 1)) -> r
     return range(first + k, first + n, count)
 
 
+def check_done(done) -> frozenset:
+    """The indices of samples already written (``done=`` of the samplers), checked."""
+    try:
+        done = frozenset(done)
+    except TypeError:
+        raise ConfigError(f"done={str(done)[:40]}; expected a collection of sample indices") from None
+    if not all(isinstance(index, int) and not isinstance(index, bool) for index in done):
+        raise ConfigError("done= holds something that is not a sample index (an int)")
+    return done
+
+
+def pending_chunks(indices: range, batch: int, done=frozenset()) -> list[range]:
+    """The batches of ``indices`` (``batch`` at a time) that hold a sample not in ``done``:
+    a resumed run skips whole batches, so each batch it runs is the one an uninterrupted
+    run of the same ``batch`` runs."""
+    chunks = (indices[start:start + batch] for start in range(0, len(indices), batch))
+    return [chunk for chunk in chunks if not all(index in done for index in chunk)]
+
+
 StepFn = Callable[[Step, Any, Any], tuple[Any, Any]]
 
 

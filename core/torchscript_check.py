@@ -67,10 +67,17 @@ INCEPTION_OPS = frozenset(ROUTE_OPS | {
 })
 
 
+# operators that allocate a tensor of a size given as a list: (kind, index of that list)
+ALLOCATIONS = {"aten::zeros": 0, "aten::ones": 0, "aten::full": 0, "aten::empty": 0, "aten::new_zeros": 1,
+               "aten::new_ones": 1, "aten::new_full": 1, "aten::new_empty": 1}
+
+
 def load_checked(data: bytes, where: str, allowed: frozenset, error: type[UserError] = UserError,
-                 map_location: str = "cpu"):
+                 map_location: str = "cpu", max_elements: int | None = None):
     """``torch.jit.load`` of ``data`` after the checks of this module; every refusal (and
-    every load failure) is one line ``error`` naming ``where``."""
+    every load failure) is one line ``error`` naming ``where``. ``max_elements``: the most
+    elements the constant part of an allocation's size may ask for (a route allocates at
+    most its own activations' size; dimensions taken from its inputs are bounded by them)."""
     import torch
 
     try:
@@ -96,7 +103,36 @@ def load_checked(data: bytes, where: str, allowed: frozenset, error: type[UserEr
             more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
             raise error(f"{where} calls {', '.join(refused[:4])}{more} in {method}(), outside the operators "
                         "this file may use (TorchScript is code); refusing to run it")
+        if max_elements is not None:
+            largest = max(_constant_sizes(graph, []), default=0)
+            if largest > max_elements:
+                raise error(f"{where} allocates a tensor of {largest} elements in {method}(), more than its "
+                            f"network's largest activation ({max_elements}); refusing to run it")
     return module.eval()
+
+
+def _constant_sizes(block, sizes: list) -> list:
+    """For every allocation in ``block`` (nested blocks included), the product of the
+    constant entries of its size list (a list given whole as a constant counts whole)."""
+    for node in block.nodes():
+        index = ALLOCATIONS.get(node.kind())
+        if index is not None and index < len(list(node.inputs())):
+            size = list(node.inputs())[index]
+            constant = size.toIValue()
+            if isinstance(constant, (list, tuple)):
+                entries = list(constant)
+            elif size.node().kind() == "prim::ListConstruct":
+                entries = [value.toIValue() for value in size.node().inputs()]
+            else:
+                entries = []
+            product = 1
+            for entry in entries:
+                if isinstance(entry, int):
+                    product *= max(entry, 0)
+            sizes.append(product)
+        for inner in node.blocks():
+            _constant_sizes(inner, sizes)
+    return sizes
 
 
 def _kinds(block, kinds: set) -> set:

@@ -205,6 +205,13 @@ def _missing_provider(provider: str, device: str, available: list[str]) -> str:
     return f"onnxruntime has no {provider} for device {device!r} (available: {available}); {fix}"
 
 
+def largest_activation(bundle: Bundle) -> int:
+    """Elements of the widest feature map a route of ``bundle`` holds at its largest batch
+    (twice, for slack): what a route's constant-size allocation may ask for at most."""
+    model = bundle.config.model
+    return 2 * bundle.batch_range[1] * model.base_channels * max(model.channel_mult) * model.image_size ** 2
+
+
 class TorchScriptBackend(Backend):
     """TorchScript modules on CPU or CUDA, for users who have torch; state stays on device.
 
@@ -243,7 +250,8 @@ class TorchScriptBackend(Backend):
             for name in bundle.routes:
                 entry = bundle.route_file(name, self.file_format, self.fused)
                 self.files[name] = entry.path
-                self.modules[name] = load_checked(bundle.read(entry), entry.path, ROUTE_OPS, BundleError, self.place)
+                self.modules[name] = load_checked(bundle.read(entry), entry.path, ROUTE_OPS, BundleError, self.place,
+                                                  largest_activation(bundle))
             super().warmup(self.checked_batch)  # one call per module: output shapes, before any sampling
 
     def _release(self) -> None:
@@ -336,6 +344,9 @@ def make_backend(bundle: Bundle, backend: str = "auto", device: str | None = Non
             threads = integer(threads, "threads", 1, available_cores())
         except ConfigError as err:
             raise BackendError(f"{err} (the cores this process may use; or None for all)") from None
+    if low_memory and backend not in ("auto", "onnxruntime"):
+        raise BackendError(f"--low-memory is ONNX Runtime's option; backend '{backend}' cannot honour it: "
+                           "drop it or use --backend onnxruntime")
     if backend == "auto":  # low_memory is ONNX Runtime's alone
         load = lambda name: make_backend(bundle, name, device, precision, threads, low_memory, fused)
         return choose_backend(bundle, load, ("onnxruntime",) if low_memory else AUTO_CANDIDATES, precision,

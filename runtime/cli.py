@@ -1,19 +1,18 @@
 """``ssd-run``: sample PNGs from a bundle with the torch-free runtime."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
 
 import click
 
-from ssd_core.config import MAX_BATCH
+from ssd_core.config import MAX_BATCH, MAX_COUNT, MAX_RANK, parse_int
 from ssd_core.errors import UserError, cli_errors, run_cli
 from ssd_core.method import NOISE_VERSION, sample_indices
-from ssd_core.outputs import check_target, output_folder
-from ssd_core.images import ANIMATION_FORMATS, SampleWriter, make_grid, save_animations, save_png
+from ssd_core.outputs import check_target
+from ssd_core.images import ANIMATION_FORMATS, make_grid, save_animations, save_png
+from ssd_core.samples import samples_folder
 
 from .backends import BACKENDS, DEVICES, PRECISIONS, untimed_auto
 from .default_model import default_bundle
@@ -38,9 +37,27 @@ def progress_bar(total_steps: int, batches: int, enabled: bool = True):
     return bar, on_step
 
 
+class Count(click.ParamType):
+    """A click integer of ASCII digits within ``low..high`` (``-n``, ``--first``, ``--seed``...)."""
+
+    name = "integer"
+
+    def __init__(self, low: int = 0, high: int | None = MAX_COUNT):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and self.low <= value and (
+                self.high is None or value <= self.high):
+            return value
+        try:
+            return parse_int(value, f"--{param.name}" if param else "value", self.low, self.high)
+        except UserError as err:
+            self.fail(str(err), param, ctx)
+
+
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
     """``--shard K/N``; without it, ``RANK``/``WORLD_SIZE`` of a launcher such as torchrun;
-    else ``(0, 1)``."""
+    else ``(0, 1)``. ASCII digits only, N below 2^31."""
     if text is None:
         rank, world = environ.get("RANK"), environ.get("WORLD_SIZE")
         if rank is None or world is None:
@@ -48,16 +65,11 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
         text, origin = f"{rank}/{world}", "RANK/WORLD_SIZE"
     else:
         origin = "--shard"
-    parts = text.split("/")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
-        raise UserError(f"{origin} {text!r}; expected K/N with 0 <= K < N (shard K of N)")
+    parts = [part.strip() for part in text.split("/")]
+    if (len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 10 for p in parts)
+            or not 0 <= int(parts[0]) < int(parts[1]) <= MAX_RANK):
+        raise UserError(f"{origin} {text[:40]!r}; expected K/N with 0 <= K < N <= {MAX_RANK} (shard K of N)")
     return int(parts[0]), int(parts[1])
-
-
-def run_id(params: dict, first: int, n: int, shards: int) -> str:
-    """What decides a sharded run's files, as a short digest: its shards share the folder."""
-    text = json.dumps({**params, "first": first, "n": n, "shards": shards}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def first_batch_previews(out: Path, params: dict):
@@ -102,13 +114,16 @@ INT8_WARNING = ("warning: --precision int8 is experimental: measurably worse sam
 def sample_index_options(command):
     """-n, --first and --shard: which sample indices a run writes (ssd-run and ssd-sample)."""
     options = [
-        click.option("-n", "--n", "n", type=click.IntRange(min=1), default=16, show_default=True,
+        click.option("-n", "--n", "n", type=Count(low=1), default=16, show_default=True,
                      help="Number of samples (-n under torchrun, whose parser takes --n for its own options)."),
-        click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--first", type=Count(), default=0, show_default=True,
                      help="Global index of the first sample: samples FIRST..FIRST+N-1 (sample_<index>.png)."),
         click.option("--shard", default=None, metavar="K/N",
                      help="Sample every N-th of those indices, from FIRST+K (shard K of N); shards of one run "
                           "write into one --out together. [default: RANK/WORLD_SIZE under torchrun, else 0/1]"),
+        click.option("--force", is_flag=True,
+                     help="--out holds samples of another run (other seed, steps, model...): replace ssd's files "
+                          "there (never other files). Without it such a folder is refused; the same run resumes."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -117,12 +132,12 @@ def sample_index_options(command):
 
 @click.command("ssd-run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Network calls (levels..T); default T.")
+@click.option("--steps", type=Count(low=1), default=None, help="Network calls (levels..T); default T.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
 @sample_index_options
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help="Samples per batch (within the bundle's range).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=Count(high=None), default=0, show_default=True,
               help="Any non-negative integer.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: on the CPU, the fastest installed backend that runs --precision, by a short "
@@ -158,7 +173,7 @@ def sample_index_options(command):
                    "(ONNX Runtime is already; auto then means onnxruntime).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (on stderr).")
 @cli_errors
-def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, device, precision, preview, animate,
+def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend, device, precision, preview, animate,
                 animate_all, animate_every, animate_ms, animate_scale, animate_format, threads, low_memory, fused,
                 batch_invariant, progress):
     """Sample images from an SSD BUNDLE.
@@ -193,35 +208,48 @@ def run_command(bundle, steps, out, n, first, shard, batch, seed, backend, devic
         # what decides the files (not the batch or the shard: every shard writes the same bytes)
         params = {"seed": seed, "steps": steps, "backend": sampler.backend.name, "precision": precision,
                   "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest, "noise": NOISE_VERSION}
-        run = run_id(params, first, n, shard[1]) if shard[1] > 1 else None
         started = time.perf_counter()
-        with output_folder(out, "samples", "ssd-run", sources=(bundle,), run=run):
-            writer = SampleWriter(out, params, indices=indices,
-                                  grid=range(first, first + min(n, SampleWriter.GRID_MAX)))
+        with samples_folder(out, "ssd-run", params, indices, batch, first=first, n=n, shards=shard[1],
+                            sources=(bundle,), force=force) as job:
             # previews show the first batch of the shard holding FIRST (diagnostics, not samples)
-            on_preview = first_batch_previews(out, params) if preview and shard[0] == 0 else None
+            first_batch = bool(job.chunks) and job.chunks[0].start == indices.start  # not done by an earlier run
+            on_preview = first_batch_previews(out, params) if preview and shard[0] == 0 and first_batch else None
             animation = None
             if animate_all or animate and shard[0] == 0:  # as previews: the first sample of the run
                 size = sampler.bundle.config.model.image_size * (animate_scale or 1)
                 on_frame = animation_frames(out, steps - 1, size, animate_ms or 80, animate_format or "gif")
                 animation = Animate(on_frame, animate_every or -(-steps // ANIMATION_FRAMES),
                                     None if animate_all else {first})
+            if job.resumed:
+                notes.append(f"resuming: {job.resumed} of these samples are already in {out} (same run); "
+                             f"sampling the other {len(indices) - job.resumed}")
             for note in notes:
                 click.echo(note, err=True)
-            bar, on_step = progress_bar(steps, -(-len(indices) // batch), enabled=progress)
+            bar, on_step = progress_bar(steps, len(job.chunks), enabled=progress)
             with bar:
                 for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
                                                    preview=on_preview, first=first, shard=shard,
-                                                   animate=animation):
-                    writer.add(images)
-            grid = writer.finish()
+                                                   animate=animation, done=job.done):
+                    job.writer.add(images)
+            grid = job.writer.finish()
     seconds = time.perf_counter() - started
-    what = f"{writer.count} samples" + (f" (shard {shard[0]}/{shard[1]} of {n})" if shard[1] > 1 else "")
-    files = ", grid.png" if grid is not None else ""
-    previews = " and the first batch's previews" if on_preview else ""
-    previews += (" and animations" if animate_all else " and an animation") if animation else ""
-    click.echo(f"wrote {what}{files}{previews} to {out}: {seconds:.1f} s, "
-               f"{writer.count / max(seconds, 1e-9):.2f} images/s")
+    click.echo(written_line(job, n, shard, grid, out, seconds, on_preview, animation, animate_all))
+
+
+def written_line(job, n: int, shard: tuple[int, int], grid, out: Path, seconds: float, previews=None,
+                 animation=None, animate_all: bool = False) -> str:
+    """``wrote 12 samples (4 were already there), grid.png ... to OUT: 3.1 s, 3.9 images/s``."""
+    count = job.writer.count
+    what = f"{count} sample{'' if count == 1 else 's'}" + (f" (shard {shard[0]}/{shard[1]} of {n})"
+                                                           if shard[1] > 1 else "")
+    if job.resumed:
+        what += f" ({job.resumed} already there)"
+    extra = ", grid.png" if grid is not None else ""
+    extra += " and the first batch's previews" if previews else ""
+    extra += (" and animations" if animate_all else " and an animation") if animation else ""
+    rate = f", {count / max(seconds, 1e-9):.2f} images/s" if seconds is not None else ""
+    timing = f": {seconds:.1f} s{rate}" if seconds is not None else ""
+    return f"wrote {what}{extra} to {out}{timing}"
 
 
 def main(args=None):

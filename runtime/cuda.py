@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ssd_core.config import MAX_RANK
 from ssd_core.errors import UserError
 
 
@@ -53,8 +54,10 @@ def local_device(environ=os.environ) -> int:
     text = environ.get("LOCAL_RANK")
     if text is None:
         return 0
-    if not text.strip().isdigit():
-        raise CudaError(f"LOCAL_RANK={text!r}; expected a non-negative integer (this process's GPU on its machine)")
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_RANK):
+        raise CudaError(f"LOCAL_RANK={text[:24]!r}; expected a non-negative integer (this process's GPU on its "
+                        "machine)")
     return int(text)
 
 

@@ -26,10 +26,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ssd_core.bundle import MANIFEST, Bundle, BundleError, load_bundle
-from ssd_core.config import ConfigError, check_seed, integer
+from ssd_core.config import MAX_BATCH, MAX_COUNT, MAX_RANK, ConfigError, check_seed, integer
 from ssd_core.errors import UserError
 from ssd_core.images import to_uint8
-from ssd_core.method import SampleNoise, SampleState, Step, StepFn, denoise_then_update, sample_indices, sample_loop
+from ssd_core.method import (SampleNoise, SampleState, Step, StepFn, check_done, denoise_then_update, pending_chunks,
+                             sample_indices, sample_loop)
 
 from .backend import Backend, BackendError, closing_on_error
 from .backends import check_flag, make_backend
@@ -81,6 +82,12 @@ class Animate:
         return record
 
 
+def check_callable(value, name: str) -> None:
+    """A callback argument: None or something callable."""
+    if value is not None and not callable(value):
+        raise ConfigError(f"{name}={repr(value)[:40]}; expected a function or None")
+
+
 @dataclass
 class Sampler:
     """Multi-resolution SSD sampling over a bundle with one backend."""
@@ -114,6 +121,10 @@ class Sampler:
         if not isinstance(path, (str, os.PathLike)):
             raise BundleError(f"bundle path {path!r}; expected a str or a path")
         check_flag(warmup, "warmup")
+        check_flag(batch_invariant, "batch_invariant")
+        if timing_batch is not None:
+            integer(timing_batch, "timing_batch", 1, MAX_BATCH)
+        check_callable(say, "say")
         bundle = load_bundle(path)
         check_covariances(bundle)
         sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused,
@@ -213,22 +224,27 @@ class Sampler:
     def iter_batches(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                      callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
                      first: int = 0, shard: tuple[int, int] = (0, 1),
-                     animate: Animate | None = None) -> Iterator[np.ndarray]:
+                     animate: Animate | None = None, done=frozenset()) -> Iterator[np.ndarray]:
         """Yield uint8 [b, H, W, 3] per batch as it finishes (the last may be smaller):
         for streaming any ``n`` with memory bounded by one batch. The images are those of
         :meth:`indices` ``(n, first, shard)``, in order: shard ``(k, count)`` takes every
         ``count``-th of ``first .. first + n - 1`` from ``first + k``. ``animate``
         (:class:`Animate`) hands over animation frames of chosen samples as their batch
-        runs. Arguments are checked now, not at the first ``next``."""
+        runs. ``done``: indices already written; a batch of only such indices is skipped
+        (the others run whole, so each image is the one an uninterrupted run gives).
+        Arguments are checked now, not at the first ``next``."""
         return map(to_uint8, self.iter_float_batches(n, seed, steps, batch, callback, preview, first=first,
-                                                     shard=shard, animate=animate))
+                                                     shard=shard, animate=animate, done=done))
 
     def iter_float_batches(self, n: int, seed: int = 0, steps: int | None = None,
                            batch: int | None = None, callback: StepCallback | None = None,
                            preview: PreviewCallback | None = None, *, first: int = 0,
-                           shard: tuple[int, int] = (0, 1), animate: Animate | None = None) -> Iterator[np.ndarray]:
+                           shard: tuple[int, int] = (0, 1), animate: Animate | None = None,
+                           done=frozenset()) -> Iterator[np.ndarray]:
         """Like :meth:`iter_batches`, with float32 [b, 3, H, W] images in [-1, 1]."""
         self.check_open()
+        check_callable(callback, "callback")
+        check_callable(preview, "preview")
         if animate is not None and not isinstance(animate, Animate):
             raise ConfigError(f"animate={animate!r}; expected an ssd_runtime.sampler.Animate")
         indices = self.indices(n, first, shard)
@@ -246,15 +262,16 @@ class Sampler:
             record = animate.recorder(chunk, len(plan), self.backend.to_numpy) if animate is not None else None
             return self._sample_batch(plan, step_fn, noise, callback, preview, record)[: len(chunk)]
 
-        return (run(indices[start: start + batch]) for start in range(0, len(indices), batch))
+        return (run(chunk) for chunk in pending_chunks(indices, batch, check_done(done)))
 
     def indices(self, n: int, first: int = 0, shard: tuple[int, int] = (0, 1)) -> range:
         """The global indices of ``n`` samples from ``first`` that ``shard`` (k, count) takes."""
-        n = integer(n, "n", 1)
-        first = integer(first, "first", 0)
+        n = integer(n, "n", 1, MAX_COUNT)
+        first = integer(first, "first", 0, MAX_COUNT)
         if not (isinstance(shard, tuple) and len(shard) == 2):
-            raise ConfigError(f"shard={shard!r}; expected (k, count)")
-        return sample_indices(n, first, (integer(shard[0], "shard index", 0), integer(shard[1], "shard count", 1)))
+            raise ConfigError(f"shard={str(shard)[:40]}; expected (k, count)")
+        count = integer(shard[1], "shard count", 1, MAX_RANK)
+        return sample_indices(n, first, (integer(shard[0], "shard index", 0, count - 1), count))
 
     def check_batch(self, n: int, batch: int | None) -> int:
         """The batch to use for ``n`` samples (default: as many as the bundle allows)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import contextlib
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ from safetensors.torch import save as save_safetensors
 
 from ssd_core.config import MAX_STEPS, SSDConfig, TrainConfig
 from ssd_core.errors import OutputError, UserError
-from ssd_core.files import (check_format, describe, fsync_dir, inside, loads_json, read_capped, read_verified,
-                            write_atomic)
+from ssd_core.files import check_format, describe, fsync_dir, inside, loads_json, read_capped, read_verified
+from ssd_core.outputs import inventory_of, read_marker, write_marker
 from ssd_core.schema import ConfigError, Typed, parse, spec, to_json
 
 FORMAT = "ssd-checkpoint"
@@ -240,8 +241,9 @@ def save_checkpoint(run_dir, step: int, config: SSDConfig, train: TrainConfig | 
     blobs[STATE_FILE] = json.dumps(to_json(state), indent=1).encode()
     try:
         root.mkdir(parents=True, exist_ok=True)
+        adopt_run(Path(run_dir))
         final = write_dir_atomic(root, name, blobs)
-        write_atomic(root / LATEST_FILE, f"{name}\n".encode())
+        inventory_of(run_dir).write(f"{root.name}/{LATEST_FILE}", f"{name}\n".encode())
         prune_checkpoints(root, keep)
     except OSError as err:
         raise OutputError(f"cannot save checkpoint {name} in {root}: {err.strerror or err}") from None
@@ -282,26 +284,54 @@ def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
+def adopt_run(run_dir: Path) -> None:
+    """Give a run folder written outside ``ssd-train`` (a library call, a test) the marker
+    of a run, so the commands recognise it (``ssd_core.outputs``); a marked folder stays."""
+    if read_marker(run_dir) is None:
+        write_marker(run_dir, "run", "ssd.checkpoint")
+
+
 def write_dir_atomic(root: Path, name: str, blobs: dict[str, bytes]) -> Path:
-    """Write ``blobs`` into ``root/.tmp-name-pid``, fsync, then rename it to ``root/name``."""
+    """Write ``blobs`` into ``root/.tmp-name-pid``, fsync, then rename it to ``root/name``.
+
+    Every file is recorded on the run's inventory (``root``'s parent) before it is written,
+    under its temp name and its final name, so pruning and re-saving remove only files this
+    program wrote (``ssd_core.outputs``); a re-saved step must hold only such files."""
+    inventory = inventory_of(root.parent)
     tmp, final = root / f".tmp-{name}-{os.getpid()}", root / name
-    shutil.rmtree(tmp, ignore_errors=True)
+    prefix = root.name
+    for folder in (tmp, final):
+        if folder.exists():  # a killed save of this pid's number, or re-saving a step
+            remove_owned_dir(inventory, f"{prefix}/{folder.name}")
+    tmp.mkdir()
     try:
-        tmp.mkdir()
         for filename, data in blobs.items():
+            inventory.claim(f"{prefix}/{tmp.name}/{filename}", data)
+            inventory.claim(f"{prefix}/{name}/{filename}", data)
             _write_file(tmp / filename, data)
         fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after resuming from an older one)
-            old = root / f".old-{name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        os.rename(tmp, final)
         fsync_dir(root)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():  # this call made it a moment ago: all in it is this call's, half-written files too
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def remove_owned_dir(inventory, relative: str) -> None:
+    """Remove the files of folder ``relative`` (inside the inventory's root) that this
+    program wrote, then the folder; refuse (one line) if anything else is in it."""
+    folder = inventory.root / relative
+    others = [p.relative_to(inventory.root).as_posix() for p in sorted(folder.rglob("*"))
+              if not p.is_dir() and not inventory.owns(p.relative_to(inventory.root).as_posix())]
+    if others:
+        raise OutputError(f"{folder} holds {others[0]}, which ssd did not write; move it away first")
+    inventory.remove_all(p.relative_to(inventory.root).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    for child in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            child.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -317,12 +347,13 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints and leftovers of killed saves."""
-    for child in root.glob(".tmp-*"):
-        if not child.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(child, ignore_errors=True)
-    for _, path in list_checkpoints(root)[: -max(keep, 1)]:
-        shutil.rmtree(path)
+    """Delete all but the newest ``keep`` checkpoints and leftovers of killed saves, as far
+    as the run's inventory says they are this program's files (anything else stays)."""
+    inventory = inventory_of(root.parent)
+    stale = [child for child in root.glob(".tmp-*") if not child.name.endswith(f"-{os.getpid()}")]
+    for path in stale + [path for _, path in list_checkpoints(root)[: -max(keep, 1)]]:
+        with contextlib.suppress(OutputError):  # a folder holding a user's file is kept whole
+            remove_owned_dir(inventory, f"{root.name}/{path.name}")
 
 
 # --------------------------------------------------------------------------- finding
@@ -354,6 +385,14 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"{path} is a folder with neither a {STATE_FILE} nor checkpoints: not a checkpoint "
                               "folder or a run folder")
     return found
+
+
+def checkpoint_digest(path) -> str:
+    """The sha256 of a checkpoint's ``state.json`` (which holds its tensor files' hashes):
+    what identifies its content whatever its path (``ssd-sample``'s run)."""
+    folder = resolve_checkpoint(path)
+    data = read_capped(inside(folder, STATE_FILE, CheckpointError, str(folder)), MAX_STATE_BYTES, CheckpointError)
+    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------- reading

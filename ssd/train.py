@@ -23,10 +23,11 @@ import torch
 from .checkpoint import (Checkpoint, latest_checkpoint, load_optimizer, load_state, read_checkpoint,
                          save_checkpoint)
 from ssd_core.config import ConfigError, TrainConfig
-from .data import ImageDataset, load_dataset, normalize_spec
+from .data import DATA_CHOICES, ImageDataset, load_dataset, normalize_spec
 from .distributed import Dist, PeerFailedError, is_collective_failure, sigterm_grace
 from ssd_core.errors import OutputError, UserError
 from ssd_core.files import describe
+from ssd_core.outputs import overlapping
 from ssd_core.images import make_grid, save_png
 from ssd_core.method import ScaleSpace
 from .torch_process import TorchScaleSpace
@@ -319,6 +320,14 @@ def check_run_dir(out: Path, resume: bool) -> None:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
 
 
+def check_data_apart(out: Path, data: str) -> None:
+    """Refuse a run folder inside its image folder or around it: the run's own grids and
+    checkpoints would become training data."""
+    if data not in DATA_CHOICES and overlapping(out, data):
+        raise UserError(f"--out {out} and --data {data} overlap (one lies inside the other): the run's own files "
+                        "would be read as training images; choose an --out outside the data folder")
+
+
 def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | None = None,
               dist: Dist = Dist()) -> Trainer:
     """A Trainer for run folder ``out``: fresh from ``given`` options, or resumed from its
@@ -333,6 +342,7 @@ def start_run(out, given: dict, resume: bool = False, dataset: ImageDataset | No
     check_run_dir(out, resume)
     checkpoint = read_checkpoint(latest_checkpoint(out)) if resume else None
     cfg = config_for_resume(checkpoint, given) if resume else TrainConfig(**{**NEW_RUN_DEFAULTS, **given})
+    check_data_apart(out, cfg.data)
     trainer = Trainer(cfg, out, dataset, dist)  # writes nothing yet
     if checkpoint is not None:
         trainer.restore(checkpoint)

@@ -163,9 +163,10 @@ def test_fid_reference_in_chunks_is_ssd_evals_and_resumes(tmp_path, monkeypatch)
     parts = tmp_path / "work" / "fid-reference" / path.stem
     assert sorted(p.name for p in parts.iterdir()) == ["000000.npy", "000004.npy", "000008.npy"]
     assert FakeInception.calls == [4, 4, 2]
-    ours = evaluate.load_statistics(path)
-
     _, reference = evaluate.reference_sets(str(ref))
+    key = evaluate.statistics_key(reference.images, FakeInception.sha256)
+    ours = evaluate.load_statistics(path, key)
+
     theirs = evaluate.reference_statistics(reference, FakeInception(), tmp_path / "elsewhere")  # ssd-eval's way
     assert path == evaluate.statistics_path(reference.images, FakeInception.sha256)  # where ssd-eval looks
     np.testing.assert_allclose(ours.mu, theirs.mu, rtol=1e-6, atol=0)  # float32 chunks: 1e-7 relative
@@ -177,7 +178,7 @@ def test_fid_reference_in_chunks_is_ssd_evals_and_resumes(tmp_path, monkeypatch)
     (parts / "000004.npy").unlink()
     equal_budget.fid_reference(args, chunk=5)
     assert FakeInception.calls == [4]
-    np.testing.assert_array_equal(evaluate.load_statistics(path).cov, ours.cov)
+    np.testing.assert_array_equal(evaluate.load_statistics(path, key).cov, ours.cov)
 
 
 @pytest.mark.slow
@@ -192,9 +193,9 @@ def test_fid_reference_in_chunks_agrees_with_ssd_eval_on_the_real_network(tmp_pa
     monkeypatch.setattr(evaluate, "FID_BATCH", 4)
     ref = labelled_reference(tmp_path / "ref", 8)
     path = equal_budget.fid_reference(argparse.Namespace(ref=str(ref), work=tmp_path / "work"), chunk=4)
-    ours = evaluate.load_statistics(path)
-    path.unlink()
     _, reference = evaluate.reference_sets(str(ref))
+    ours = evaluate.load_statistics(path, evaluate.statistics_key(reference.images, evaluate.Inception().sha256))
+    path.unlink()
     theirs = evaluate.reference_statistics(reference, evaluate.Inception())  # all 8 images at once
     np.testing.assert_allclose(ours.mu, theirs.mu, rtol=0, atol=1e-4)
     np.testing.assert_allclose(ours.cov, theirs.cov, rtol=0, atol=1e-4)

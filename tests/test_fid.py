@@ -12,7 +12,8 @@ from ssd import metrics
 from ssd.cli import eval_main
 from ssd.data import FIXTURE_DIR
 from ssd.evaluate import (FID_SHA1, FID_SHA256, INCEPTION_FEATURES, ImageSet, Inception, evaluate, format_report,
-                          load_statistics, packaged_inception, read_folder, reference_statistics, statistics_path)
+                          load_statistics, packaged_inception, read_folder, reference_statistics, statistics_key,
+                          statistics_path)
 
 from conftest import assert_one_line_error, run_main
 
@@ -205,7 +206,8 @@ def test_fid_statistics_match_fid_helper(theirs, ours, two_sets):
     report, cache = ours
     reference, _ = two_sets
     assert report["fid_network"]["sha256"] == FID_SHA256
-    cached = load_statistics(statistics_path(reference.images, FID_SHA256, cache))
+    cached = load_statistics(statistics_path(reference.images, FID_SHA256, cache),
+                             statistics_key(reference.images, FID_SHA256))
     np.testing.assert_allclose(cached.mu, theirs.ref_stat_dict["mu"], atol=1e-5)
     np.testing.assert_allclose(cached.cov, theirs.ref_stat_dict["sigma"], atol=1e-5)
     fid_of_their_statistics = metrics.frechet_distance_gaussians(

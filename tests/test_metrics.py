@@ -147,11 +147,12 @@ def test_fid_with_a_local_torchscript_inception(tmp_path):
     good, noise = striped_classes(200, 1), ImageSet(np.random.default_rng(0).integers(0, 256, (200, 1, 16, 16),
                                                                                       dtype=np.uint8), "noise")
     reference = striped_classes(200, 0)
-    fid = {s.source: evaluate(s, None, reference, inception=weights, log=lambda text: None)["fid"] for s in (good, noise)}
+    fid = {s.source: evaluate(s, None, reference, inception=weights, log=lambda text: None,
+                                  trust_inception=True)["fid"] for s in (good, noise)}
     assert 0 <= fid["stripes 1"] < fid["noise"]
     (tmp_path / "broken.pt").write_bytes(b"not torchscript")
     with pytest.raises(Exception, match="cannot load --inception-weights"):
-        evaluate(good, None, reference, inception=tmp_path / "broken.pt", log=lambda text: None)
+        evaluate(good, None, reference, inception=tmp_path / "broken.pt", log=lambda text: None, trust_inception=True)
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "runtime" / "models" / "fashion-mnist"

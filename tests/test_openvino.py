@@ -181,7 +181,7 @@ def test_ssd_run_says_int8_is_experimental(int8_bundle, tmp_path, capsys):
     code, out, err = run_main(ssd_run, [int8_bundle, "--precision", "int8", "--backend", "onnxruntime", "--steps", "2",
                                         "-n", "1", "--out", tmp_path / "o", "--no-progress"], capsys)
     assert code == 0 and err.splitlines() == [INT8_WARNING], err
-    assert "wrote 1 samples" in out
+    assert "wrote 1 sample," in out
 
 
 # --------------------------------------------------------------------------- auto

@@ -205,5 +205,6 @@ def test_bad_inception_weights_are_one_line(tmp_path, capsys, kind, message):
     write_images(tmp_path / "samples", 8, seed=1)
     write_images(tmp_path / "ref", 8, seed=2)  # unlabelled: no classifier, so nothing else on stderr
     weights = scripted(kind, tmp_path / "inception.pt")
-    result = ssd_eval(capsys, tmp_path / "samples", tmp_path / "ref", "--inception-weights", weights)
+    result = ssd_eval(capsys, tmp_path / "samples", tmp_path / "ref", "--inception-weights", weights,
+                      "--trust-inception-weights")
     assert_one_line_error(result, f"--inception-weights .*inception.pt.*{message}")

@@ -20,7 +20,7 @@ from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import import_main, train_main
 from ssd_core.errors import OutputError
 from ssd_core.files import write_atomic
-from ssd_core.outputs import LOCK, MARKER, FolderError, kind_of, output_folder, replaced_folder
+from ssd_core.outputs import INVENTORY, LOCK, MARKER, FolderError, Inventory, kind_of, output_folder, replaced_folder
 from ssd.release import main as release_main
 from ssd_export.cli import export_command
 
@@ -63,13 +63,15 @@ def user_folder(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- markers and kinds
 def test_new_folders_carry_a_marker_of_their_kind_and_command(tmp_path):
     with output_folder(tmp_path / "a" / "b", "samples", "ssd-run") as held:
-        (held.path / "sample_00000.png").write_bytes(b"x")
-    assert held.created and marker(tmp_path / "a" / "b") == {"format": "ssd-folder", "kind": "samples",
-                                                            "created_by": "ssd-run"}
+        write_atomic(held.path / "sample_00000.png", b"x")
+    assert held.created and marker(tmp_path / "a" / "b") == {"format": "ssd-folder", "format_version": 2,
+                                                            "kind": "samples", "created_by": "ssd-run"}
     assert kind_of(tmp_path / "a" / "b") == "samples"
+    assert Inventory(tmp_path / "a" / "b").owns("sample_00000.png")
 
 
-def test_folders_from_before_markers_are_recognised_by_their_content(tmp_path, run):
+def test_no_kind_is_guessed_from_file_names(tmp_path, run):
+    """Folders without a marker are foreign, whatever their files are called."""
     samples = tmp_path / "samples"
     samples.mkdir()
     for name in ("sample_00000.png", "grid.png", "preview_0016.png"):
@@ -77,16 +79,17 @@ def test_folders_from_before_markers_are_recognised_by_their_content(tmp_path, r
     release = tmp_path / "release"
     release.mkdir()
     (release / "state.json").write_text("{}")
-    (release / "ema.safetensors").write_bytes(b"")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({"format": "ssd-bundle"}))
-    (bundle / "onnx").mkdir()
-    legacy_run = tmp_path / "legacy_run"
-    (legacy_run / "checkpoints").mkdir(parents=True)
-    kinds = {p.name: kind_of(p) for p in (samples, release, bundle, legacy_run, user_folder(tmp_path))}
-    assert kinds == {"samples": "samples", "release": "release", "bundle": "bundle", "legacy_run": "run",
-                     "mine": None}
+    kinds = {p.name: kind_of(p) for p in (samples, release, bundle, user_folder(tmp_path))}
+    assert kinds == {"samples": None, "release": None, "bundle": None, "mine": None}
+    before = snapshot(tmp_path)
+    for folder, kind in ((samples, "samples"), (release, "release"), (bundle, "bundle")):
+        with pytest.raises(FolderError, match="did not make"):
+            with replaced_folder(folder, kind, "test") as stage:
+                stage.commit()
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("kind, command", [("bundle", "ssd-export"), ("samples", "ssd-run"),
@@ -191,14 +194,20 @@ def test_train_interrupted_before_its_first_checkpoint_leaves_nothing_and_says_s
     assert "continue with: ssd-train --out" in str(interrupted(run, 3))
 
 
-def test_a_folder_found_empty_is_emptied_again_on_failure(tmp_path):
+def test_a_failure_removes_only_what_the_command_wrote(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
     with pytest.raises(RuntimeError):
-        with output_folder(folder, "samples", "ssd-run"):
-            (folder / "sample_00000.png").write_bytes(b"x")
+        with output_folder(folder, "bundle", "ssd-export"):
+            write_atomic(folder / "manifest.json", b"{}")
+            (folder / "notes.txt").write_text("saved by the user meanwhile")
             raise RuntimeError
-    assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) in ([], [LOCK])
+    assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == [INVENTORY, MARKER, LOCK, "notes.txt"]
+    with pytest.raises(RuntimeError):  # a new folder goes again when nothing else is in it
+        with output_folder(tmp_path / "new", "bundle", "ssd-export"):
+            write_atomic(tmp_path / "new" / "manifest.json", b"{}")
+            raise RuntimeError
+    assert not (tmp_path / "new").exists()
 
 
 # --------------------------------------------------------------------------- locks

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from ssd_core.bundle import BundleError
 from ssd_core.errors import UserError
-from ssd.evaluate import inception_features
+from ssd.evaluate import Inception
 from ssd_core.torchscript_check import INCEPTION_OPS, ROUTE_OPS, load_checked
 from ssd_runtime import Sampler
 from ssd_runtime.backends import BackendError, available_cores
@@ -207,13 +207,13 @@ def test_inception_weights_are_checked_like_bundles(tmp_path):
     weights = tmp_path / "inception.pt"
     torch.jit.save(torch.jit.script(MiniInception().eval()), str(weights))
     images = np.zeros((2, 1, 16, 16), np.uint8)
-    assert inception_features(images, weights).shape == (2, 2048)
+    assert Inception(weights, trust=True).raw_features(images).shape == (2, 2048)
     with pytest.raises(UserError, match=r"inception\.pt calls aten::.* and \d+ more in forward"):  # routes use fewer
         load_checked(weights.read_bytes(), "inception.pt", ROUTE_OPS)
     hostile = tmp_path / "hostile.pt"
     hostile.write_bytes(scripted(Saves, tmp_path / "leak"))
     with pytest.raises(UserError, match=r"--inception-weights .*hostile\.pt calls aten::save"):
-        inception_features(images, hostile)
+        Inception(hostile, trust=True)
     assert not (tmp_path / "leak").exists() and "aten::save" not in INCEPTION_OPS
 
 
