@@ -508,3 +508,57 @@ def test_torchscript_routes_may_not_loop_or_allocate_beyond_their_activations(tm
         load_checked(saved(Allocates()), "route.pt", ROUTE_OPS, max_elements=4 * 64 * 32 * 32)
     with pytest.raises(UserError, match="prim::Loop"):
         load_checked(saved(Loops()), "route.pt", ROUTE_OPS, max_elements=4 * 64 * 32 * 32)
+
+
+def test_a_tampered_classifier_cache_is_retrained_not_used(tmp_path):
+    from safetensors.torch import load, save
+
+    from ssd import evaluate
+    from ssd_core.cache import envelope_path, write_entry
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 64)
+    train = evaluate.ImageSet(rng.integers(0, 256, (64, 1, 16, 16), dtype=np.uint8), "tiny", labels)
+    logs = []
+    evaluate.classifier_for(train, tmp_path, logs.append)
+    path = next(tmp_path.glob("classifier-*.safetensors"))
+    assert evaluate.classifier_for(train, tmp_path, logs.append) is not None
+    assert sum("training the feature classifier" in line for line in logs) == 1  # cached: used
+    tensors = load(path.read_bytes())
+    scaled = save({k: v * 130 if v.is_floating_point() else v for k, v in tensors.items()})
+    path.write_bytes(scaled)  # edited: the record's hash no longer matches
+    evaluate.classifier_for(train, tmp_path, logs.append)
+    assert "changed since it was written" in " ".join(logs) and sum("training the" in line for line in logs) == 2
+    key = json.loads(envelope_path(path).read_text())["key"]
+    write_entry(path, save({"foreign": tensors[next(iter(tensors))]}), key, logs.append)  # a consistent record, wrong net
+    evaluate.classifier_for(train, tmp_path, logs.append)
+    assert any("does not fit the network" in line for line in logs)
+    assert sum("training the" in line for line in logs) == 3
+
+
+def test_export_force_keeps_a_deploy_note_in_the_bundle(bundles, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ssd_export.cli import export_command
+
+    run, _ = bundles[1]
+    out = tmp_path / "bundle"
+    args = [str(run), "--out", str(out), "--batch", "1:2", "--no-verify", "--engine", "onnx"]
+    assert CliRunner().invoke(export_command, args).exit_code == 0
+    (out / "DEPLOY.md").write_text("how we ship it")
+    result = CliRunner().invoke(export_command, args + ["--force"])
+    assert result.exit_code != 0 and "holds DEPLOY.md, which ssd did not write" in result.stderr, result.output
+    assert (out / "DEPLOY.md").read_text() == "how we ship it" and (out / "manifest.json").is_file()
+    shutil.move(out / "DEPLOY.md", tmp_path / "DEPLOY.md")
+    assert CliRunner().invoke(export_command, args + ["--force"]).exit_code == 0
+
+
+def test_ssd_sample_counts_are_bounded(bundles, tmp_path, capsys):
+    from ssd.cli import sample_main
+
+    run, _ = bundles[1]
+    for args in (["-n", "100000000000000000000"], ["--shard", "²/3"]):
+        code, _, err = run_main(sample_main, [run, "--steps", "2", "--out", tmp_path / "s", *args], capsys)
+        assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
