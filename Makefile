@@ -1,16 +1,22 @@
-# Two commands set everything up:  `make demo` (export the shipped Fashion-MNIST model and
-# sample it) and `make test` (the CI suite). Each creates .venv and installs what it needs.
+# Two commands set everything up:  `make demo` (sample the shipped Fashion-MNIST model) and
+# `make test` (the CI suite). Each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch, pinned so installs stay small; GPU users install their own torch first.
+# PyTorch's CPU wheel index is tried first; where it cannot be reached the same pin comes from
+# the default index (a CPU build where one is at hand, else PyPI's larger CUDA build), and the
+# install says which it got.
 TORCH_PIN ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-# The shipped model (runtime/models/fashion-mnist, package data, see README) exported and sampled:
-# a few minutes. (A wheel install gets the same model from `ssd-run` with no bundle.)
-DEMO_MODEL ?= runtime/models/fashion-mnist
-DEMO_BUNDLE ?= bundles/default
+# The shipped model's packaged bundle (runtime/models/fashion-mnist-bundle), sampled directly:
+# no export. 250 steps: the project measured the same FID as 1000 within the intervals
+# (docs/results.md); DEMO_STEPS=1000 for the full schedule.
+DEMO_STEPS ?= 250
+DEMO_N ?= 64
 DEMO_OUT ?= samples
+DEMO_BUNDLE ?= bundles/default
 # Retraining it from scratch (make train-demo): the exact recipe of the shipped model.
 TRAIN_PRESET ?= small32
 TRAIN_STEPS ?= 10000
@@ -22,7 +28,12 @@ TRAIN_RUN ?= runs/demo
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIN)
+	@echo "torch: $(TORCH_PIN), from PyTorch's CPU wheel index where it can be reached"
+	@$(BIN)/pip install --quiet --retries 0 --timeout 15 --index-url $(TORCH_CPU_INDEX) $(TORCH_PIN) 2>/dev/null || \
+	  (echo "torch: that index is out of reach; $(TORCH_PIN) from the default index" && \
+	   $(BIN)/pip install --quiet $(TORCH_PIN))
+	@$(BIN)/python -c "import torch; print('torch: installed', torch.__version__, \
+	  '(a CUDA build)' if torch.version.cuda else '(the CPU build)')"
 	$(BIN)/pip install --quiet -e '.[cpu,train,export,dev,openvino,eval]'
 	touch $@
 
@@ -34,8 +45,7 @@ $(FASHION_MNIST):
 	  (echo "error: run 'sudo apt-get install dataset-fashion-mnist' first" >&2; exit 1)
 
 demo: $(BIN)/.installed
-	$(BIN)/ssd-export $(DEMO_MODEL) --out $(DEMO_BUNDLE) --engine onnx --engine torchscript
-	$(BIN)/ssd-run $(DEMO_BUNDLE) --steps 1000 --n 64 --batch 16 --out $(DEMO_OUT) --preview
+	$(BIN)/ssd-run --steps $(DEMO_STEPS) --n $(DEMO_N) --batch 16 --out $(DEMO_OUT) --preview
 
 # --resume: a second `make train-demo` (or one after Ctrl-C) continues where training stopped.
 train-demo: $(BIN)/.installed $(FASHION_MNIST)
@@ -43,10 +53,14 @@ train-demo: $(BIN)/.installed $(FASHION_MNIST)
 	  $(TRAIN_FLAGS) --out $(TRAIN_RUN) $$(test -f $(TRAIN_RUN)/checkpoints/latest && echo --resume)
 	$(BIN)/python -m ssd.release $(TRAIN_RUN) --out $(TRAIN_RUN)-release --force
 	$(BIN)/ssd-export $(TRAIN_RUN)-release --out $(DEMO_BUNDLE) --engine onnx --engine torchscript --force
-	$(BIN)/ssd-run $(DEMO_BUNDLE) --steps 1000 --n 64 --batch 16 --out $(DEMO_OUT) --preview
+	$(BIN)/ssd-run $(DEMO_BUNDLE) --steps $(DEMO_STEPS) --n $(DEMO_N) --batch 16 --out $(DEMO_OUT)/retrained --preview
 
+# The tests that score against Fashion-MNIST need Debian's dataset-fashion-mnist: installed
+# where apt can (as root, as CI does), else they are skipped and this says so.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow" --durations=20
+	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+	  echo "note: dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist): the tests that need it are skipped"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20 -rs
 
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -6,8 +6,8 @@ wall times (not a test).
     python benchmarks/quality.py --bundle bundles/mine --steps 100 --seed 0 --seed 1
     python benchmarks/quality.py --samples /data/fp32-250-s0 --samples /data/fp32-250-s1   # folders already sampled
 
-With no ``--bundle`` and no ``--samples`` it scores the shipped model, exported once into the
-cache as ``ssd-run`` does with no bundle (``ssd_runtime.default_model``). ``--samples`` takes
+With no ``--bundle`` and no ``--samples`` it scores the shipped model's packaged bundle, the
+one ``ssd-run`` samples with no bundle (``ssd_runtime.default_model``). ``--samples`` takes
 folders written by ``ssd-run`` (for long sampling done in parts, e.g. ``--shard``), read
 only: their steps, seed and backend come from the PNGs' metadata. Each sample folder is
 scored against ``--ref`` (default: the 10,000 Fashion-MNIST test images); the first FID run
@@ -66,9 +66,9 @@ def sampled_with(folder: Path) -> dict:
 
 
 def default_bundle() -> Path:
-    from ssd_runtime.default_model import default_bundle as cached
+    from ssd_runtime.default_model import packaged_bundle
 
-    return cached(print)
+    return packaged_bundle()
 
 
 def interval(report: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:

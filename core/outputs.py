@@ -474,23 +474,6 @@ def _in_use(folder: Path, holder) -> str:
     return f"{folder} is in use by {_who(holder)}; wait for it to finish or choose another folder"
 
 
-def wait_until_free(folder: Path, on_wait: Callable[[str], None]) -> bool:
-    """If a command holds ``folder``, call ``on_wait(who)`` and block until it lets go (Ctrl-C
-    interrupts the wait); whether there was one to wait for."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:  # no folder: nobody holds it
-        return False
-    try:
-        if _try_lock(fd, fcntl.LOCK_SH):
-            return False
-        on_wait(_who(_holder(Path(folder))))
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return True
-    finally:
-        os.close(fd)
-
-
 def _share(fd: int, folder: Path, command: str, run: str, setup) -> None:
     """Take a shared hold for ``run``: the first shard takes the lock exclusively, names the
     run in ``.ssd-lock``, runs ``setup`` and converts to shared (flock's conversion is not

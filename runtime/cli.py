@@ -10,12 +10,11 @@ import click
 from ssd_core.config import MAX_BATCH, MAX_COUNT, MAX_RANK, parse_int
 from ssd_core.errors import UserError, cli_errors, run_cli
 from ssd_core.method import NOISE_VERSION, sample_indices
-from ssd_core.outputs import check_target
 from ssd_core.images import ANIMATION_FORMATS, make_grid, save_animations, save_png
 from ssd_core.samples import samples_folder
 
 from .backends import BACKENDS, DEVICES, PRECISIONS, untimed_auto
-from .default_model import default_bundle
+from .default_model import packaged_bundle
 from .sampler import Animate, Sampler
 
 DEFAULT_BUNDLE = Path("bundles/default")
@@ -178,20 +177,17 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
                 batch_invariant, progress):
     """Sample images from an SSD BUNDLE.
 
-    Without BUNDLE: bundles/default where it exists (a source checkout's `make demo`), else
-    the packaged Fashion-MNIST model, exported once into the user cache ($SSD_CACHE, or
-    ~/.cache/ssd; needs the 'export' extra that once) and reused from there.
+    Without BUNDLE: bundles/default where it exists (a source checkout's `make train-demo`),
+    else the shipped Fashion-MNIST model, a ready bundle inside the package (nothing is
+    exported or cached).
 
     PNGs are written as each batch finishes, so memory stays bounded by one batch. Sample i
     of a seed is the same image whatever --batch, --n, --first or --shard (docs/runtime.md)."""
     shard = parse_shard(shard)
     indices = sample_indices(n, first, shard)
     check_animate(animate or animate_all, animate_every, animate_ms, animate_scale, animate_format)
-    if bundle is None and DEFAULT_BUNDLE.exists():
-        bundle = DEFAULT_BUNDLE
-    elif bundle is None:
-        check_target(out, "samples", "ssd-run", reuse=True)  # refuse a bad --out before a long export
-        bundle = default_bundle(lambda line: click.echo(line, err=True))
+    if bundle is None:
+        bundle = DEFAULT_BUNDLE if DEFAULT_BUNDLE.exists() else packaged_bundle()
     untimed = backend == "auto" and shard[1] > 1 and device in (None, "cpu")
     if untimed:  # the shards of a run must all use one backend
         backend = untimed_auto(precision)

@@ -40,6 +40,55 @@ def test_each_package_imports_only_itself_and_the_ones_below(package, folder):
     assert not wrong, wrong
 
 
+# console scripts and the package whose code they run
+SCRIPTS = {"ssd-train": "ssd", "ssd-sample": "ssd", "ssd-eval": "ssd", "ssd-import": "ssd",
+           "ssd-export": "ssd_export", "ssd-run": "ssd_runtime"}
+PROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output", "system", "spawnv", "spawnvp", "execv",
+                 "execvp", "execvpe", "execl", "execlp", "create_subprocess_exec", "create_subprocess_shell"}
+
+
+def process_targets(path: Path) -> list[tuple[int, str]]:
+    """``(line, project package)`` for every string that is exactly a project module
+    (``"ssd_export.cli"``, for ``-m``) or console script, in a file that starts processes
+    (subprocess, os.exec*, ...): the command may be built anywhere in the file."""
+    tree = ast.parse(path.read_text(), str(path))
+    starts = any(isinstance(node, ast.Call) and (node.func.attr if isinstance(node.func, ast.Attribute)
+                                                 else getattr(node.func, "id", "")) in PROCESS_CALLS
+                 for node in ast.walk(tree))
+    if not starts:
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            word = node.value.strip()
+            root = word.split(".")[0]
+            if root in LEVEL and all(part.isidentifier() for part in word.split(".")):
+                found.append((node.lineno, root))
+            elif word in SCRIPTS:
+                found.append((node.lineno, SCRIPTS[word]))
+    return found
+
+
+@pytest.mark.parametrize("package, folder", STACK)
+def test_no_package_starts_a_process_of_a_higher_one(package, folder):
+    """A run-time call upward through a subprocess is a dependency too, which imports alone
+    would not show (the runtime once exported the default model by running ssd_export.cli)."""
+    wrong = [f"{path.relative_to(ROOT)}:{line} starts {target}"
+             for path in sorted((ROOT / folder).rglob("*.py"))
+             for line, target in process_targets(path) if LEVEL[target] > LEVEL[package]]
+    assert not wrong, wrong
+
+
+def test_the_process_rule_can_fail(tmp_path):
+    """What the runtime's default model did before the packaged bundle: ``-m ssd_export.cli``."""
+    sample = tmp_path / "sample.py"
+    sample.write_text('import subprocess, sys\n'
+                      'command = [sys.executable, "-m", "ssd_export.cli", "x"]\n'
+                      'subprocess.Popen(command)\n'
+                      'subprocess.run(["ssd-train", "--steps", "1"])\n')
+    assert process_targets(sample) == [(2, "ssd_export"), (4, "ssd")]
+
+
 @pytest.mark.parametrize("package", ["ssd_core", "ssd_runtime"])
 def test_core_and_runtime_import_neither_torch_nor_onnx(package):
     code = (f"import sys, {package}\n"
