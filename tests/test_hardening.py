@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 
