@@ -231,7 +231,9 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("samples", type=click.Path(path_type=Path))
 @click.option("--ref", default="fashion-mnist", show_default=True,
-              help="fashion-mnist (built in) or a folder of images (class subfolders give labels).")
+              help="fashion-mnist (its 10,000 test images, from Debian's dataset-fashion-mnist) or a folder of "
+                   "images (class subfolders give labels).")
+@click.option("--recursive", is_flag=True, help="Also read SAMPLES' subfolders (default: only its own images).")
 @click.option("--n", "n", type=click.IntRange(min=2), default=None, help="Use at most N samples and N reference images.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON report [default: SAMPLES/metrics.json].")
 @click.option("--fid", is_flag=True, help="FID with the standard Inception network shipped in the 'eval' extra "
@@ -246,8 +248,8 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
               help="Where the feature classifier and the FID reference statistics are cached "
                    "[default: $SSD_CACHE or ~/.cache/ssd].")
 @cli_errors
-def eval_command(samples: Path, ref: str, n, out, fid, inception_weights, trust_inception_weights, resamples,
-                 cache):
+def eval_command(samples: Path, ref: str, recursive: bool, n, out, fid, inception_weights, trust_inception_weights,
+                 resamples, cache):
     """Sample quality of a folder of SAMPLES against reference data: FID with --fid, a
     classifier-feature Fréchet distance and KID (not comparable with published FID),
     precision/recall and multi-scale sliced Wasserstein distance; 95% intervals and counts."""
@@ -258,7 +260,7 @@ def eval_command(samples: Path, ref: str, n, out, fid, inception_weights, trust_
         raise UserError(f"no image folder at {samples}")
     train, reference = reference_sets(ref, limit=n)
     channels, size = reference.images.shape[1], reference.images.shape[-1]
-    images = read_folder(samples, channels=channels, size=size, limit=n)
+    images = read_folder(samples, channels=channels, size=size, limit=n, recursive=recursive)
     result = evaluate(images, train, reference, inception_weights, cache, log=lambda text: click.echo(text, err=True),
                       trust_inception=trust_inception_weights,
                       fid=fid, resamples=resamples)

@@ -71,17 +71,20 @@ def fashion_mnist_split(split: str) -> ImageSet:
     return ImageSet(np.ascontiguousarray(images), f"fashion-mnist {split}", labels.astype(np.int64))
 
 
-def read_folder(folder, channels: int | None = None, size: int | None = None, limit: int | None = None) -> ImageSet:
-    """Image files under ``folder`` (sorted), decoded as the training data is (16-bit and float
-    images rescaled; see :func:`ssd.data.decode_image`); two or more class subfolders become
-    labels. Images are converted to ``channels`` (1: grey, else RGB) and resized to ``size``
-    where given. Any unreadable file is a one-line :class:`DataError` naming it."""
+def read_folder(folder, channels: int | None = None, size: int | None = None, limit: int | None = None,
+                recursive: bool = True) -> ImageSet:
+    """Image files under ``folder`` (sorted; with ``recursive=False`` only the folder's own,
+    not its subfolders'), decoded as the training data is (16-bit and float images rescaled;
+    see :func:`ssd.data.decode_image`); two or more class subfolders become labels. Images
+    are converted to ``channels`` (1: grey, else RGB) and resized to ``size`` where given.
+    Any unreadable file is a one-line :class:`DataError` naming it."""
     from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"no image folder at {folder}")
-    paths = [p for p in find_images(folder) if not p.name.startswith(("grid", "preview", "."))]
+    paths = [p for p in find_images(folder) if not p.name.startswith(("grid", "preview", "."))
+             and (recursive or p.parent == folder)]
     if limit is not None:
         paths = paths[:limit]
     if not paths:
@@ -414,6 +417,10 @@ def evaluate(samples: ImageSet, train: ImageSet | None, reference: ImageSet, inc
             "kid": f"2.5-97.5 percentiles of KID over its {KID_SUBSETS} subsets"}
     seconds = result["seconds"]
     network = None
+    if train is None and not fid and inception is None:
+        log(f"note: only the sliced Wasserstein distance can be computed: the reference ({reference.source}) has "
+            "no class labels to train the feature classifier on (class subfolders, or --ref fashion-mnist), and "
+            "FID needs --fid")
     if fid or inception is not None:  # a missing extra or a bad hash fails now, not after the classifier
         began = time.perf_counter()
         network = Inception(inception, trust=trust_inception)

@@ -140,3 +140,13 @@ def test_the_wheel_with_only_the_cpu_extra_samples_without_torch(wheel, tmp_path
     assert here.returncode == 0, here.stderr
     for name in ["grid.png"] + [f"sample_{i:05d}.png" for i in range(4)]:
         assert (tmp_path / "wheel" / name).read_bytes() == (tmp_path / "checkout" / name).read_bytes(), name
+
+
+def test_the_readme_python_snippet_runs_as_written(tmp_path):
+    """README's Python API block, pasted into a file and run from another folder: seconds."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Python API (embedding)"):].split("```python")[1].split("```")[0]
+    (tmp_path / "snippet.py").write_text(block)
+    done = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(8, 32, 32, 3) uint8" in done.stdout and "coarse preview at 32px" in done.stdout

@@ -208,3 +208,23 @@ def test_bad_inception_weights_are_one_line(tmp_path, capsys, kind, message):
     result = ssd_eval(capsys, tmp_path / "samples", tmp_path / "ref", "--inception-weights", weights,
                       "--trust-inception-weights")
     assert_one_line_error(result, f"--inception-weights .*inception.pt.*{message}")
+
+
+def test_samples_subfolders_are_read_only_when_asked_and_swd_alone_says_why(tmp_path, capsys):
+    """README's quick check writes samples/quick inside samples/: scoring samples/ must not mix
+    them in. An unlabelled reference without --fid leaves only SWD, and ssd-eval says why."""
+    write_images(tmp_path / "samples", 8, seed=1)
+    write_images(tmp_path / "samples" / "quick", 5, seed=3)
+    write_images(tmp_path / "ref", 8, seed=2)
+    code, out, err = ssd_eval(capsys, tmp_path / "samples", tmp_path / "ref", "--bootstrap", "0")
+    assert code == 0, err
+    report = json.loads((tmp_path / "samples" / "metrics.json").read_text())
+    assert report["n_samples"] == 8 and "only the sliced Wasserstein distance" in err and "--fid" in err
+    code, out, err = ssd_eval(capsys, tmp_path / "samples", tmp_path / "ref", "--bootstrap", "0", "--recursive",
+                              "--out", tmp_path / "all.json")
+    assert code == 0 and json.loads((tmp_path / "all.json").read_text())["n_samples"] == 13, err
+
+
+def test_a_missing_samples_folder_is_named_before_the_reference(tmp_path, capsys):
+    code, _, err = run_main(eval_main, [tmp_path / "no" / "such", "--ref", tmp_path / "also-missing"], capsys)
+    assert code != 0 and f"no image folder at {tmp_path / 'no' / 'such'}" in err
