@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
 from .images import SampleWriter, sample_name
 from .method import pending_chunks
 from .outputs import FolderError, Output, output_folder, read_marker, write_marker
@@ -93,4 +94,11 @@ def samples_folder(out, command: str, params: dict, indices: range, batch: int, 
         chunks = pending_chunks(indices, batch, done)
         writer = SampleWriter(out, params, indices=[i for chunk in chunks for i in chunk],
                               grid=range(first, first + min(n, SampleWriter.GRID_MAX)), skip=done)
-        yield SamplesJob(held, writer, chunks, done)
+        job = SamplesJob(held, writer, chunks, done)
+        try:
+            yield job
+        except KeyboardInterrupt:
+            error = UserError(f"interrupted: {job.resumed + writer.count} of these {len(indices)} samples are in {out}; "
+                              "the same command again samples the rest")
+            error.exit_code = 130
+            raise error from None

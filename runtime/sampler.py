@@ -126,7 +126,6 @@ class Sampler:
             integer(timing_batch, "timing_batch", 1, MAX_BATCH)
         check_callable(say, "say")
         bundle = load_bundle(path)
-        check_covariances(bundle)
         sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused,
                                            timing_batch, say, batch_invariant))
         if warmup:
@@ -350,20 +349,6 @@ def _concatenate(batches, model, dtype) -> np.ndarray:
         return np.concatenate(batches)
     size, channels = model.image_size, model.in_channels
     return np.zeros((0, size, size, channels) if dtype == np.uint8 else (0, channels, size, size), dtype)
-
-
-def check_covariances(bundle: Bundle) -> None:
-    """Refuse resize matrices whose ``A^T A`` has an eigenvalue above 1 (a true averaging
-    filter stays at or below 1): the noise covariance ``1 - rho alpha l_i l_j`` of a
-    size-increasing step could turn negative and its square root NaN."""
-    section = "halving" if bundle.manifest.process.halving else "resize"
-    for big, small in bundle.space.resize:
-        largest = float(bundle.space.update_constants(big)[2].max())
-        if not largest <= 1.0:
-            key = big if section == "halving" else f"{big}_{small}"
-            raise BundleError(f"{bundle.path / MANIFEST}: process.{section}.{key} is no averaging filter "
-                              f"(A^T A has eigenvalue {largest ** 0.5:.3g} > 1), so the noise covariance "
-                              "can turn negative")
 
 
 def check_plan(bundle: Bundle, plan: list[Step]) -> None:

@@ -259,7 +259,7 @@ def _rename(manifest, old, new, in_size, out_size):
     (lambda m: _rename(m, "up_8_14", "up_8_16", 8, 16), r"routes \['up_8_16'\] do not match the ladder \[8, 14, 20, 32\]"),
     (lambda m: _rename(m, "keep_14", "keep_15", 15, 15), r"routes \['keep_15'\] do not match the ladder"),
     (lambda m: m["routes"][1].update(name="up_8_16"), r"routes\[1\]\.name: 'up_8_16' \(up\) does not match sizes 8 -> 14"),
-    (lambda m: m["process"]["resize"].update({"32_20": [[1.0] * 32] * 20}), r"process\.resize\.32_20 is no averaging"),
+    (lambda m: m["process"]["resize"].update({"32_20": [[1.0] * 32] * 20}), r"resize matrix 32 -> 20 px is not the one its config's ladder implies"),
 ])
 def test_bad_manifests_are_refused_in_one_line(copy, tmp_path, capsys, edit, pattern):
     from ssd_runtime.cli import main

@@ -278,7 +278,7 @@ def test_halving_matrices_that_break_the_covariance_are_refused(copy, tmp_path, 
     manifest["process"]["halving"]["16"] = [[1.0] * 16 for _ in range(8)]  # in range, but no average
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = run_main(ssd_run, [copy, "--steps", "5", "--out", tmp_path / "out"], capsys)
-    assert_one_line_error(result, r"process\.halving\.16 is no averaging filter")
+    assert_one_line_error(result, r"resize matrix 16 -> 8 px is not the one its config's ladder implies")
 
 
 def test_a_plan_with_a_nan_square_root_is_refused(bundles):
