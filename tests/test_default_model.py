@@ -3,6 +3,7 @@ package (ssd_runtime.default_model), sampled without torch, an export or a cache
 installed with only its ``cpu`` extra into a fresh virtual environment, does the same."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -66,6 +67,16 @@ def test_ssd_run_without_a_bundle_samples_the_packaged_one_and_writes_nothing_el
         assert image.size == (32, 32) and image.text["steps"] == "4"
 
 
+def test_the_packaged_bundle_was_exported_from_the_packaged_release():
+    """The cheap half of the rule, in every run: the bundle's manifest names the sha256 of
+    exactly the release files the wheel carries (the full re-export below is `slow`)."""
+    manifest = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())
+    with resources.as_file(default_model.packaged_model()) as model:
+        for name in default_model.MODEL_FILES:
+            assert manifest["source"]["sha256"][name] == hashlib.sha256((model / name).read_bytes()).hexdigest(), name
+
+
+@pytest.mark.slow
 def test_the_packaged_bundle_is_the_packaged_model_exported_afresh(tmp_path):
     """The shipped bundle and the release it came from never drift: an export of the release
     now gives byte-identical graphs and weights and the same manifest (but for provenance:
