@@ -86,7 +86,9 @@ def samples_folder(out, command: str, params: dict, indices: range, batch: int, 
         recorded = (read_marker(out) or {}).get("run")
         if recorded != params:  # a shard joined a folder another run holds (cannot happen once locked)
             raise FolderError(f"{out} holds samples of another run; choose another --out")
-        done = frozenset(index for index in indices if held.inventory.owns(sample_name(index)))
+        listed = held.inventory.names()  # read once; only listed names can be done
+        done = frozenset(index for index in indices
+                         if sample_name(index) in listed and held.inventory.owns(sample_name(index)))
         for index in indices:
             if index not in done:
                 held.inventory.check_writable(sample_name(index))
