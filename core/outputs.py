@@ -348,6 +348,13 @@ def overlapping(a, b) -> bool:
 def check_target(path: Path, kind: str, command: str, sources: tuple = (), reuse: bool = False) -> str:
     """What ``command`` finds at ``path`` ('missing', 'empty' or ``kind``), or a one-line
     refusal; an existing folder of ``kind`` only where ``reuse`` allows it."""
+    if _check_place(path, command, sources) == "missing":
+        return "missing"
+    return _check_contents(path, kind, command, reuse)
+
+
+def _check_place(path: Path, command: str, sources: tuple) -> str:
+    """'missing' or 'a folder' at ``path``, or a refusal: where it lies, and what it is."""
     path = Path(path)
     for source in sources:
         if source is not None and overlapping(path, source):
@@ -356,10 +363,14 @@ def check_target(path: Path, kind: str, command: str, sources: tuple = (), reuse
     if outer is not None:
         raise FolderError(f"--out {path} lies inside the training run {outer}; choose a folder outside it")
     found = describe(path, follow_symlinks=False)
-    if found == "missing":
-        return "missing"
-    if found != "a folder":
+    if found not in ("missing", "a folder"):
         raise FolderError(f"--out {path} is {found}, not a folder; {command} replaces only folders it made")
+    return found
+
+
+def _check_contents(path: Path, kind: str, command: str, reuse: bool) -> str:
+    """'empty' or ``kind`` for the folder ``path``, or a refusal naming what is in it. Only
+    meaningful while the folder is locked: a sibling's half-written files look foreign."""
     try:
         found = kind_of(path)
         contents = _contents(path)
@@ -395,7 +406,8 @@ class FolderLock:
 
     ``.ssd-lock`` names the holder, ``<pid> <command>`` (with `` run=<run>`` for a shared
     hold); it is only ever replaced by rename, never opened for writing. ``setup`` runs while
-    the lock is held exclusively (by the first shard of a run, or the one command)."""
+    the lock is held exclusively (by the first shard of a run, or the one command), before
+    ``.ssd-lock`` is written."""
 
     def __init__(self, folder: Path, command: str, run: str | None = None, setup: Callable[[], None] | None = None):
         self.folder = Path(folder)
@@ -408,9 +420,9 @@ class FolderLock:
             if run is None:
                 if not _try_lock(fd, fcntl.LOCK_EX):
                     raise FolderError(_in_use(folder, _holder(self.folder)))
-                _write_holder(self.folder, command, None)
-                if setup is not None:
+                if setup is not None:  # first: it checks what is in the folder before we add to it
                     setup()
+                _write_holder(self.folder, command, None)
             else:
                 _share(fd, self.folder, command, run, setup)
         except BaseException:
@@ -475,8 +487,8 @@ def _in_use(folder: Path, holder) -> str:
 
 
 def _share(fd: int, folder: Path, command: str, run: str, setup) -> None:
-    """Take a shared hold for ``run``: the first shard takes the lock exclusively, names the
-    run in ``.ssd-lock``, runs ``setup`` and converts to shared (flock's conversion is not
+    """Take a shared hold for ``run``: the first shard takes the lock exclusively, runs
+    ``setup``, names the run in ``.ssd-lock`` and converts to shared (flock's conversion is not
     atomic, so the holder is read again once shared); later shards of the same run join the
     shared hold. Anything else holding the folder is refused."""
     deadline = time.monotonic() + SHARE_WAIT
@@ -484,13 +496,13 @@ def _share(fd: int, folder: Path, command: str, run: str, setup) -> None:
     while True:
         held = False
         if _try_lock(fd, fcntl.LOCK_EX):
-            _write_holder(folder, command, run)
             if setup is not None:
                 try:
                     setup()
                 except BaseException:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                     raise
+            _write_holder(folder, command, run)
             held = _try_lock(fd, fcntl.LOCK_SH)
         else:
             held = _try_lock(fd, fcntl.LOCK_SH)
@@ -578,28 +590,36 @@ def output_folder(path, kind: str, command: str, sources: tuple = (), reuse: boo
     exclusively, after the marker is written.
     """
     path = Path(path)
-    found = check_target(path, kind, command, sources, reuse=reuse)
+    found = _check_place(path, command, sources)  # what is in it is checked once it is locked
     parents = _make_parents(path)
     inventory = Inventory(path)
     held = Output(path, kind, found, found == "missing", inventory)
 
-    def prepare():
-        if read_marker(path) is None or found == "empty":  # new, or ours with nothing left
+    def prepare():  # the folder is locked exclusively: a sibling shard writes nothing now
+        if _contents(path) or not held.created:
+            held.found = _check_contents(path, kind, command, reuse)
+        if read_marker(path) is None or held.found == "empty":  # new, or ours with nothing left
             write_marker(path, kind, command)
         if setup is not None:
             setup(held)
 
     try:
-        path.mkdir(exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            held.created = False
         with _recording(path, inventory):
             held.lock = FolderLock(path, command, run, prepare)
     except (OSError, FolderError) as err:
-        if found == "missing":
+        if held.created:
             _remove_bookkeeping_if_alone(path)
         _remove_empty(parents)
         if isinstance(err, FolderError):
             raise
         raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+    if held.found == "a folder":  # a shard that joined its run: the first shard checked it
+        held.found = kind
+    found = held.found
     try:
         with _recording(path, inventory):
             yield held

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -161,6 +162,45 @@ def test_a_marker_only_shell_is_empty_again(tmp_path):
 
 
 # --------------------------------------------------------------------------- locks
+def test_a_shard_reads_the_folder_only_once_its_sibling_set_it_up(tmp_path, monkeypatch):
+    """CI's torchrun race: the second shard saw the first's half-written marker (a temp file)
+    and called the folder foreign. What a folder holds is now read under the lock."""
+    import ssd_core.outputs as outputs
+
+    out = tmp_path / "out"
+    writing, joined = threading.Event(), threading.Event()
+    failures = []
+    plain_write_marker = outputs.write_marker
+
+    def slow_write_marker(folder, *args, **kwargs):  # as write_atomic leaves it mid-write
+        half = Path(folder) / ".ssd-folder.json.half.tmp"
+        half.write_bytes(b"half")
+        writing.set()
+        time.sleep(0.3)
+        half.unlink()
+        return plain_write_marker(folder, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_marker", slow_write_marker)
+
+    def first_shard():
+        try:
+            with output_folder(out, "samples", "ssd-run", keep_on_failure=True, run="r"):
+                joined.wait(10)
+        except Exception as err:  # reported below
+            failures.append(err)
+
+    thread = threading.Thread(target=first_shard)
+    thread.start()
+    assert writing.wait(10)
+    try:
+        with output_folder(out, "samples", "ssd-run", keep_on_failure=True, run="r") as second:
+            assert second.found == "samples"
+    finally:
+        joined.set()
+        thread.join()
+    assert not failures
+
+
 def test_a_hard_link_at_the_lock_path_changes_no_other_file(tmp_path):
     out = tmp_path / "out"
     write_samples(out, 2)
