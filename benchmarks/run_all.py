@@ -71,9 +71,9 @@ class Plan:
     route_repeats: int = 20
 
 
-QUICK = Plan(quality_preset="tiny32", train_steps=12, milestones=1, train_batch=8,
+QUICK = Plan(quality_preset="tiny32", quality_levels=(1, 2), train_steps=12, milestones=1, train_batch=8,
              eval_samples={20: 24, 10: 24}, curve_steps=10, curve_samples=24, reference=64,
-             classifier_images=3000, sample_batch=24, speed_preset="tiny32", speed_levels=(1, 2, 3),
+             classifier_images=3000, sample_batch=24, speed_preset="tiny32", speed_levels=(1, 2),
              speed_steps=(20, 10), repeats=1, train_speed_batch=4, route_repeats=2)
 
 

@@ -165,9 +165,9 @@ def fid_helper():
 
 @pytest.fixture(scope="module")
 def two_sets():
-    """64 Fashion-MNIST fixture images (32 and their mirror images) at 32 px, and a damaged
+    """32 Fashion-MNIST fixture images (16 and their mirror images) at 32 px, and a damaged
     copy of them (shifted by 3 px, blurred, noised) as the 'samples'."""
-    fixture = read_folder(FIXTURE_DIR, channels=1, size=32).images[:32]
+    fixture = read_folder(FIXTURE_DIR, channels=1, size=32).images[:16]
     real = np.concatenate([fixture, fixture[..., ::-1]])
     rng = np.random.default_rng(0)
     shifted = np.roll(real.astype(np.float64), 3, axis=-1)
@@ -219,7 +219,7 @@ def test_fid_statistics_match_fid_helper(theirs, ours, two_sets):
     assert report["fid"] > 1.0
     low, high = report["fid_ci95"]
     assert low < report["fid"] < high
-    assert f"| FID (Inception) | {report['fid']:.3f} [{low:.3f}, {high:.3f}] | 64 |" in format_report(report)
+    assert f"| FID (Inception) | {report['fid']:.3f} [{low:.3f}, {high:.3f}] | 32 |" in format_report(report)
 
 
 @pytest.mark.slow

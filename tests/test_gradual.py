@@ -57,7 +57,7 @@ def gradual(tmp_path_factory):
     start_run(run, settings, dataset=load_dataset("fixture", 32)).train(progress=False)
     bundle = root / "bundle"
     result = CliRunner().invoke(export_command, [str(run), "--out", str(bundle), "--engine", "onnx",
-                                                 "--engine", "torchscript", "--batch", "1:2", "--verify"])
+                                                 "--engine", "torchscript", "--batch", "2", "--verify"])
     assert result.exit_code == 0, result.output
     config, model = load_model(run)
     return SimpleNamespace(run=run, bundle=bundle, manifest=json.loads((bundle / "manifest.json").read_text()),
@@ -109,7 +109,7 @@ def test_every_route_and_step_graph_has_its_static_sizes_and_passed_verification
     assert [r["name"] for r in manifest["routes"]] == route_names(gradual.config)
     for route in manifest["routes"]:
         r, o = route["in_size"], route["out_size"]
-        assert route["inputs"][0]["shape"] == ["batch", 3, r, r] and route["outputs"][0]["shape"] == ["batch", 3, o, o]
+        assert route["inputs"][0]["shape"] == [2, 3, r, r] and route["outputs"][0]["shape"] == [2, 3, o, o]
         assert set(route["files"]) == set(route["step_files"]) == {"onnx", "torchscript"}
         checks = route["verification"]
         assert set(checks) == {"onnx", "torchscript", "onnx step", "torchscript step"}, route["name"]
@@ -227,11 +227,9 @@ def test_tensorrt_engines_get_each_routes_static_sizes(copy, capsys, monkeypatch
     assert code == 0, err
     builds = {Path(d["onnx"]).name: d for name, d in calls if name == "build"}
     assert len(builds) == 7
-    for route in json.loads((copy / "manifest.json").read_text())["routes"]:
-        profile = builds[f"{route['name']}.step.onnx"]["profiles"][0]
-        r, o = route["in_size"], route["out_size"]
-        assert [shape[1:] for shape in profile["x"]] == [[3, r, r]] * 3, (route["name"], profile)
-        assert [shape[1:] for shape in profile["z"]] == [[3, o, o]] * 3, (route["name"], profile)
+    for route in json.loads((copy / "manifest.json").read_text())["routes"]:  # one engine per step graph;
+        build = builds[f"{route['name']}.step.onnx"]  # the batch is fixed, so shapes are static: no profile
+        assert build["profiles"] == [], (route["name"], build)
     with Sampler.from_bundle(copy, backend="tensorrt", warmup=False) as sampler:
         images = sampler.sample_float(2, seed=5, steps=STEPS, batch=2)
     with Sampler.from_bundle(copy, backend="onnxruntime", **ONE) as sampler:
