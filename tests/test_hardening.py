@@ -43,10 +43,10 @@ def export(*args):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, exported_bundle):
-    """A 2-level tiny32 bundle, ONNX + TorchScript, batch 1:4: ``(run, bundle)``."""
-    root = tmp_path_factory.mktemp("hostile")
-    return exported_bundle(root, levels=2, seed=5, engines=("onnx", "torchscript"), batch="1:4")
+def bundle(bundles):
+    """The shared 3-level tiny32 bundle, ONNX + TorchScript, batch 1:4: ``(run, bundle)``
+    (never modified: tests change a copy, ``copy_of``)."""
+    return bundles[3]
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_symlinks_inside_the_bundle_are_followed(copy_of):
     (folder / "onnx" / "weights.bin").unlink()
     (folder / "onnx" / "weights.bin").symlink_to("../weights-real.bin")
     # inside the bundle, so our checks pass; ONNX Runtime wants it in the graph's folder
-    with pytest.raises(BundleError, match=r"ONNX Runtime cannot load onnx/keep_16\.step\.onnx: .*escapes"):
+    with pytest.raises(BundleError, match=r"ONNX Runtime cannot load onnx/keep_8\.step\.onnx: .*escapes"):
         Sampler.from_bundle(folder, backend="onnxruntime")
 
 
@@ -184,7 +184,7 @@ DEEP = "[" * 200_000 + "]" * 200_000
 
 @pytest.mark.parametrize("edit, pattern", [
     (lambda m: m["process"].update(timesteps=10**9), r"process\.timesteps: 1000000000 is out of range"),
-    (lambda m: m["routes"][0].update(in_size=8), r"routes\[0\]\.name: 'keep_16' \(keep\) does not match sizes 8 -> 16"),
+    (lambda m: m["routes"][0].update(in_size=4), r"routes\[0\]\.name: 'keep_8' \(keep\) does not match sizes 4 -> 8"),
     (lambda m: m["routes"][0].update(in_size=-8), r"routes\[0\]\.in_size: -8 is out of range"),
     (lambda m: m["routes"][0].update(in_size="eight"), r"routes\[0\]\.in_size: expected an integer, got 'eight'"),
     (lambda m: m["batch"].update(min=0), r"batch\.min: 0 is out of range"),
@@ -278,15 +278,15 @@ def test_optimizer_tensors_must_fit_their_parameters(tmp_path, capsys, change, p
 
 # --------------------------------------------------------------------------- options
 def test_seeds_numpy_accepts_work_and_the_rest_are_one_line(bundle, tmp_path, capsys):
-    assert_one_line_error(call(ssd_run, [bundle[1], "--seed", "-1", "--steps", "2", "--out", tmp_path / "a"], capsys),
+    assert_one_line_error(call(ssd_run, [bundle[1], "--seed", "-1", "--steps", "3", "--out", tmp_path / "a"], capsys),
              r"--seed", code=2)
     for seed in (2**64, 2**70):
-        code, _, err = call(ssd_run, [bundle[1], "--seed", seed, "--steps", "2", "--n", "1", "--out",
+        code, _, err = call(ssd_run, [bundle[1], "--seed", seed, "--steps", "3", "--n", "1", "--out",
                                        tmp_path / f"s{seed}"], capsys)
         assert code == 0, err
     with pytest.raises(ConfigError, match="seed=-1"):
-        Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime").sample(1, seed=-1, steps=2)
-    code, _, err = call(sample_main, [bundle[0], "--seed", 2**64, "--steps", "2", "--n", "1", "--out",
+        Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime").sample(1, seed=-1, steps=3)
+    code, _, err = call(sample_main, [bundle[0], "--seed", 2**64, "--steps", "3", "--n", "1", "--out",
                                       tmp_path / "t"], capsys)
     assert code == 0, err
     assert_one_line_error(call(train_main, QUICK + ["--seed", 2**64, "--out", tmp_path / "r"], capsys),
@@ -329,11 +329,11 @@ def test_ssd_sample_has_a_default_batch_and_checks_out_first(bundle, tmp_path, c
         return real(model, config, n, steps, seed, device, batch, callback, **options)
 
     monkeypatch.setattr(ssd.sample, "sample_batches", spy)
-    code, _, err = call(sample_main, [bundle[0], "--n", 70, "--steps", 2, "--out", tmp_path / "s"], capsys)
+    code, _, err = call(sample_main, [bundle[0], "--n", 70, "--steps", 3, "--out", tmp_path / "s"], capsys)
     assert code == 0 and batches == [64], err
     assert len(list((tmp_path / "s").glob("sample_*.png"))) == 70
     (tmp_path / "file").write_text("")
-    assert_one_line_error(call(sample_main, [bundle[0], "--n", 1, "--steps", 2, "--out", tmp_path / "file" / "s"], capsys),
+    assert_one_line_error(call(sample_main, [bundle[0], "--n", 1, "--steps", 3, "--out", tmp_path / "file" / "s"], capsys),
              r"cannot write to .*file is a file, not a folder")
     assert len(batches) == 1  # refused before sampling
 
@@ -350,13 +350,13 @@ def test_ssd_run_writes_each_batch_as_it_finishes(bundle, tmp_path, capsys, monk
         real_add(self, images)
 
     monkeypatch.setattr(ssd_core.images.SampleWriter, "add", add)
-    code, _, err = call(ssd_run, [bundle[1], "--n", 5, "--batch", 2, "--steps", 2, "--out", tmp_path / "o"], capsys)
+    code, _, err = call(ssd_run, [bundle[1], "--n", 5, "--batch", 2, "--steps", 3, "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert seen == [0, 2, 4]  # earlier batches were on disk before the next one was added
     sampler = Sampler.from_bundle(bundle[1], warmup=False, backend="onnxruntime")
-    batches = list(sampler.iter_batches(5, seed=0, steps=2, batch=2))
+    batches = list(sampler.iter_batches(5, seed=0, steps=3, batch=2))
     assert [len(b) for b in batches] == [2, 2, 1]
-    np.testing.assert_array_equal(np.concatenate(batches), sampler.sample(5, seed=0, steps=2, batch=2))
+    np.testing.assert_array_equal(np.concatenate(batches), sampler.sample(5, seed=0, steps=3, batch=2))
 
 
 def test_concurrent_writers_into_one_folder_never_share_a_temp_file(tmp_path):
