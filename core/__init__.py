@@ -4,10 +4,8 @@
 JSON, atomic writes), ``outputs`` (the one owner of output folders: kinds, locks),
 ``schema`` (typed documents), ``config`` (model, process and training configs), ``method``
 (the method's numbers: schedules, resize matrices, posterior coefficients, the sampling
-loop; docs/method.md), ``ladder`` (resolution ladders with any factor and the exact
-posterior of a separable degradation, docs/method.md §10; not yet used by training),
-``bundle`` (the bundle contract and its reader), ``engine_registry``, ``precision``,
-``cases`` (seeded check inputs), ``images`` (PNGs), ``torchscript_check`` (inspecting
+loop, for any resolution ladder; docs/method.md), ``bundle`` (the bundle contract and its
+reader), ``engine_registry``, ``precision``, ``cases`` (seeded check inputs), ``images`` (PNGs), ``torchscript_check`` (inspecting
 TorchScript before it runs; torch only inside).
 
 Imports numpy, never torch or onnx (a test guards it).

@@ -41,15 +41,6 @@ def resolution_levels(timesteps: int, levels: int, schedule: str, gamma: float) 
     return np.minimum(np.floor(levels * f), levels - 1).astype(np.int64)
 
 
-def halving_matrix(size: int) -> np.ndarray:
-    """The 1-D matrix ``[size/2, size]`` of torch's 2x bilinear antialiased downsample
-    (:func:`resize_matrix` from ``size`` to ``size/2``: taps [1,3,3,1]/8 inside,
-    renormalised where they run off the border)."""
-    if size < 2 or size % 2:
-        raise ValueError(f"cannot halve size {size}")
-    return resize_matrix(size, size // 2)
-
-
 def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """The 1-D matrix ``[out_size, in_size]`` of torch's antialiased bilinear resize.
 
@@ -57,8 +48,8 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     antialias=True)`` per axis (ATen's ``_compute_indices_min_size_weights_aa``): output
     pixel ``i`` centred at ``scale (i + 1/2)`` with ``scale = in/out``; a triangle filter of
     half-width ``max(scale, 1)`` (stretched when downsizing, which is the antialiasing),
-    truncated at the borders and renormalised. ``resize_matrix(m, m // 2)`` is
-    :func:`halving_matrix`; ``resize_matrix(m, m)`` is the identity.
+    truncated at the borders and renormalised. ``resize_matrix(m, m // 2)`` is the 2x
+    halving (taps [1,3,3,1]/8 inside); ``resize_matrix(m, m)`` is the identity.
     """
     if not (isinstance(in_size, int) and isinstance(out_size, int) and in_size >= 1 and out_size >= 1):
         raise ValueError(f"cannot resize {in_size!r} -> {out_size!r}; sizes must be positive ints")

@@ -309,10 +309,9 @@ def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: by
         runner = EngineRunner(trt, cudart, _create(trt.Runtime, trt.Logger(trt.Logger.ERROR)), engine, route, high,
                               False)
         undo.callback(runner.close)
-        if runner.user_memory:
-            scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes(high))
-            undo.callback(scratch.free)
-            runner.use_scratch(scratch)
+        scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes(high))
+        undo.callback(scratch.free)
+        runner.use_scratch(scratch)
         undo.callback(stream.synchronize)  # first: the queued work ends before anything is released
         for case in cases:
             batch = len(case["t"])

@@ -72,13 +72,6 @@ def make_device_agnostic(module: torch.jit.ScriptModule) -> None:
     torch._C._jit_pass_lint(graph)
 
 
-def device_constants(module: torch.jit.ScriptModule) -> list[str]:
-    """Device constants left in a module's (inlined) graph: none after the rewrite."""
-    graph = module.inlined_graph  # keep a reference: its nodes die with it
-    nodes = graph.findAllNodes("prim::Constant", recurse=True)
-    return [str(node).strip() for node in nodes if node.output().type().kind() == "DeviceObjType"]
-
-
 def to_bytes(module: torch.jit.ScriptModule) -> bytes:
     """The module as a ``torch.jit.save`` archive."""
     buffer = io.BytesIO()

@@ -1,9 +1,9 @@
 """Sample-quality metrics in numpy, on features or on images (torch-free).
 
-- :func:`frechet_distance`: the Fréchet distance between Gaussians fitted to two feature
+- :class:`FrechetReference`: the Fréchet distance between Gaussians fitted to two feature
   sets (FID when the features are Inception's; here usually a small classifier's).
-- :func:`kernel_inception_distance`: KID, the unbiased MMD² with the cubic polynomial
-  kernel ``(x·y/d + 1)³``, averaged over random subsets (Bińkowski et al. 2018).
+- :func:`kid_subsets`: KID, the unbiased MMD² with the cubic polynomial kernel
+  ``(x·y/d + 1)³``, on random subsets (Bińkowski et al. 2018).
 - :func:`precision_recall`: improved precision and recall with k-NN balls (Kynkäänniemi
   et al. 2019): the share of generated samples inside the real manifold, and the reverse.
 - :func:`sliced_wasserstein`: multi-scale sliced Wasserstein distance between Laplacian-
@@ -24,15 +24,6 @@ def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"a Gaussian fit needs features [n >= 2, d], got shape {list(features.shape)}")
     return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
-
-
-def frechet_distance_gaussians(mu1, cov1, mu2, cov2) -> float:
-    """``|mu1 - mu2|² + tr(C1 + C2 - 2 (C1^½ C2 C1^½)^½)``, with symmetric square roots
-    (equal to the usual ``tr sqrt(C1 C2)`` form, without a non-symmetric ``sqrtm``)."""
-    root1 = FrechetReference(mu1, cov1).root()
-    middle = np.linalg.eigvalsh(root1 @ cov2 @ root1)
-    cross = np.sqrt(middle.clip(0)).sum()
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * cross)
 
 
 class FrechetReference:
@@ -97,11 +88,6 @@ class FrechetReference:
         return self._root
 
 
-def frechet_distance(features1: np.ndarray, features2: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets [n, d]."""
-    return FrechetReference.of(features1).distance(features2)
-
-
 def interval(estimate: float, replicates, level: float = 0.95) -> tuple[float, float]:
     """A ``level`` confidence interval for the expected value of an estimator at this sample
     count, from its bootstrap ``replicates``: their percentile interval moved by the
@@ -133,13 +119,6 @@ def kid_subsets(features1: np.ndarray, features2: np.ndarray, subsets: int = 50,
         same = (kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (m * (m - 1))
         values.append(same - 2 * kab.mean())
     return np.array(values)
-
-
-def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, subsets: int = 50,
-                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """KID: mean and standard deviation of :func:`kid_subsets`."""
-    values = kid_subsets(features1, features2, subsets, subset_size, seed)
-    return float(np.mean(values)), float(np.std(values))
 
 
 def _knn_radii(points: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:

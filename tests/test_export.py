@@ -2,7 +2,7 @@
 the runtime sampling from it (docs/method.md §7, §9).
 
 Two bundles are exported once per module (dynamo export costs seconds per route):
-- ``interp``: tiny32, 3 levels, top transition "interp"; onnx + onnx-fp16 + torchscript,
+- ``interp``: tiny32, 2 levels, top transition "interp"; onnx + onnx-fp16 + torchscript,
   dynamic batch 1:8.
 - ``up``: tiny32, 2 levels, top transition "up"; onnx only, fixed batch 3.
 Both come from checkpoints whose every parameter is perturbed (the UNet zero-initialises its
@@ -22,7 +22,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 
 from ssd_core.bundle import BundleError, load_bundle, sha256_file
 from ssd.checkpoint import load_model
@@ -31,22 +30,16 @@ from ssd_core.method import ScaleSpace
 from ssd.sample import sample_images
 from ssd.unet import route_names
 from ssd_export.bundle_writer import validate_manifest
-from ssd_export.cli import export_command
 from ssd_export.onnx_export import FP32_OPS, OPSET
 from ssd_export.options import OptionError, parse_batch
-from ssd_export.torchscript_export import device_constants
 from ssd_export.verify import TOLERANCES, check_timesteps
 from ssd_runtime import Sampler
 
-from conftest import assert_refused, make_checkpoint
+from conftest import assert_refused, make_checkpoint, run_export
+from oracles import device_constants
 
 
 # --------------------------------------------------------------------------- fixtures
-def export(*args) -> SimpleNamespace:
-    result = CliRunner().invoke(export_command, [str(a) for a in args])
-    return SimpleNamespace(code=result.exit_code, out=result.stdout, err=result.stderr)
-
-
 def file_hashes(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != "manifest.json"}
@@ -64,7 +57,7 @@ def _bundle(work: Path, name: str, levels: int, top: str, seed: int, *options) -
     run = work / f"run_{name}"
     make_checkpoint(run, levels, seed, top=top)
     out = work / f"bundle_{name}"
-    result = export(run, "--out", out, *options)
+    result = run_export(run, "--out", out, *options)
     assert result.code == 0, result.out + result.err
     config, model = load_model(run)
     return SimpleNamespace(run=run, out=out, result=result, config=config, model=model,
@@ -74,7 +67,7 @@ def _bundle(work: Path, name: str, levels: int, top: str, seed: int, *options) -
 
 @pytest.fixture(scope="module")
 def interp(work) -> SimpleNamespace:
-    return _bundle(work, "interp", 3, "interp", 1, "--engine", "onnx", "--engine", "torchscript",
+    return _bundle(work, "interp", 2, "interp", 1, "--engine", "onnx", "--engine", "torchscript",
                    "--precision", "fp16", "--batch", "1:8")
 
 
@@ -252,17 +245,17 @@ def test_tampered_files_fail_verification(interp, tmp_path):
         load_bundle(copy).verify_files("onnx")
     with pytest.raises(BundleError):
         Sampler.from_bundle(copy, backend="onnxruntime")
-    (copy / "torchscript" / "keep_8.pt").unlink()
+    (copy / "torchscript" / "keep_16.pt").unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(copy).verify_files("torchscript")
 
 
 def test_reexport_skips_and_force_reproduces_the_same_hashes(interp, up):
-    again = export(interp.run, "--out", interp.out, "--engine", "torchscript", "--engine", "onnx",
+    again = run_export(interp.run, "--out", interp.out, "--engine", "torchscript", "--engine", "onnx",
                    "--precision", "fp16", "--batch", "1:8")
     assert again.code == 0 and "up to date" in again.out
     assert file_hashes(interp.out) == interp.hashes
-    forced = export(up.run, "--out", up.out, "--batch", "3", "--force")
+    forced = run_export(up.run, "--out", up.out, "--batch", "3", "--force")
     assert forced.code == 0, forced.err
     assert "up to date" not in forced.out
     assert file_hashes(up.out) == up.hashes
@@ -295,49 +288,49 @@ def test_batch_parsing(text, expected):
 def test_nonsense_batch_is_one_line_error(up, tmp_path, text):
     with pytest.raises(OptionError):
         parse_batch(text)
-    assert_refused(export(up.run, "--out", tmp_path / "b", "--batch", text), "--batch")
+    assert_refused(run_export(up.run, "--out", tmp_path / "b", "--batch", text), "--batch")
 
 
 def test_bad_checkpoints_are_one_line_errors(up, tmp_path):
-    assert_refused(export(tmp_path / "nope", "--out", tmp_path / "b"), "no checkpoint")
+    assert_refused(run_export(tmp_path / "nope", "--out", tmp_path / "b"), "no checkpoint")
     run = tmp_path / "run"
     shutil.copytree(up.run, run)
     ckpt = next((run / "checkpoints").glob("step_*"))
     state = json.loads((ckpt / "state.json").read_text())
     (ckpt / "state.json").write_text(json.dumps({**state, "format_version": 99}))
-    assert_refused(export(run, "--out", tmp_path / "b"), "format version 99")
+    assert_refused(run_export(run, "--out", tmp_path / "b"), "format version 99")
     (ckpt / "state.json").write_text(json.dumps(state))
     data = (ckpt / "ema.safetensors").read_bytes()
     (ckpt / "ema.safetensors").write_bytes(data[: len(data) // 2])
-    assert_refused(export(run, "--out", tmp_path / "b"), "corrupt")
+    assert_refused(run_export(run, "--out", tmp_path / "b"), "corrupt")
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
 
 
 def test_output_folder_with_other_things_is_refused(interp, up, tmp_path):
     other = tmp_path / "other_model"
     shutil.copytree(interp.out, other)
-    assert_refused(export(up.run, "--out", other, "--batch", "3"), "another model", "--force")
+    assert_refused(run_export(up.run, "--out", other, "--batch", "3"), "another model", "--force")
     assert file_hashes(other) == interp.hashes  # untouched
     unrelated = tmp_path / "unrelated"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("mine")
     for force in ([], ["--force"]):  # --force replaces a bundle, never files ssd did not make
-        assert_refused(export(up.run, "--out", unrelated, *force), "holds files ssd did not make", "notes.txt")
+        assert_refused(run_export(up.run, "--out", unrelated, *force), "holds files ssd did not make", "notes.txt")
     assert (unrelated / "notes.txt").read_text() == "mine"
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert_refused(export(up.run, "--out", blocker / "bundle"), "cannot write")
+    assert_refused(run_export(up.run, "--out", blocker / "bundle"), "cannot write")
 
 
 def test_unsupported_engine_and_missing_extra_are_one_line_errors(up, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as here: TensorRT is not installed
-    assert_refused(export(up.run, "--out", tmp_path / "b", "--engine", "trt"), "TensorRT is not installed")
-    assert_refused(export(up.run, "--out", tmp_path / "b", "--refit"), "--refit", "--engine trt")
+    assert_refused(run_export(up.run, "--out", tmp_path / "b", "--engine", "trt"), "TensorRT is not installed")
+    assert_refused(run_export(up.run, "--out", tmp_path / "b", "--refit"), "--refit", "--engine trt")
     assert not (tmp_path / "b").exists()
-    assert_refused(export(up.run, "--out", tmp_path / "b", "--engine", "torchscript",
+    assert_refused(run_export(up.run, "--out", tmp_path / "b", "--engine", "torchscript",
                                  "--precision", "fp16"), "--engine onnx")
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    result = export(up.run, "--out", tmp_path / "b")
+    result = run_export(up.run, "--out", tmp_path / "b")
     assert_refused(result, "'export' extra", "onnx")
     assert result.code == 2
 
@@ -348,7 +341,7 @@ def test_failed_export_leaves_the_old_bundle_and_no_partial_folder(up, tmp_path,
     target = tmp_path / "bundle"
     shutil.copytree(up.out, target)
     monkeypatch.setitem(verify.TOLERANCES, "torchscript", -1.0)  # every check now fails
-    result = export(up.run, "--out", target, "--engine", "torchscript", "--batch", "3")
+    result = run_export(up.run, "--out", target, "--engine", "torchscript", "--batch", "3")
     assert_refused(result, "does not match PyTorch", "keep_16/torchscript")
     assert "| keep_16 | torchscript |" in result.out  # the table is printed before the error
     assert file_hashes(target) == up.hashes
@@ -360,6 +353,6 @@ def test_unwritable_output_folder_is_one_line_error(up, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        assert_refused(export(up.run, "--out", locked / "bundle"), "cannot write")
+        assert_refused(run_export(up.run, "--out", locked / "bundle"), "cannot write")
     finally:
         locked.chmod(0o700)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ssd_core.config import ConfigError, make_config
-from ssd_core.ladder import (LadderProcess, Separable, compose, ladder_sizes, posterior,
-                             resize_matrix)
-from ssd_core.method import ScaleSpace, halving_matrix, linear_abar, p_step, resolution_levels
+from ladder_oracle import (LadderProcess, Separable, compose, halving_matrix, ladder_sizes, posterior,
+                           resize_matrix)
+from ssd_core.method import ScaleSpace, linear_abar, p_step, resolution_levels
 
 # ------------------------------------------------------------------ the ladder rule
 # (image_size, channel_mult, ds_factor, levels) -> (the authors' list largest first, their

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ssd_core.config import ConfigError, make_config
-from ssd_core.method import ScaleSpace, halving_matrix, linear_abar, p_step
+from ladder_oracle import halving_matrix
+from ssd_core.method import ScaleSpace, linear_abar, p_step
 from ssd.torch_process import TorchScaleSpace
 
 

@@ -1,9 +1,11 @@
-"""Resolution ladders with any factor and the exact posterior of a separable linear
-degradation (docs/method.md §10), in numpy.
+"""The tests' oracle for any resolution ladder: an independent derivation, in numpy, of the
+exact posterior of a separable linear degradation (docs/method.md §10), written from the
+math with dense separable maps rather than ``ssd_core.method``'s per-step constants.
 
 The 2x process of ``ssd_core.method`` is the special case ``ds_factor = 2``: its ladder,
-its halving matrices and its posterior coefficients come out of this module unchanged (a
-test checks them to float precision). Nothing here imports torch.
+its halving matrices and its posterior coefficients come out of this module unchanged, and
+for any ladder ``ScaleSpace``'s constants and draws equal :func:`posterior`'s
+(tests/test_ladder.py). It lives with the tests because only they use it.
 
 Conventions as in ``ssd_core.method``: images ``[..., H, W]``; a separable map acts as
 ``X -> A_h X A_w^T`` (row-major ``vec``: ``A_h ⊗ A_w``); sizes are side lengths.
@@ -15,8 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError, Ladder, ladder_sizes  # noqa: F401  (the ladder rule: part of this API)
-from .method import checked_schedule, keep_update, resize_matrix  # noqa: F401  (resize_matrix: part of this API)
+from ssd_core.config import ConfigError, Ladder, ladder_sizes  # noqa: F401  (the ladder rule: part of this API)
+from ssd_core.method import checked_schedule, keep_update, resize_matrix  # noqa: F401  (resize_matrix: part of this API)
+
+
+def halving_matrix(size: int) -> np.ndarray:
+    """The 1-D matrix ``[size/2, size]`` of torch's 2x bilinear antialiased downsample
+    (``resize_matrix`` from ``size`` to ``size/2``: taps [1,3,3,1]/8 inside,
+    renormalised where they run off the border)."""
+    if size < 2 or size % 2:
+        raise ValueError(f"cannot halve size {size}")
+    return resize_matrix(size, size // 2)
+
 
 
 # --------------------------------------------------------------------------- separable maps
