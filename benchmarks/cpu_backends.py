@@ -40,7 +40,7 @@ from ssd.sample import sample_images  # noqa: E402
 from ssd_core.config import make_config  # noqa: E402
 from ssd_core.errors import UserError  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
-from ssd_runtime.backends import available_cores  # noqa: E402
+from ssd_runtime.registry import available_cores  # noqa: E402
 
 # (backend, precision) rows, in table order; "eager" is the PyTorch reference, not a runtime backend.
 ROWS = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"),

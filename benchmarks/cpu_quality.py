@@ -36,7 +36,7 @@ from cpu_backends import ROWS, EagerRows, cpu_description, label, load_rows, pre
 from cpu_backends import report as write_report  # noqa: E402
 
 from ssd_runtime import Sampler  # noqa: E402
-from ssd_runtime.backends import available_cores  # noqa: E402
+from ssd_runtime.registry import available_cores  # noqa: E402
 
 REFERENCE = ("onnxruntime", "fp32")
 BUCKETS = ((0, 0), (1, 1), (2, 4), (5, 16), (17, 255))  # |difference| in uint8 levels, inclusive

@@ -6,8 +6,9 @@ never torch, unless the TorchScript backend is asked for.
 from ssd_core.bundle import BundleError, load_bundle
 from ssd_core.errors import UserError
 
-from .backends import BACKENDS, Backend, BackendError, make_backend
+from .backend import Backend, BackendError
+from .registry import BACKENDS, BackendOptions, make_backend
 from .sampler import Animate, Sampler
 
-__all__ = ["Sampler", "Animate", "load_bundle", "make_backend", "Backend", "BACKENDS",
+__all__ = ["Sampler", "Animate", "load_bundle", "make_backend", "BackendOptions", "Backend", "BACKENDS",
            "BackendError", "BundleError", "UserError"]

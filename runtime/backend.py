@@ -1,6 +1,7 @@
 """The interface every backend implements (``Backend``), its errors, and the helpers that
-make loading and releasing safe. The backends themselves: ``backends`` (ONNX Runtime,
-TorchScript), ``openvino_backend`` and ``tensorrt_backend``.
+make loading and releasing safe. The backends themselves are listed in ``registry`` (one
+module each: ``onnxruntime_backend``, ``openvino_backend``, ``torchscript_backend``,
+``tensorrt_backend``).
 
 A backend owns the array type the sampling state lives in (``to_array`` / ``to_numpy``):
 ONNX Runtime keeps numpy arrays on the host; TorchScript on CUDA keeps torch tensors and

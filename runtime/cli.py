@@ -13,7 +13,7 @@ from ssd_core.method import NOISE_VERSION, sample_indices
 from ssd_core.images import ANIMATION_FORMATS, make_grid, save_animations, save_png
 from ssd_core.samples import samples_folder
 
-from .backends import BACKENDS, DEVICES, PRECISIONS, untimed_auto
+from .registry import BACKENDS, DEVICES, PRECISIONS, untimed_auto
 from .default_model import packaged_bundle
 from .sampler import Animate, Sampler
 

@@ -19,8 +19,8 @@ from ssd_core.errors import install_hint
 
 from .backend import (Backend, BackendError, check_declared_io, closing_on_error, load_error, release_all, run_error,
                       use_step_graphs)
+from .registry import REGISTRY, BackendOptions
 
-FORMATS = {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": "onnx-int8"}
 HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 REDUCED = ("fp16", "bf16")  # float precisions OpenVINO lowers the whole graph to
 NATIVE = {  # precision -> (OPTIMIZATION_CAPABILITIES entry, why it is refused without it)
@@ -35,12 +35,10 @@ class OpenVINOBackend(Backend):
 
     name = "openvino"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32",
-                 threads: int | None = None, fused: bool | None = None):
+    def __init__(self, bundle: Bundle, options: BackendOptions):
         ov = _import_openvino()
-        if device != "cpu":
-            raise BackendError(f"backend 'openvino' runs on the CPU only, not device {device!r}")
-        self.precision, self.file_format = precision, FORMATS[precision]
+        device, precision, threads, fused = options.device, options.precision, options.threads, options.fused
+        self.precision, self.file_format = precision, REGISTRY[self.name].formats[precision]
         if precision in REDUCED and fused:
             raise BackendError(f"backend 'openvino' runs {precision} on the route graphs only (its {precision} "
                                "would cover the fused step graph's posterior update); use --unfused")

@@ -33,7 +33,7 @@ from ssd_core.method import (SampleNoise, SampleState, Step, StepFn, check_done,
                              sample_indices, sample_loop)
 
 from .backend import Backend, BackendError, closing_on_error
-from .backends import check_flag, make_backend
+from .registry import BackendOptions, check_flag, make_backend
 
 # callback(step_index, total_steps, t, resolution) after every network call
 StepCallback = Callable[[int, int, int, int], None]
@@ -121,13 +121,12 @@ class Sampler:
         if not isinstance(path, (str, os.PathLike)):
             raise BundleError(f"bundle path {path!r}; expected a str or a path")
         check_flag(warmup, "warmup")
-        check_flag(batch_invariant, "batch_invariant")
         if timing_batch is not None:
             integer(timing_batch, "timing_batch", 1, MAX_BATCH)
         check_callable(say, "say")
         bundle = load_bundle(path)
-        sampler = cls(bundle, make_backend(bundle, backend, device, precision, threads, low_memory, fused,
-                                           timing_batch, say, batch_invariant))
+        options = BackendOptions(backend, device, precision, threads, low_memory, fused, batch_invariant)
+        sampler = cls(bundle, make_backend(bundle, options, batch=timing_batch, say=say))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
                 sampler.backend.warmup(sampler.batch_range[0])
@@ -251,15 +250,20 @@ class Sampler:
         plan = self.plan(self.check_steps(steps))
         seed = check_seed(seed)
         channels = self.bundle.config.model.in_channels
-        step_fn = self._step_fn(plan, batch)
+        low, high = self.batch_range
+        step_fns = {}  # by batch size: its constants are made once
 
         def run(chunk: range) -> np.ndarray:
-            # every call gets a full batch, as before: the last one is padded with the streams
-            # of the indices that would follow, and those rows are dropped
-            padded = range(chunk.start, chunk.start + batch * chunk.step, chunk.step)
-            noise = SampleNoise(seed, padded, channels)
+            # a short last chunk runs at its own size where the bundle's batch axis allows it;
+            # a fixed-batch bundle pads it with the streams of the indices that would follow,
+            # and those rows are dropped
+            size = max(len(chunk), low) if low < high else high
+            if size not in step_fns:
+                step_fns[size] = self._step_fn(plan, size)
+            rows = range(chunk.start, chunk.start + size * chunk.step, chunk.step)
+            noise = SampleNoise(seed, rows, channels)
             record = animate.recorder(chunk, len(plan), self.backend.to_numpy) if animate is not None else None
-            return self._sample_batch(plan, step_fn, noise, callback, preview, record)[: len(chunk)]
+            return self._sample_batch(plan, step_fns[size], noise, callback, preview, record)[: len(chunk)]
 
         return (run(chunk) for chunk in pending_chunks(indices, batch, check_done(done)))
 

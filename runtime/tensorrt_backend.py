@@ -38,6 +38,7 @@ from ssd_core.bundle import STEP_OUTPUTS, Bundle, BundleError
 from ssd_core.engine_registry import EngineMismatchError, EngineSet, Platform, select_engine_set
 
 from .backend import Backend, BackendError, closing_on_error, release_all
+from .registry import REGISTRY, BackendOptions
 from .cuda import (CudaError, DeviceArray, DeviceBuffer, Stream, check, destroy_graph_exec, device_properties,
                    import_cudart, local_device)
 
@@ -126,7 +127,7 @@ class EngineRunner:
             if self.engine is None:
                 raise BundleError(f"TensorRT cannot load {where} (it was built with another TensorRT or for "
                                   "another GPU; rebuild: ssd-export BUNDLE --engine trt)")
-            self.user_memory = True  # we hand every context its scratch (set_device_memory, TensorRT >= 10.1)
+            # the context gets its scratch from us (use_scratch: set_device_memory, TensorRT >= 10.1)
             self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if self.context is None:
                 raise BackendError(f"TensorRT cannot create an execution context for {where}")
@@ -213,19 +214,15 @@ class EngineRunner:
         release_all([*(functools.partial(destroy_graph_exec, self.cudart, g) for g in graphs),
                      *(buffer.free for buffer in buffers)])
 
-    free = close  # the name engines/build.py calls
-
 
 class TensorRTBackend(Backend):
     """The ``tensorrt`` backend; fused step engines only."""
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, device: str = "cuda", precision: str = "fp32", fused: bool | None = None,
-                 cuda_graphs: bool = True):
-        if device != "cuda":
-            raise BackendError(f"backend 'tensorrt' runs on device 'cuda', not {device!r}")
-        if fused is False:
+    def __init__(self, bundle: Bundle, options: BackendOptions, cuda_graphs: bool = True):
+        precision = options.precision
+        if options.fused is False:
             raise BackendError("backend 'tensorrt' runs the fused step engines only; the unfused reference path is "
                                "--backend onnxruntime or torchscript")
         trt, cudart = import_tensorrt(), import_cudart()
@@ -238,8 +235,8 @@ class TensorRTBackend(Backend):
                 bundle.engine_sets, here, precision, "step", onnx_hashes(bundle), list(bundle.routes), str(bundle.path))
         except EngineMismatchError as err:
             raise BackendError(str(err)) from None
-        super().__init__(bundle, device, fused=True)
-        self.file_format = f"tensorrt-{precision}"
+        super().__init__(bundle, options.device, fused=True)
+        self.file_format = REGISTRY[self.name].formats[precision]
         self.precision = precision
         self.stream: Stream | None = None
         self.runtime = None
@@ -253,11 +250,10 @@ class TensorRTBackend(Backend):
             for record in self.engine_set.engines:
                 self.runners[record.route] = EngineRunner(trt, cudart, self.runtime, bundle.read(record), record.path,
                                                           batch_max, cuda_graphs)
-            if all(runner.user_memory for runner in self.runners.values()):
-                size = max(runner.scratch_bytes(batch_max) for runner in self.runners.values())
-                self.scratch = DeviceBuffer.allocate(cudart, size)
-                for runner in self.runners.values():
-                    runner.use_scratch(self.scratch)
+            size = max(runner.scratch_bytes(batch_max) for runner in self.runners.values())
+            self.scratch = DeviceBuffer.allocate(cudart, size)  # one block every context shares
+            for runner in self.runners.values():
+                runner.use_scratch(self.scratch)
 
     # ------------------------------------------------------------------ arrays
     def to_array(self, array: np.ndarray) -> DeviceArray:

@@ -18,7 +18,7 @@ import fake_tensorrt
 from ssd_core.bundle import BundleError
 from ssd_core.errors import UserError
 from ssd_runtime import Sampler
-from ssd_runtime.backends import BackendError
+from ssd_runtime.backend import BackendError
 from ssd_runtime.cuda import CudaError, Stream, check
 
 NOTHING_LIVE = {"memory": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
@@ -158,7 +158,7 @@ def test_torchscript_close_releases_the_modules(bundles):
 
 
 def test_torchscript_a_later_module_failing_drops_the_earlier_ones(bundles, monkeypatch):
-    import ssd_runtime.backends as backends
+    import ssd_runtime.torchscript_backend as backends
 
     made, real = [], backends.load_checked
 

@@ -18,7 +18,9 @@ from ssd_core.method import NOISE_VERSION, SampleNoise, sample_indices, sample_s
 from ssd_core.bundle import load_bundle
 from ssd_core.outputs import LOCK, FolderError, FolderLock
 from ssd_runtime import Sampler
-from ssd_runtime.backends import BackendError, ort_providers, torch_device
+from ssd_runtime.backend import BackendError
+from ssd_runtime.onnxruntime_backend import ort_providers
+from ssd_runtime.torchscript_backend import torch_device
 from ssd_runtime.cli import main as ssd_run
 from ssd_runtime.cuda import CudaError, local_device
 

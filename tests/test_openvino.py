@@ -15,8 +15,9 @@ from PIL import Image
 from conftest import assert_one_line_error, run_main
 from ssd_core.bundle import BundleError
 from ssd_runtime import Sampler, load_bundle
-from ssd_runtime import backends as backends_module
-from ssd_runtime.backends import BackendError, available_cores, choose_backend, physical_cores
+from ssd_runtime import registry as backends_module
+from ssd_runtime.backend import BackendError
+from ssd_runtime.registry import available_cores, choose_backend, physical_cores
 from ssd_runtime.cli import INT8_WARNING, main as ssd_run
 from test_lifecycle import held, needs_proc
 
@@ -112,9 +113,9 @@ def test_bf16_refuses_the_fused_step_graphs(bundles):
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--backend", "onnxruntime", "--precision", "bf16"], r"onnxruntime' has no bf16 path; use --backend openvino"),
-    (["--backend", "torchscript", "--precision", "int8"], r"torchscript' runs fp32 only"),
-    (["--backend", "openvino", "--device", "cuda"], r"openvino' runs on the CPU only"),
+    (["--backend", "onnxruntime", "--precision", "bf16"], r"onnxruntime' runs fp32 or fp16 or int8, not bf16; bf16 runs on openvino"),
+    (["--backend", "torchscript", "--precision", "int8"], r"torchscript' runs fp32, not int8; int8 runs on onnxruntime or openvino"),
+    (["--backend", "openvino", "--device", "cuda"], r"openvino' runs on cpu, not device 'cuda'"),
     (["--backend", "onnxruntime", "--precision", "int8"], r"has no 'onnx-int8' file"),
     (["--backend", "openvino", "--precision", "int8"], r"has no 'onnx-int8' file"),
     (["--precision", "int8"], r"has no 'onnx-int8' file"),
@@ -156,7 +157,7 @@ def int8_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     make_checkpoint(root / "run", 1, 7)
     result = CliRunner().invoke(export_command, [str(root / "run"), "--out", str(root / "bundle"), "--engine", "onnx",
-                                                 "--precision", "int8", "--batch", "1:2", "--no-verify"])
+                                                 "--precision", "int8", "--batch", "2", "--no-verify"])
     assert result.exit_code == 0, result.output
     return root / "bundle"
 

@@ -19,7 +19,8 @@ from ssd_core.errors import UserError
 from ssd.evaluate import Inception
 from ssd_core.torchscript_check import INCEPTION_OPS, ROUTE_OPS, load_checked
 from ssd_runtime import Sampler
-from ssd_runtime.backends import BackendError, available_cores
+from ssd_runtime.backend import BackendError
+from ssd_runtime.registry import available_cores
 from ssd_runtime.cli import main as ssd_run
 from ssd_runtime.sampler import check_plan
 

@@ -55,7 +55,7 @@ def export(args, capsys):
 
 def test_without_tensorrt_export_and_backend_say_what_is_missing(bundle, tmp_path, capsys, monkeypatch):
     from ssd_runtime import Sampler
-    from ssd_runtime.backends import BackendError
+    from ssd_runtime.backend import BackendError
 
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # as on CI: not installed
     run, folder = bundle
@@ -203,7 +203,7 @@ def test_build_registers_engines_and_the_backend_samples_on_the_device(copy, cap
 
 def test_engines_for_another_gpu_or_tensorrt_are_refused_with_a_rebuild_hint(copy, capsys, monkeypatch):
     from ssd_runtime import Sampler
-    from ssd_runtime.backends import BackendError
+    from ssd_runtime.backend import BackendError
 
     fake_tensorrt.install(monkeypatch, version="10.13.0.35")
     assert export([copy, "--engine", "trt"], capsys)[0] == 0
@@ -249,11 +249,11 @@ def test_refit_a_new_checkpoint_into_the_same_engines(bundle, tmp_path, capsys, 
     out = tmp_path / "bundle"
     first = tmp_path / "first"
     make_checkpoint(first, 1, 0)
-    assert export([first, "--out", out, "--batch", "1:4", "--no-verify", "--engine", "trt", "--refit"], capsys)[0] == 0
+    assert export([first, "--out", out, "--batch", "2", "--no-verify", "--engine", "trt", "--refit"], capsys)[0] == 0
     second = tmp_path / "second"
     make_checkpoint(second, 1, 9)  # same architecture, new weights
     calls.clear()
-    code, out_text, err = export([second, "--out", out, "--batch", "1:4", "--no-verify", "--engine", "trt",
+    code, out_text, err = export([second, "--out", out, "--batch", "2", "--no-verify", "--engine", "trt",
                                   "--refit", "--force"], capsys)
     assert code == 0, err
     assert "refitted keep_32" in out_text and calls.number("build") == 0 and calls.number("refit") == 1
@@ -265,7 +265,7 @@ def test_refit_a_new_checkpoint_into_the_same_engines(bundle, tmp_path, capsys, 
 
 def test_onnxruntime_tensorrt_provider_gets_its_engine_cache(bundle, monkeypatch, tmp_path):
     from ssd_core.bundle import load_bundle
-    from ssd_runtime.backends import tensorrt_provider_options
+    from ssd_runtime.onnxruntime_backend import tensorrt_provider_options
 
     monkeypatch.setenv("SSD_CACHE", str(tmp_path))
     options = tensorrt_provider_options(load_bundle(bundle[1]))

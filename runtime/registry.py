@@ -1,0 +1,264 @@
+"""Which backends exist and how one is chosen: the registry (one :class:`BackendSpec` per
+backend), the options every backend takes (:class:`BackendOptions`, checked once), and
+:func:`make_backend`, which loads one by name or, with ``auto``, times the installed
+candidates and keeps the fastest.
+
+Adding a backend (docs/runtime.md, "Adding a backend"): write ``runtime/NAME_backend.py``
+with a :class:`~ssd_runtime.backend.Backend` subclass whose constructor takes ``(bundle,
+options)``, and add its :class:`BackendSpec` to :data:`REGISTRY`. ``--backend``'s choices,
+``auto``'s candidates, the device and precision checks and the batch-invariance and
+low-memory rules all read the entry. No backend module is imported until it is chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ssd_core.bundle import Bundle
+from ssd_core.config import ConfigError, integer
+from ssd_core.method import COEFFICIENTS
+
+from .backend import Backend, BackendError, first_line, release_all
+
+ONNX_FORMATS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}  # the bundle's ONNX variants
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend: where its class lives and what it can run."""
+
+    name: str
+    module: str  # ssd_runtime.<module>, imported only when the backend is chosen
+    cls: str
+    devices: tuple[str, ...]  # the first is its default
+    formats: dict  # precision -> the bundle file format it runs
+    auto: bool = False  # a candidate ``auto`` times on the CPU
+    batch_invariant: bool = False  # can compute sample i the same at every batch size
+    low_memory: bool = False  # honours ``low_memory``
+
+    def load(self) -> type[Backend]:
+        """The backend's class (imports its module, not its library: that is the constructor's)."""
+        return getattr(importlib.import_module(f"ssd_runtime.{self.module}"), self.cls)
+
+
+REGISTRY = {spec.name: spec for spec in (
+    BackendSpec("onnxruntime", "onnxruntime_backend", "OnnxRuntimeBackend", ("cpu", "cuda", "tensorrt"),
+                ONNX_FORMATS, auto=True, batch_invariant=True, low_memory=True),
+    BackendSpec("openvino", "openvino_backend", "OpenVINOBackend", ("cpu",),
+                {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": "onnx-int8"}, auto=True),
+    # left out of ``auto``: importing torch alone costs more than the whole timing, and
+    # ``auto`` keeps the runtime torch-free (docs/runtime.md#--backend-auto)
+    BackendSpec("torchscript", "torchscript_backend", "TorchScriptBackend", ("cpu", "cuda"),
+                {"fp32": "torchscript"}, batch_invariant=True),
+    BackendSpec("tensorrt", "tensorrt_backend", "TensorRTBackend", ("cuda",),
+                {"fp32": "tensorrt-fp32", "fp16": "tensorrt-fp16"}),
+)}
+BACKENDS = ("auto", *REGISTRY)
+DEVICES = tuple(dict.fromkeys(device for spec in REGISTRY.values() for device in spec.devices))
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+assert set(PRECISIONS) == {p for spec in REGISTRY.values() for p in spec.formats}
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run a bundle, whatever the backend: checked once by :meth:`checked`, then read
+    by the backend's constructor. ``backend``: a name of :data:`REGISTRY` or ``auto``;
+    ``device``: None for the backend's default; ``threads``: None for the physical cores
+    this process may use; ``fused``: step graphs where the bundle has them (None), always
+    (True) or never (False); ``batch_invariant``: sample ``i`` bit-identical at any batch."""
+
+    backend: str = "auto"
+    device: str | None = None
+    precision: str = "fp32"
+    threads: int | None = None
+    low_memory: bool = False
+    fused: bool | None = None
+    batch_invariant: bool = False
+
+    def checked(self) -> "BackendOptions":
+        """These options with every type and choice checked (one-line errors), ``auto``
+        narrowed where only one backend qualifies, and device and threads filled in."""
+        check_choice(self.backend, "backend", BACKENDS)
+        check_choice(self.device, "device", DEVICES, optional=True)
+        check_choice(self.precision, "precision", PRECISIONS)
+        check_flag(self.low_memory, "low_memory")
+        check_flag(self.fused, "fused", optional=True)
+        check_flag(self.batch_invariant, "batch_invariant")
+        backend = self.backend
+        if backend == "auto" and (self.batch_invariant or self.device not in (None, "cpu")):
+            backend = "onnxruntime"  # exact at any batch on the CPU; the one backend with GPU providers
+        if backend != "auto":
+            spec = REGISTRY[backend]
+            if self.batch_invariant and not spec.batch_invariant:
+                raise BackendError(f"batch_invariant: backend {backend!r} is not known to compute a sample the same "
+                                   f"at every batch size; use {' or '.join(_names(batch_invariant=True))}")
+            if self.low_memory and not spec.low_memory:
+                raise BackendError(f"--low-memory is {' and '.join(_names(low_memory=True))}'s option; backend "
+                                   f"'{backend}' cannot honour it: drop it or use --backend onnxruntime")
+            if self.device is not None and self.device not in spec.devices:
+                raise BackendError(f"backend {backend!r} runs on {' or '.join(spec.devices)}, not device "
+                                   f"{self.device!r}")
+            if self.precision not in spec.formats:
+                raise BackendError(f"backend {backend!r} runs {' or '.join(spec.formats)}, not {self.precision}; "
+                                   f"{self.precision} runs on {' or '.join(_names(precision=self.precision))}")
+        device = self.device or (REGISTRY[backend].devices[0] if backend != "auto" else "cpu")
+        if self.threads is None:
+            threads = physical_cores()
+        else:
+            try:
+                threads = integer(self.threads, "threads", 1, available_cores())
+            except ConfigError as err:
+                raise BackendError(f"{err} (the cores this process may use; or None for all)") from None
+        return dataclasses.replace(self, backend=backend, device=device, threads=threads)
+
+    @property
+    def file_format(self) -> str:
+        """The bundle file format the chosen backend runs at this precision."""
+        return REGISTRY[self.backend].formats[self.precision]
+
+
+def _names(precision: str | None = None, **wanted) -> list[str]:
+    """The backends whose entry has every field in ``wanted`` (and runs ``precision``)."""
+    return [spec.name for spec in REGISTRY.values()
+            if all(getattr(spec, key) == value for key, value in wanted.items())
+            and (precision is None or precision in spec.formats)]
+
+
+def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batch: int | None = None,
+                 say: Callable[[str], None] | None = None, **options) -> Backend:
+    """Load a backend for ``bundle``: ``backend`` is a :class:`BackendOptions`, or a backend
+    name with the options' other fields as keywords. One-line errors for unknown or missing
+    backends and for options of the wrong type. ``auto`` (on the CPU; elsewhere it means
+    onnxruntime): the fastest installed candidate that runs the precision, timed at
+    ``batch`` (see :func:`choose_backend`; its one-line reason also goes to ``say``)."""
+    if not isinstance(backend, BackendOptions):
+        backend = BackendOptions(backend, **options)
+    elif options:
+        raise TypeError(f"make_backend: pass options in the BackendOptions, not also as {sorted(options)}")
+    options = backend.checked()
+    if options.backend == "auto":
+        load = lambda name: make_backend(bundle, dataclasses.replace(options, backend=name))
+        candidates = _names(auto=True, **({"low_memory": True} if options.low_memory else {}))
+        return choose_backend(bundle, load, candidates, options.precision, batch, say)
+    return REGISTRY[options.backend].load()(bundle, options)
+
+
+def untimed_auto(precision: str) -> str:
+    """What ``auto`` means where a timing could pick differently in each process (the shards
+    of one run must use one backend): OpenVINO for bf16/fp16 on the CPU, else ONNX Runtime."""
+    return "openvino" if precision in ("bf16", "fp16") else "onnxruntime"
+
+
+def choose_backend(bundle: Bundle, load: Callable[[str], Backend], candidates, precision: str,
+                   batch: int | None = None, say: Callable[[str], None] | None = None,
+                   budget_s: float = 1.5) -> Backend:
+    """Load every candidate that can run ``precision`` (one that cannot here, a
+    :class:`BackendError`, is skipped with its reason; a fault of the bundle, such as a
+    failed hash check, is raised: no backend hides it), time a few calls of each on the
+    bundle's largest route at ``batch`` (default: the bundle's largest), interleaved, keep
+    the one with the lowest median and close the others. The pick and why is one line: the
+    chosen backend's ``choice``, also handed to ``say`` where given."""
+    loaded, skipped = {}, []
+    try:
+        for name in candidates:
+            try:
+                loaded[name] = load(name)
+            except BackendError as err:
+                skipped.append(f"{name}: {first_line(err)}")
+        if not loaded:
+            raise BackendError(f"backend auto: no installed backend runs {precision} here ({'; '.join(skipped)})")
+        low, high = bundle.batch_range
+        batch = min(max(batch or high, low), high)
+        times = time_backends(bundle, loaded, batch, budget_s)
+    except BaseException:
+        release_all([backend.close for backend in loaded.values()])
+        raise
+    best = min(times, key=times.get)
+    chosen = loaded.pop(best)
+    release_all([backend.close for backend in loaded.values()])
+    others = ", ".join(f"{name} {times[name]:.1f} ms/step" for name in times if name != best)
+    chosen.choice = (f"backend auto: {best} {precision} ({chosen.file_format}{', fused' if chosen.fused else ''}), "
+                     f"{times[best]:.1f} ms/step at batch {batch}" + (f" vs {others}" if others else "")
+                     + (f"; not available: {'; '.join(skipped)}" if skipped else ""))
+    if say is not None:
+        say(chosen.choice)
+    return chosen
+
+
+def time_backends(bundle: Bundle, backends: dict[str, Backend], batch: int, budget_s: float) -> dict[str, float]:
+    """Median ms per call of each backend on the bundle's largest route (a step call where
+    the backend is fused, the network call otherwise), calls interleaved across backends:
+    one untimed call each, then rounds until 5 are done or ``budget_s`` is spent (3 at least)."""
+    name, route = max(bundle.routes.items(), key=lambda item: (item[1].in_size, item[1].out_size))
+    channels = bundle.config.model.in_channels
+    noise = np.random.default_rng(0).standard_normal
+    x = noise((batch, channels, route.in_size, route.in_size)).astype(np.float32)
+    z = noise((batch, channels, route.out_size, route.out_size)).astype(np.float32)
+    t = np.full(batch, bundle.space.timesteps // 2, np.float32)
+    coef = np.full(len(COEFFICIENTS[route.kind]), 0.5, np.float32)
+
+    def call(backend: Backend):
+        args = [backend.to_array(a) for a in ((x, t, coef, z) if backend.fused else (x, t))]
+        return backend.run_step(name, *args) if backend.fused else backend.run(name, *args)
+
+    samples = {key: [] for key in backends}
+    for backend in backends.values():
+        call(backend)  # first-call costs are not the speed
+    started = time.perf_counter()
+    for round_ in range(5):
+        if round_ >= 3 and time.perf_counter() - started > budget_s:
+            break
+        for key, backend in backends.items():
+            begin = time.perf_counter()
+            call(backend)
+            samples[key].append(1e3 * (time.perf_counter() - begin))
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int:
+    """Physical cores this process may use: the distinct (physical id, core id) pairs of
+    ``/proc/cpuinfo`` among the CPUs of its affinity mask (SMT siblings count once); where
+    that is unknown (no /proc, no core ids), :func:`available_cores`."""
+    if allowed is None and hasattr(os, "sched_getaffinity"):
+        allowed = set(os.sched_getaffinity(0))
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return available_cores()
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        if {"processor", "core id"} <= fields.keys() and fields["processor"].isdigit():
+            if allowed is None or int(fields["processor"]) in allowed:
+                cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or available_cores()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def check_choice(value, name: str, choices: tuple[str, ...], optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or value not in choices:
+        raise BackendError(f"{name}={value!r}; choose from {list(choices)}")
+
+
+def check_flag(value, name: str, optional: bool = False) -> None:
+    """Booleans must be bools: ``fused="no"`` would otherwise mean True."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise BackendError(f"{name}={value!r}; expected True or False{' or None' if optional else ''}")
