@@ -5,25 +5,51 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 
-def run_main(main, args, capsys):
-    """Call an entry point in-process; (exit code, stdout, stderr)."""
+class Outcome(NamedTuple):
+    """What a command did: exit code, stdout, stderr (unpacks as a tuple)."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_main(main, args, capsys) -> Outcome:
+    """Call an entry point in-process."""
     try:
         main([str(a) for a in args])
         code = 0
     except SystemExit as exit:
         code = exit.code
     out, err = capsys.readouterr()
-    return code, out, err
+    return Outcome(code, out, err)
+
+
+def run_export(*args) -> Outcome:
+    """``ssd-export ARGS`` in-process (click's runner)."""
+    from click.testing import CliRunner
+
+    from ssd_export.cli import export_command
+
+    result = CliRunner().invoke(export_command, [str(a) for a in args])
+    return Outcome(result.exit_code, result.stdout, result.stderr)
+
+
+def _code_and_err(result) -> tuple[int, str]:
+    """(exit code, stderr) of an :class:`Outcome` or a ``subprocess.CompletedProcess``."""
+    if hasattr(result, "returncode"):
+        return result.returncode, result.stderr
+    return result[0], result[2]
 
 
 def assert_one_line_error(result, pattern, code=1):
-    """``result`` from :func:`run_main` is one ``error:`` line matching ``pattern``, exit
-    ``code`` (None: any non-zero); returns the line."""
-    exit_code, _, err = result
+    """``result`` (an :class:`Outcome` or a finished subprocess) is one ``error:`` line
+    matching the regex ``pattern``, exit ``code`` (None: any non-zero); returns the line."""
+    exit_code, err = _code_and_err(result)
     lines = err.strip().splitlines()
     assert exit_code != 0 and (code is None or exit_code == code), err
     assert "Traceback" not in err
@@ -33,13 +59,11 @@ def assert_one_line_error(result, pattern, code=1):
 
 
 def assert_refused(result, *fragments):
-    """``result`` (``.code``, ``.err``: a CliRunner call) failed with one ``error:`` line
-    holding every one of ``fragments``."""
-    assert result.code != 0
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    """``result`` (as :func:`assert_one_line_error` takes) failed with one ``error:`` line
+    holding every one of ``fragments`` (plain text)."""
+    line = assert_one_line_error(result, "", code=None)
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in line, line
 
 
 def edit_manifest(bundle: Path, edit) -> None:
@@ -58,6 +82,27 @@ def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", t
     base = make_config(preset, levels)
     model_config = dataclasses.replace(base.model, top_transition=top) if top else base.model
     return save_random_checkpoint(run, SSDConfig(model_config, base.diffusion), seed)
+
+
+@pytest.fixture(autouse=True)
+def close_samplers(monkeypatch):
+    """Every sampler a test opens with ``Sampler.from_bundle`` is closed after the test (its
+    sessions, modules, files), as an app's ``with Sampler.from_bundle(...)`` closes it;
+    samplers of module-scoped fixtures are theirs to close."""
+    from ssd_runtime.sampler import Sampler
+
+    opened = []
+    load = Sampler.from_bundle.__func__
+
+    def from_bundle(cls, *args, **kwargs):
+        sampler = load(cls, *args, **kwargs)
+        opened.append(sampler)
+        return sampler
+
+    monkeypatch.setattr(Sampler, "from_bundle", classmethod(from_bundle))
+    yield
+    for sampler in opened:
+        sampler.close()
 
 
 @pytest.fixture(scope="module")

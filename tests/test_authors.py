@@ -107,7 +107,8 @@ def test_import_export_run_matches_the_torch_sampler(tmp_path, capsys):
 
     run = imported(tmp_path, capsys)
     bundle = tmp_path / "bundle"
-    result = CliRunner().invoke(export_command, [str(run), "--out", str(bundle), "--batch", "2"])
+    result = CliRunner().invoke(export_command, [str(run), "--out", str(bundle), "--batch", "2",
+                                                 "--no-step-graphs"])  # the fused path: test_step_graphs.py
     assert result.exit_code == 0, result.output
     ours = Sampler.from_bundle(bundle, backend="onnxruntime").sample_float(2, seed=5, steps=12)
     config, model = load_model(run)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -27,19 +26,13 @@ from ssd_core.config import ConfigError
 from ssd.data import load_image_folder
 from ssd_core.images import save_png
 from ssd.train import DivergedError, start_run
-from ssd_export.cli import export_command
 from ssd_runtime import Sampler
-from ssd_runtime.backends import BackendError
+from ssd_runtime.backend import BackendError
 from ssd_runtime.cli import main as ssd_run
 
-from conftest import assert_one_line_error, run_main as call
+from conftest import assert_one_line_error, edit_manifest, run_export, run_main as call
 
 QUICK = ["--data", "fixture", "--batch-size", "4", "--sample-every", "0", "--no-progress"]
-
-
-def export(*args):
-    result = CliRunner().invoke(export_command, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +51,6 @@ def copy_of(tmp_path, bundle):
         shutil.copytree(source, target, symlinks=True)
         return target
     return make
-
-
-def edit_manifest(folder: Path, edit) -> None:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    edit(manifest)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def rehash(folder: Path, relative: str, data: bytes) -> None:
@@ -113,7 +100,7 @@ def test_export_never_replaces_its_own_source(copy_of, where):
     checkpoint = latest_checkpoint(run)
     source, out = {"run": (run, run), "checkpoint": (checkpoint, run), "inside": (run, run / "bundle"),
                    "parent": (checkpoint, run.parent)}[where]
-    code, _, err = export(source, "--out", out, "--force", "--no-verify")
+    code, _, err = run_export(source, "--out", out, "--force", "--no-verify")
     assert code != 0 and "overlaps" in err, err
     assert read_checkpoint(run).step == 0  # intact
 
@@ -129,7 +116,7 @@ def test_nan_checkpoint_export_names_the_weights(copy_of):
     data = (folder / "ema.safetensors").read_bytes()
     state["files"]["ema.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / "state.json").write_text(json.dumps(state))
-    code, _, err = export(run, "--out", run.parent / "b", "--no-verify")
+    code, _, err = run_export(run, "--out", run.parent / "b", "--no-verify")
     assert code == 1 and "non-finite ema weights" in err and name in err, err
     assert not (run.parent / "b").exists()
 
@@ -221,7 +208,7 @@ def test_deeply_nested_documents_are_refused_and_force_replaces_them(copy_of, bu
         read_checkpoint(run)
     # the manifest was ssd's, but it changed since: --force leaves it (and says so) until the user
     # moves it (--force after that: tests/test_own_files.py)
-    code, out, err = export(bundle[0], "--out", folder, "--batch", "1:4", "--force", "--no-verify")
+    code, out, err = run_export(bundle[0], "--out", folder, "--batch", "1:4", "--force", "--no-verify")
     assert code != 0 and "holds manifest.json, which ssd did not write (or which changed since)" in err, err
     assert (folder / "manifest.json").read_text() == DEEP
 
@@ -398,7 +385,7 @@ def test_failed_commands_leave_no_empty_folders(bundle, tmp_path, capsys):
              "data folder not found")
     assert_one_line_error(call(ssd_run, [tmp_path / "nope", "--out", tmp_path / "b" / "samples"], capsys), "no bundle")
     assert_one_line_error(call(sample_main, [bundle[0], "--steps", 1, "--out", tmp_path / "c" / "s"], capsys), "steps=1")
-    code, _, err = export(tmp_path / "missing", "--out", tmp_path / "d" / "bundle")
+    code, _, err = run_export(tmp_path / "missing", "--out", tmp_path / "d" / "bundle")
     assert code == 1 and "no checkpoint" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -416,19 +403,19 @@ def test_low_memory_sessions_share_weights_and_give_the_same_images(bundle):
 def test_both_onnxruntime_flavours_installed_is_named(bundle, monkeypatch):
     import importlib.metadata
 
-    import ssd_runtime.backends
+    import ssd_runtime.onnxruntime_backend
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0")
-    monkeypatch.setattr(ssd_runtime.backends, "_no_nvidia_gpu", lambda: None)  # as on a GPU machine
+    monkeypatch.setattr(ssd_runtime.onnxruntime_backend, "_no_nvidia_gpu", lambda: None)  # as on a GPU machine
     with pytest.raises(BackendError, match="both installed and cannot coexist.*ssd-diffusion\\[gpu\\]"):
         Sampler.from_bundle(bundle[1], device="cuda", backend="onnxruntime")
 
 
 def test_cuda_without_a_gpu_says_there_is_none(bundle, monkeypatch):
     """Without a GPU the message says so instead of suggesting a reinstall."""
-    import ssd_runtime.backends
+    import ssd_runtime.onnxruntime_backend
 
-    why = ssd_runtime.backends._no_nvidia_gpu()
+    why = ssd_runtime.onnxruntime_backend._no_nvidia_gpu()
     if why is None:
         pytest.skip("this machine has an NVIDIA GPU")
     assert "NVIDIA" in why
@@ -456,5 +443,5 @@ def test_packaging_metadata():
 
 def test_export_refuses_a_torch_below_its_floor(bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.7.1+cpu")
-    code, _, err = export(bundle[0], "--out", tmp_path / "b", "--no-verify")
+    code, _, err = run_export(bundle[0], "--out", tmp_path / "b", "--no-verify")
     assert code == 2 and "needs torch>=" in err and "2.7.1" in err, err

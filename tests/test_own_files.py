@@ -385,7 +385,7 @@ def test_low_memory_is_refused_where_a_backend_cannot_honour_it(bundles):
     from ssd_runtime.sampler import Sampler
 
     _, bundle = bundles[1]
-    with pytest.raises(UserError, match="--low-memory is ONNX Runtime's option"):
+    with pytest.raises(UserError, match="--low-memory is onnxruntime's option"):
         Sampler.from_bundle(bundle, backend="torchscript", low_memory=True)
 
 
@@ -587,7 +587,7 @@ def test_export_force_keeps_a_deploy_note_in_the_bundle(bundles, tmp_path):
 
     run, _ = bundles[1]
     out = tmp_path / "bundle"
-    args = [str(run), "--out", str(out), "--batch", "1:2", "--no-verify", "--engine", "onnx", "--no-step-graphs"]
+    args = [str(run), "--out", str(out), "--batch", "2", "--no-verify", "--engine", "onnx", "--no-step-graphs"]
     assert CliRunner().invoke(export_command, args).exit_code == 0
     (out / "DEPLOY.md").write_text("how we ship it")
     result = CliRunner().invoke(export_command, args + ["--force"])

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 from ssd.checkpoint import load_model
 from ssd.sample import sample_states
@@ -24,17 +23,11 @@ from ssd_core.bundle import BundleError, load_bundle, sha256_file
 from ssd_core.method import COEFFICIENTS, ScaleSpace
 from ssd_export import pipeline, quantize
 from ssd_export.bundle_writer import validate_manifest
-from ssd_export.cli import export_command
 from ssd_export.onnx_export import fp32_node_names
 
-from conftest import assert_refused, make_checkpoint
+from conftest import assert_refused, make_checkpoint, run_export
 
 INT8 = "onnx-int8"
-
-
-def export(*args) -> SimpleNamespace:
-    result = CliRunner().invoke(export_command, [str(a) for a in args])
-    return SimpleNamespace(code=result.exit_code, out=result.stdout, err=result.stderr)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +38,7 @@ def int8(tmp_path_factory) -> SimpleNamespace:
     work = tmp_path_factory.mktemp("int8")
     run, out = work / "run", work / "bundle"
     make_checkpoint(run, 2, 7)
-    result = export(run, "--out", out, "--precision", "int8", "--batch", "1:4")
+    result = run_export(run, "--out", out, "--precision", "int8", "--batch", "1:4")
     assert result.code == 0, result.out + result.err
     config, model = load_model(run)
     return SimpleNamespace(run=run, out=out, result=result, config=config, model=model,
@@ -243,9 +236,9 @@ def test_the_fp32_islands_stay_float32(int8):
 # --------------------------------------------------------------------------- refusals
 def test_int8_options_that_cannot_work_are_one_line_errors(tmp_path):
     run = tmp_path / "run"  # options are refused before the checkpoint is read
-    assert_refused(export(run, "--out", tmp_path / "b", "--engine", "torchscript", "--precision", "int8"),
+    assert_refused(run_export(run, "--out", tmp_path / "b", "--engine", "torchscript", "--precision", "int8"),
                           "--precision int8", "--engine onnx")
-    assert_refused(export(run, "--out", tmp_path / "b", "--engine", "onnx", "--engine", "trt",
+    assert_refused(run_export(run, "--out", tmp_path / "b", "--engine", "onnx", "--engine", "trt",
                                  "--precision", "int8"), "--engine trt")
     assert not (tmp_path / "b").exists()
 

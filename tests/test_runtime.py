@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import edit_manifest
+from conftest import assert_refused, edit_manifest
 from ssd_core.bundle import BundleError
 from ssd.checkpoint import load_model
 from ssd_core.config import ConfigError
 from ssd.sample import sample_states
 from ssd_runtime import Sampler
-from ssd_runtime.backends import BackendError
+from ssd_runtime.backend import BackendError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "-c", "from ssd_runtime.cli import main; main()"]
@@ -141,13 +141,6 @@ def run_cli(*args, block: str | None = None):
                           capture_output=True, text=True)
 
 
-def assert_one_line_error(result, fragment: str):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.fixture
 def bundle_copy(bundles, tmp_path):
     copy = tmp_path / "bundle"
@@ -156,12 +149,12 @@ def bundle_copy(bundles, tmp_path):
 
 
 def test_missing_bundle(tmp_path):
-    assert_one_line_error(run_cli(tmp_path / "nope", "--out", tmp_path / "o"), "no bundle at")
+    assert_refused(run_cli(tmp_path / "nope", "--out", tmp_path / "o"), "no bundle at")
 
 
 def test_unknown_format_version(bundle_copy, tmp_path):
     edit_manifest(bundle_copy, lambda m: m.update(format_version=99))
-    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o"), "format version 99")
+    assert_refused(run_cli(bundle_copy, "--out", tmp_path / "o"), "format version 99")
 
 
 def test_tampered_file_fails_hash_check(bundle_copy, tmp_path):
@@ -170,22 +163,22 @@ def test_tampered_file_fails_hash_check(bundle_copy, tmp_path):
     data[len(data) // 2] ^= 0xFF
     route.write_bytes(bytes(data))
     result = run_cli(bundle_copy, "--out", tmp_path / "o", "--steps", "3")
-    assert_one_line_error(result, "corrupt or was changed: its size or sha256 differs")
+    assert_refused(result, "corrupt or was changed: its size or sha256 differs")
     assert not (tmp_path / "o").exists()  # nothing is created before the inputs are checked
 
 
 def test_missing_route_file(bundle_copy, tmp_path):
     (bundle_copy / "onnx" / "up_8_16.step.onnx").unlink()  # what the default (fused) path reads
-    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o"), "up_8_16.step.onnx is missing")
+    assert_refused(run_cli(bundle_copy, "--out", tmp_path / "o"), "up_8_16.step.onnx is missing")
     (bundle_copy / "onnx" / "up_8_16.onnx").unlink()
-    assert_one_line_error(run_cli(bundle_copy, "--out", tmp_path / "o", "--unfused"), "up_8_16.onnx is missing")
+    assert_refused(run_cli(bundle_copy, "--out", tmp_path / "o", "--unfused"), "up_8_16.onnx is missing")
 
 
 def test_backend_not_installed(bundles, tmp_path):
     result = run_cli(bundles[3][1], "--out", tmp_path / "o", "--backend", "onnxruntime", block="onnxruntime")
-    assert_one_line_error(result, "not installed")
+    assert_refused(result, "not installed")
     result = run_cli(bundles[3][1], "--out", tmp_path / "o", "--backend", "torchscript", block="torch")
-    assert_one_line_error(result, "needs torch")
+    assert_refused(result, "needs torch")
 
 
 def test_gpu_device_without_gpu_is_refused(bundles):
@@ -196,7 +189,7 @@ def test_gpu_device_without_gpu_is_refused(bundles):
 def test_unwritable_output_folder(bundles, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_one_line_error(run_cli(bundles[3][1], "--out", blocker / "sub"), "is a file, not a folder")
+    assert_refused(run_cli(bundles[3][1], "--out", blocker / "sub"), "is a file, not a folder")
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -204,7 +197,7 @@ def test_unwritable_output_folder(bundles, tmp_path):
 ])
 def test_out_of_range_options(bundles, tmp_path, args, fragment):
     out = tmp_path / "o"
-    assert_one_line_error(run_cli(bundles[3][1], "--out", out, *args), fragment)
+    assert_refused(run_cli(bundles[3][1], "--out", out, *args), fragment)
     assert not out.exists()
 
 

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import assert_one_line_error, make_checkpoint, run_main
+from conftest import assert_one_line_error, make_checkpoint, run_export, run_main
 
 from ssd.checkpoint import latest_checkpoint, read_checkpoint
 from ssd.cli import import_main, train_main
@@ -22,18 +21,12 @@ from ssd_core.errors import OutputError
 from ssd_core.files import write_atomic
 from ssd_core.outputs import INVENTORY, LOCK, MARKER, FolderError, Inventory, kind_of, output_folder, replaced_folder
 from ssd.release import main as release_main
-from ssd_export.cli import export_command
 
 BIN = Path(sys.executable).parent
 
 
 def call(main, args, capsys):
     return run_main(main, args, capsys)
-
-
-def export(*args):
-    result = CliRunner().invoke(export_command, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def marker(folder: Path) -> dict:
@@ -159,7 +152,7 @@ def test_export_force_never_deletes_another_run_or_foreign_files(tmp_path, run):
     foreign = user_folder(tmp_path)
     before = snapshot(tmp_path)
     for out, pattern in ((other_run, "training run"), (foreign, "did not make")):
-        code, _, err = export(run, "--out", out, "--force", "--no-verify")
+        code, _, err = run_export(run, "--out", out, "--force", "--no-verify")
         assert code != 0 and pattern in err and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
 
