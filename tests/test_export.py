@@ -267,7 +267,7 @@ def test_reexport_skips_and_force_reproduces_the_same_hashes(interp, up):
 # --------------------------------------------------------------------------- runtime
 def test_runtime_end_to_end_equals_torch_sampler(interp):
     e2e = interp.manifest["verification"]["end_to_end"]
-    assert e2e["passed"] and [(r["steps"], r["fused"]) for r in e2e["runs"]] == [(3, True), (3, False), (10, True), (10, False)]
+    assert e2e["passed"] and [(r["steps"], r["fused"]) for r in e2e["runs"]] == [(2, True), (2, False), (10, True), (10, False)]
     for backend in ("onnxruntime", "torchscript"):
         sampler = Sampler.from_bundle(interp.out, backend=backend, warmup=False)
         images = sampler.sample(2, seed=3, steps=3, batch=2)

@@ -6,6 +6,7 @@ files; bf16 runs only where the CPU runs it natively (both branches, the capabil
 physical-core count is checked on synthetic /proc/cpuinfo text; close() releases."""
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import numpy as np
@@ -241,10 +242,10 @@ def test_the_cli_records_the_backend_auto_picked(bundles, tmp_path, capsys):
 class _Stub(openvino_backend.OpenVINOBackend):
     """OpenVINO in fp32 whatever precision is asked: for auto's logic on any CPU."""
 
-    def __init__(self, bundle, device="cpu", precision="fp32", threads=None, fused=None):
-        openvino_backend.check_native(ov.Core(), precision)
-        super().__init__(bundle, device, "fp32", threads, fused)
-        self.precision = precision
+    def __init__(self, bundle, options):
+        openvino_backend.check_native(ov.Core(), options.precision)
+        super().__init__(bundle, dataclasses.replace(options, precision="fp32"))
+        self.precision = options.precision
 
 
 # --------------------------------------------------------------------------- threads
