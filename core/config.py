@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from .schema import ConfigError, Typed, spec, to_json
 
+# The schedules a config can name; their numbers are ssd_core.method's NOISE_SCHEDULES and
+# resolution_levels. Add, never change: a trained model depends on its schedule's numbers.
+NOISE_SCHEDULES = ("linear",)
 RESOLUTION_SCHEDULES = ("convex", "equal")
 TOP_TRANSITIONS = ("up", "interp")
 ROUTE_STYLES = ("full", "authors")
@@ -235,6 +238,9 @@ class DiffusionConfig(Typed):
     """The scale-space forward process (docs/method.md §2): noise and resolution schedules."""
 
     timesteps: int = spec(1000, lo=2, hi=MAX_TIMESTEPS)
+    # Which noise schedule abar_t comes from (ssd_core.method.NOISE_SCHEDULES); left out of
+    # JSON at "linear", DDPM's and the paper's, so every document written before it is unchanged.
+    noise_schedule: str = spec("linear", choices=NOISE_SCHEDULES, omit_default=True)
     beta_start: float = spec(1e-4, lo=0.0, hi=1.0)
     beta_end: float = spec(0.02, lo=0.0, hi=1.0)
     levels: int = spec(3, lo=1, hi=MAX_LEVELS)  # n in "nL"; 1 is DDPM with an x0-predicting network

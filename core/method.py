@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .config import ConfigError, SSDConfig
+from .config import NOISE_SCHEDULES as SCHEDULE_NAMES
+from .config import ConfigError, DiffusionConfig, SSDConfig
 
 
 # --------------------------------------------------------------------------- schedules
@@ -27,6 +28,21 @@ def linear_abar(timesteps: int, beta_start: float, beta_end: float) -> np.ndarra
     """DDPM's linear beta schedule as ``abar_t = prod_{i<=t} (1 - beta_i)``, float64 [T]."""
     betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
     return np.cumprod(1.0 - betas)
+
+
+# The noise schedules a config names (``diffusion.noise_schedule``): name -> abar [T] from
+# (timesteps, beta_start, beta_end). Add, never change: a trained model and its bundles
+# depend on these numbers (a bundle carries its abar, checked against its config's schedule
+# when loaded). A new entry also needs its name in ``ssd_core.config.NOISE_SCHEDULES``.
+NOISE_SCHEDULES: dict[str, Callable[[int, float, float], np.ndarray]] = {
+    "linear": linear_abar,
+}
+assert tuple(NOISE_SCHEDULES) == SCHEDULE_NAMES, "ssd_core.config.NOISE_SCHEDULES must list these names"
+
+
+def noise_schedule(diffusion: DiffusionConfig) -> np.ndarray:
+    """abar [T] (float64) of the schedule ``diffusion`` names."""
+    return NOISE_SCHEDULES[diffusion.noise_schedule](diffusion.timesteps, diffusion.beta_start, diffusion.beta_end)
 
 
 def resolution_levels(timesteps: int, levels: int, schedule: str, gamma: float) -> np.ndarray:
@@ -233,7 +249,7 @@ class ScaleSpace:
     @classmethod
     def from_config(cls, config: SSDConfig) -> "ScaleSpace":
         d = config.diffusion
-        abar = linear_abar(d.timesteps, d.beta_start, d.beta_end)
+        abar = noise_schedule(d)
         levels = resolution_levels(d.timesteps, d.levels, d.resolution_schedule, d.gamma)
         return cls(abar, config.resolution_ladder().size_schedule(levels))
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssd_core.config import ConfigError, make_config
+from ssd_core.config import ConfigError, DiffusionConfig, make_config
+from ssd_core.schema import parse, to_json
 from ladder_oracle import halving_matrix
-from ssd_core.method import ScaleSpace, linear_abar, p_step
+from ssd_core.method import NOISE_SCHEDULES, ScaleSpace, linear_abar, noise_schedule, p_step
 from ssd.torch_process import TorchScaleSpace
 
 
@@ -279,3 +280,20 @@ def test_scale_space_validates_arrays():
         ScaleSpace(np.linspace(0.9, 0.1, 10), np.full(9, 8))
     with pytest.raises(ConfigError):
         ScaleSpace(np.linspace(0.9, 0.1, 4), [8, 16, 8, 8])
+
+
+# ------------------------------------------------------------------ the schedule registry
+def test_the_linear_schedule_is_ddpms_and_configs_name_it_implicitly():
+    d = DiffusionConfig()
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(noise_schedule(d), np.cumprod(1 - betas), rtol=1e-12)
+    assert list(NOISE_SCHEDULES) == ["linear"] and NOISE_SCHEDULES["linear"] is linear_abar
+    assert "noise_schedule" not in to_json(d)  # documents written before the field are unchanged
+    assert parse(DiffusionConfig, to_json(d)).noise_schedule == "linear"
+    np.testing.assert_array_equal(ScaleSpace.from_config(make_config("tiny32", 2)).abar, noise_schedule(d))
+
+
+def test_an_unknown_schedule_is_refused_by_name():
+    document = {**to_json(DiffusionConfig()), "noise_schedule": "cosine"}
+    with pytest.raises(ConfigError, match="noise_schedule.*cosine"):
+        parse(DiffusionConfig, document)
