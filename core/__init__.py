@@ -1,4 +1,4 @@
-"""ssd_core: the torch-free contract every stage shares, in the order they build on it.
+"""ssd_core (folder ``core/``): the torch-free contract every stage shares, in the order they build on it.
 
 ``errors`` (one-line user errors and the CLI wrapper), ``files`` (bounded reads, strict
 JSON, atomic writes), ``outputs`` (the one owner of output folders: kinds, locks),

@@ -21,11 +21,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
+from .config import MAX_COUNT, MAX_RANK, ConfigError, integer
 from .errors import UserError
 from .images import SampleWriter, sample_name
-from .method import pending_chunks
+from .method import pending_chunks, sample_indices
 from .outputs import FolderError, Output, output_folder, read_marker, write_marker
 
 GRID = "grid.png"
@@ -42,6 +45,26 @@ def differences(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{key} {str(old.get(key, '-'))[:24]} -> {str(new.get(key, '-'))[:24]}"
             for key in keys if old.get(key) != new.get(key)]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Which samples one command writes: ``n`` from global index ``first``, of which this
+    process takes ``shard`` (k, count): every count-th index from first + k."""
+
+    n: int
+    first: int = 0
+    shard: tuple[int, int] = (0, 1)
+
+    @property
+    def indices(self) -> range:
+        """The global indices this process writes; one-line errors for values out of range."""
+        n = integer(self.n, "n", 1, MAX_COUNT)
+        first = integer(self.first, "first", 0, MAX_COUNT)
+        if not (isinstance(self.shard, tuple) and len(self.shard) == 2):
+            raise ConfigError(f"shard={str(self.shard)[:40]}; expected (k, count)")
+        count = integer(self.shard[1], "shard count", 1, MAX_RANK)
+        return sample_indices(n, first, (integer(self.shard[0], "shard index", 0, count - 1), count))
 
 
 @dataclass
@@ -104,3 +127,19 @@ def samples_folder(out, command: str, params: dict, indices: range, batch: int, 
                               "the same command again samples the rest")
             error.exit_code = 130
             raise error from None
+
+
+def write_samples(out, command: str, params: dict, request: SampleRequest, batch: int,
+                  sample: Callable[[SamplesJob], Iterable[np.ndarray]], *, sources: tuple = (),
+                  force: bool = False) -> tuple[SamplesJob, Path | None]:
+    """The one sample-writing flow of ``ssd-run`` and ``ssd-sample``: hold ``out`` for the run
+    ``params`` (see :func:`samples_folder`), write each batch of uint8 images that
+    ``sample(job)`` yields as it comes (memory bounded by one batch; ``job.done`` and
+    ``job.chunks`` say what is left to sample), then the grid once all of the run's images
+    are there (the last shard writes it). Returns the job and the grid's path (or None)."""
+    with samples_folder(out, command, params, request.indices, batch, first=request.first, n=request.n,
+                        shards=request.shard[1], sources=sources, force=force) as job:
+        for images in sample(job):
+            job.writer.add(images)
+        grid = job.writer.finish()
+    return job, grid

@@ -1,4 +1,4 @@
-"""``ssd_engines``: TensorRT engines for a bundle (``ssd-export ... --engine trt``).
+"""``ssd_engines`` (folder ``engines/``): TensorRT engines for a bundle (``ssd-export ... --engine trt``).
 
 ``build.py`` builds (or refits) one engine per route from its fused step graph, checks it
 against ONNX Runtime and returns the engine set's record (``ssd_core.engine_registry``),

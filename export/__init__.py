@@ -1,4 +1,5 @@
-"""ssd_export: ``ssd-export``, a training checkpoint -> a verified bundle (docs/method.md §7, §9).
+"""ssd_export (folder ``export/``): ``ssd-export``, a training checkpoint -> a verified
+bundle (docs/method.md §7, §9).
 
 Modules, in the order the export runs them: ``options`` (checked CLI options), ``pipeline``
 (the steps), ``onnx_export`` (per-route ONNX and its fp16 variant), ``weights`` (one shared,

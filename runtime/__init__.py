@@ -1,4 +1,4 @@
-"""ssd_runtime: torch-free multi-resolution SSD sampling over an exported bundle.
+"""ssd_runtime (folder ``runtime/``): torch-free multi-resolution SSD sampling over an exported bundle.
 
 Imports numpy and one backend (ONNX Runtime or OpenVINO, the faster by default on the CPU);
 never torch, unless the TorchScript backend is asked for.

@@ -9,11 +9,11 @@ import click
 
 from ssd_core.config import MAX_BATCH, MAX_COUNT, MAX_RANK, parse_int
 from ssd_core.errors import UserError, cli_errors, run_cli
-from ssd_core.method import NOISE_VERSION, sample_indices
+from ssd_core.method import NOISE_VERSION
 from ssd_core.images import ANIMATION_FORMATS, make_grid, save_animations, save_png
-from ssd_core.samples import samples_folder
+from ssd_core.samples import SampleRequest, write_samples
 
-from .registry import BACKENDS, DEVICES, PRECISIONS, untimed_auto
+from .registry import BACKENDS, DEVICES, PRECISIONS, BackendOptions, untimed_auto
 from .default_model import packaged_bundle
 from .sampler import Animate, Sampler
 
@@ -184,7 +184,8 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
     PNGs are written as each batch finishes, so memory stays bounded by one batch. Sample i
     of a seed is the same image whatever --batch, --n, --first or --shard (docs/runtime.md)."""
     shard = parse_shard(shard)
-    indices = sample_indices(n, first, shard)
+    request = SampleRequest(n, first, shard)
+    indices = request.indices
     check_animate(animate or animate_all, animate_every, animate_ms, animate_scale, animate_format)
     if bundle is None:
         bundle = DEFAULT_BUNDLE if DEFAULT_BUNDLE.exists() else packaged_bundle()
@@ -192,9 +193,8 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
     if untimed:  # the shards of a run must all use one backend
         backend = untimed_auto(precision)
     notes = []  # what auto picked, warnings: said once every check has passed, so a refusal stays one line
-    with Sampler.from_bundle(bundle, backend=backend, device=device, precision=precision,
-                             threads=threads, low_memory=low_memory, fused=fused, timing_batch=batch or len(indices),
-                             say=notes.append, batch_invariant=batch_invariant) as sampler:
+    options = BackendOptions(backend, device, precision, threads, low_memory, fused, batch_invariant)
+    with Sampler.from_bundle(bundle, options, timing_batch=batch or len(indices), say=notes.append) as sampler:
         if untimed:
             notes.append(f"backend auto: {backend} (the shards of a run skip the timing, so that all use one backend)")
         if precision == "int8":
@@ -205,12 +205,13 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
         params = {"seed": seed, "steps": steps, "backend": sampler.backend.name, "precision": precision,
                   "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest, "noise": NOISE_VERSION}
         started = time.perf_counter()
-        with samples_folder(out, "ssd-run", params, indices, batch, first=first, n=n, shards=shard[1],
-                            sources=(bundle,), force=force) as job:
+        on_preview = animation = None  # set once the folder says which samples are left
+
+        def sample(job):
+            nonlocal on_preview, animation
             # previews show the first batch of the shard holding FIRST (diagnostics, not samples)
             first_batch = bool(job.chunks) and job.chunks[0].start == indices.start  # not done by an earlier run
             on_preview = first_batch_previews(out, params) if preview and shard[0] == 0 and first_batch else None
-            animation = None
             if animate_all or animate and shard[0] == 0:  # as previews: the first sample of the run
                 size = sampler.bundle.config.model.image_size * (animate_scale or 1)
                 on_frame = animation_frames(out, steps - 1, size, animate_ms or 80, animate_format or "gif")
@@ -223,11 +224,11 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
                 click.echo(note, err=True)
             bar, on_step = progress_bar(steps, len(job.chunks), enabled=progress)
             with bar:
-                for images in sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
-                                                   preview=on_preview, first=first, shard=shard,
-                                                   animate=animation, done=job.done):
-                    job.writer.add(images)
-            grid = job.writer.finish()
+                yield from sampler.iter_batches(n, seed=seed, steps=steps, batch=batch, callback=on_step,
+                                                preview=on_preview, first=first, shard=shard,
+                                                animate=animation, done=job.done)
+
+        job, grid = write_samples(out, "ssd-run", params, request, batch, sample, sources=(bundle,), force=force)
     seconds = time.perf_counter() - started
     click.echo(written_line(job, n, shard, grid, out, seconds, on_preview, animation, animate_all))
 

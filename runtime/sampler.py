@@ -26,11 +26,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ssd_core.bundle import MANIFEST, Bundle, BundleError, load_bundle
-from ssd_core.config import MAX_BATCH, MAX_COUNT, MAX_RANK, ConfigError, check_seed, integer
+from ssd_core.config import MAX_BATCH, ConfigError, check_seed, integer
 from ssd_core.errors import UserError
 from ssd_core.images import to_uint8
 from ssd_core.method import (SampleNoise, SampleState, Step, StepFn, check_done, denoise_then_update, pending_chunks,
-                             sample_indices, sample_loop)
+                             sample_loop)
+from ssd_core.samples import SampleRequest
 
 from .backend import Backend, BackendError, closing_on_error
 from .registry import BackendOptions, check_flag, make_backend
@@ -96,27 +97,27 @@ class Sampler:
     backend: Backend
 
     @classmethod
-    def from_bundle(cls, path, backend: str = "auto", device: str | None = None,
-                    precision: str = "fp32", warmup: bool = True, threads: int | None = None,
-                    low_memory: bool = False, fused: bool | None = None, timing_batch: int | None = None,
-                    say: Callable[[str], None] | None = None, batch_invariant: bool = False) -> "Sampler":
+    def from_bundle(cls, path, backend: str | BackendOptions = "auto", *, warmup: bool = True,
+                    timing_batch: int | None = None, say: Callable[[str], None] | None = None,
+                    **options) -> "Sampler":
         """Load and validate a bundle, check file hashes, open one session per route.
 
-        ``backend``: auto (default; on the CPU the fastest installed backend that runs
-        ``precision``, timed at ``timing_batch`` (default the bundle's largest batch); the
-        pick and why is ``sampler.backend.choice``, also said to ``say``, default stderr),
-        onnxruntime, openvino, torchscript or tensorrt. ``precision``: fp32, fp16, bf16
-        (openvino, on CPUs that run it natively) or int8 (the bundle's int8 variant).
+        ``backend`` with ``options``: how to run it, a :class:`BackendOptions` or its fields by
+        keyword. ``backend``: auto (default; on the CPU the fastest installed backend that
+        runs ``precision``, timed at ``timing_batch`` (default the bundle's largest batch);
+        the pick and why is ``sampler.backend.choice``, also said to ``say``, default
+        stderr), onnxruntime, openvino, torchscript or tensorrt. ``precision``: fp32, fp16,
+        bf16 (openvino, on CPUs that run it natively) or int8 (the bundle's int8 variant).
         ``device``: cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider); default cpu, and
         cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (default
-        the physical cores this process may use). ``low_memory``: ONNX Runtime graphs
-        share one copy of the weights, at some cost in CPU speed. ``fused``: one call per step through the bundle's step graphs
-        (default: where the bundle has them); ``False`` runs the route graphs and the
-        posterior update in numpy, the reference path. Options of the wrong type (``"no"``
-        for a bool, ``"4"`` for an int) are refused, as are more threads than cores.
+        the physical cores this process may use). ``low_memory``: ONNX Runtime graphs share
+        one copy of the weights, at some cost in CPU speed. ``fused``: one call per step
+        through the bundle's step graphs (default: where the bundle has them); ``False`` runs
+        the route graphs and the posterior update in numpy, the reference path.
         ``batch_invariant``: sample ``i`` bit-identical whatever the batch (README,
         Reproducibility): exact on ONNX Runtime's CPU kernels already; TorchScript then
-        makes one network call per sample.
+        makes one network call per sample. Options of the wrong type (``"no"`` for a bool,
+        ``"4"`` for an int) are refused, as are more threads than cores.
         """
         if not isinstance(path, (str, os.PathLike)):
             raise BundleError(f"bundle path {path!r}; expected a str or a path")
@@ -124,9 +125,13 @@ class Sampler:
         if timing_batch is not None:
             integer(timing_batch, "timing_batch", 1, MAX_BATCH)
         check_callable(say, "say")
+        if isinstance(backend, BackendOptions):
+            if options:
+                raise TypeError(f"from_bundle: pass options in the BackendOptions, not also as {sorted(options)}")
+        else:
+            backend = BackendOptions(backend, **options)
         bundle = load_bundle(path)
-        options = BackendOptions(backend, device, precision, threads, low_memory, fused, batch_invariant)
-        sampler = cls(bundle, make_backend(bundle, options, batch=timing_batch, say=say))
+        sampler = cls(bundle, make_backend(bundle, backend, batch=timing_batch, say=say))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
                 sampler.backend.warmup(sampler.batch_range[0])
@@ -269,12 +274,7 @@ class Sampler:
 
     def indices(self, n: int, first: int = 0, shard: tuple[int, int] = (0, 1)) -> range:
         """The global indices of ``n`` samples from ``first`` that ``shard`` (k, count) takes."""
-        n = integer(n, "n", 1, MAX_COUNT)
-        first = integer(first, "first", 0, MAX_COUNT)
-        if not (isinstance(shard, tuple) and len(shard) == 2):
-            raise ConfigError(f"shard={str(shard)[:40]}; expected (k, count)")
-        count = integer(shard[1], "shard count", 1, MAX_RANK)
-        return sample_indices(n, first, (integer(shard[0], "shard index", 0, count - 1), count))
+        return SampleRequest(n, first, shard).indices
 
     def check_batch(self, n: int, batch: int | None) -> int:
         """The batch to use for ``n`` samples (default: as many as the bundle allows)."""

@@ -200,8 +200,8 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
     --batch-invariant); ssd-run's sample i agrees with it within float tolerance."""
     _need_train_extra("ssd-sample")
     from .checkpoint import checkpoint_digest, load_model
-    from ssd_core.method import NOISE_VERSION, ScaleSpace, sample_indices
-    from ssd_core.samples import samples_folder
+    from ssd_core.method import NOISE_VERSION, ScaleSpace
+    from ssd_core.samples import SampleRequest, write_samples
     from ssd_runtime.cli import parse_shard, written_line
     from ssd_runtime.cuda import local_device
     import torch
@@ -209,22 +209,19 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
     from .train import resolve_device
 
     shard = parse_shard(shard)
-    indices = sample_indices(n, first, shard)
+    request = SampleRequest(n, first, shard)
     device = resolve_device(device)
     if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
         device = torch.device("cuda", local_device())
     config, model = load_model(checkpoint, ema=not raw, device=device)
     ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
-    batch = batch or min(max(len(indices), 1), SAMPLE_BATCH)
+    batch = batch or min(max(len(request.indices), 1), SAMPLE_BATCH)
     # what decides the images (not --batch or the shard): the checkpoint by its content, not its path
     params = {"checkpoint_sha256": checkpoint_digest(checkpoint), "steps": steps, "seed": seed,
               "weights": "raw" if raw else "ema", "noise": NOISE_VERSION}
-    with samples_folder(out, "ssd-sample", params, indices, batch, first=first, n=n, shards=shard[1],
-                        sources=(checkpoint,), force=force) as job:
-        for images in sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch, first=first,
-                                     shard=shard, batch_invariant=batch_invariant, done=job.done):
-            job.writer.add(images)  # written as each batch finishes: memory bounded by one batch
-        grid = job.writer.finish()  # None while other shards' images are missing: the last shard writes it
+    sample = lambda job: sample_batches(model, config, n, steps, seed=seed, device=device, batch=batch, first=first,
+                                        shard=shard, batch_invariant=batch_invariant, done=job.done)
+    job, grid = write_samples(out, "ssd-sample", params, request, batch, sample, sources=(checkpoint,), force=force)
     click.echo(written_line(job, n, shard, grid, out, None))
 
 
