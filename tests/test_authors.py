@@ -96,8 +96,8 @@ def test_releases_are_the_papers_configurations():
 
 
 def test_import_export_run_matches_the_torch_sampler(tmp_path, capsys):
-    """End to end on the fixture: ssd-import -> ssd-export (verified) -> runtime, against the
-    PyTorch reference sampler with the same seed."""
+    """End to end on the fixture: ssd-import -> ssd-export -> runtime, against the PyTorch
+    reference sampler with the same seed (which is what the export's own verification does)."""
     from click.testing import CliRunner
 
     from ssd_core.method import ScaleSpace
@@ -108,7 +108,7 @@ def test_import_export_run_matches_the_torch_sampler(tmp_path, capsys):
     run = imported(tmp_path, capsys)
     bundle = tmp_path / "bundle"
     result = CliRunner().invoke(export_command, [str(run), "--out", str(bundle), "--batch", "2",
-                                                 "--no-step-graphs"])  # the fused path: test_step_graphs.py
+                                                 "--no-step-graphs", "--no-verify"])  # fused: test_step_graphs.py
     assert result.exit_code == 0, result.output
     ours = Sampler.from_bundle(bundle, backend="onnxruntime").sample_float(2, seed=5, steps=12)
     config, model = load_model(run)
