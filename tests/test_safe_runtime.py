@@ -359,3 +359,32 @@ def test_api_options_must_have_their_types(bundles, kwargs, pattern):
 def test_bundle_path_must_be_a_path():
     with pytest.raises(BundleError, match="bundle path 123"):
         Sampler.from_bundle(123, backend="onnxruntime")
+
+
+# --------------------------------------------------------------------------- the backend registry
+def test_every_registered_backend_names_its_class_and_what_it_runs():
+    """Each entry's class is the backend of that name (its module imports without its
+    library), and the CLI's choices are exactly the registry's."""
+    from ssd_runtime.registry import BACKENDS, PRECISIONS, REGISTRY
+
+    assert BACKENDS == ("auto", *REGISTRY)
+    for name, spec in REGISTRY.items():
+        assert spec.load().name == name and spec.devices and set(spec.formats) <= set(PRECISIONS), name
+
+
+def test_backend_options_travel_whole_or_by_keyword(bundles):
+    from ssd_runtime import BackendOptions
+
+    bundle = bundles[1][1]
+    options = BackendOptions("onnxruntime", threads=1, fused=False)
+    with Sampler.from_bundle(bundle, options, warmup=False) as whole, \
+            Sampler.from_bundle(bundle, backend="onnxruntime", threads=1, fused=False, warmup=False) as keywords:
+        assert whole.backend.fused is keywords.backend.fused is False
+        np.testing.assert_array_equal(whole.sample(1, steps=3), keywords.sample(1, steps=3))
+    with pytest.raises(TypeError, match="not also as"):
+        Sampler.from_bundle(bundle, options, threads=2)
+    for wrong, pattern in ((BackendOptions("tensorrt", device="cpu"), "runs on cuda, not device 'cpu'"),
+                           (BackendOptions("openvino", low_memory=True), "--low-memory is onnxruntime's option"),
+                           (BackendOptions("torchscript", precision="bf16"), "runs fp32, not bf16; bf16 runs on openvino")):
+        with pytest.raises(BackendError, match=pattern):
+            Sampler.from_bundle(bundle, wrong, warmup=False)
