@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+@pytest.mark.slow  # about a minute (two trainings and exports); its parts are tested below and in test_fid.py
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_run_all_quick_writes_every_table_and_plot(tmp_path, monkeypatch, capsys):
     import run_all
