@@ -118,11 +118,6 @@ class BackendOptions:
                 raise BackendError(f"{err} (the cores this process may use; or None for all)") from None
         return dataclasses.replace(self, backend=backend, device=device, threads=threads)
 
-    @property
-    def file_format(self) -> str:
-        """The bundle file format the chosen backend runs at this precision."""
-        return REGISTRY[self.backend].formats[self.precision]
-
 
 def _names(precision: str | None = None, **wanted) -> list[str]:
     """The backends whose entry has every field in ``wanted`` (and runs ``precision``)."""

@@ -125,13 +125,8 @@ class Sampler:
         if timing_batch is not None:
             integer(timing_batch, "timing_batch", 1, MAX_BATCH)
         check_callable(say, "say")
-        if isinstance(backend, BackendOptions):
-            if options:
-                raise TypeError(f"from_bundle: pass options in the BackendOptions, not also as {sorted(options)}")
-        else:
-            backend = BackendOptions(backend, **options)
         bundle = load_bundle(path)
-        sampler = cls(bundle, make_backend(bundle, backend, batch=timing_batch, say=say))
+        sampler = cls(bundle, make_backend(bundle, backend, batch=timing_batch, say=say, **options))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
                 sampler.backend.warmup(sampler.batch_range[0])

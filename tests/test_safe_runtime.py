@@ -381,7 +381,7 @@ def test_backend_options_travel_whole_or_by_keyword(bundles):
             Sampler.from_bundle(bundle, backend="onnxruntime", threads=1, fused=False, warmup=False) as keywords:
         assert whole.backend.fused is keywords.backend.fused is False
         np.testing.assert_array_equal(whole.sample(1, steps=3), keywords.sample(1, steps=3))
-    with pytest.raises(TypeError, match="not also as"):
+    with pytest.raises(TypeError, match="not also as"):  # make_backend says it
         Sampler.from_bundle(bundle, options, threads=2)
     for wrong, pattern in ((BackendOptions("tensorrt", device="cpu"), "runs on cuda, not device 'cpu'"),
                            (BackendOptions("openvino", low_memory=True), "--low-memory is onnxruntime's option"),
