@@ -292,7 +292,7 @@ def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: by
     bundle's smallest and largest batch; max |difference| over both outputs."""
     import onnxruntime as ort
 
-    from ssd_runtime.cuda import DeviceBuffer, Stream
+    from ssd_runtime.cuda import DeviceBuffer, PinnedStaging, Stream
     from ssd_runtime.tensorrt_backend import EngineRunner
 
     contract = _contract(bundle, route)
@@ -306,18 +306,21 @@ def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: by
     with contextlib.ExitStack() as undo:  # releases what was taken, also when a step fails part-way
         stream = Stream(cudart)
         undo.callback(stream.close)
-        runner = EngineRunner(trt, cudart, _create(trt.Runtime, trt.Logger(trt.Logger.ERROR)), engine, route, high,
-                              False)
+        runner = EngineRunner(trt, cudart, route)  # the backend's phases: load, activate, allocate, infer
         undo.callback(runner.close)
-        scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes(high))
+        runner.load(_create(trt.Runtime, trt.Logger(trt.Logger.ERROR)), engine)
+        scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes)
         undo.callback(scratch.free)
-        runner.use_scratch(scratch)
+        runner.activate(scratch)
+        runner.allocate(high, use_graphs=False)
+        staging = PinnedStaging(cudart, max(value.nbytes for case in cases for value in case.values()))
+        undo.callback(staging.close)
         undo.callback(stream.synchronize)  # first: the queued work ends before anything is released
         for case in cases:
             batch = len(case["t"])
             for name, value in case.items():
-                runner.put(stream, name, value)
-            runner.execute(stream, batch)
+                runner.put(stream, staging, name, value)
+            runner.infer(stream, batch)
             ours = [stream.download(runner.output(name, batch)) for name in ("x_s", "x0_pred")]
             ref = reference.run(["x_s", "x0_pred"], case)
             worst = max(worst, *(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ours, ref)))

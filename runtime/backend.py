@@ -104,6 +104,16 @@ class Backend:
     def to_numpy(self, array: Any) -> np.ndarray:
         return np.asarray(array)
 
+    def step_inputs(self, plan, batch: int) -> list[tuple[Any, Any]]:
+        """Every step's ``(t, coef)`` inputs at ``batch`` for the fused step graphs, in the
+        backend's array type, made once per batch size of a sampling call (each distinct
+        timestep once); :meth:`release_step_inputs` when the call is done."""
+        timesteps = {t: self.to_array(np.full(batch, t, np.float32)) for t in {step.t for step in plan}}
+        return [(timesteps[step.t], self.to_array(step.coefficients())) for step in plan]
+
+    def release_step_inputs(self, inputs) -> None:
+        """Release what :meth:`step_inputs` made (here: nothing, the arrays are garbage-collected)."""
+
     def stage_noise(self, array: np.ndarray) -> Any:
         """Where the loop's white noise goes before a step reads it (default: ``to_array``)."""
         return self.to_array(array)

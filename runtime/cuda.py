@@ -1,8 +1,9 @@
 """The little of CUDA the TensorRT backend needs, through ``cuda-python`` (no torch):
-device buffers, one stream, copies, device properties and CUDA graphs. Whatever is created
-here has its release: :meth:`DeviceBuffer.free`, :meth:`Stream.close` (cudaStreamDestroy),
-:func:`destroy_graph_exec` (cudaGraphExecDestroy); a captured graph is destroyed
-(cudaGraphDestroy) as soon as it is instantiated.
+device buffers, one stream, copies, page-locked staging for uploads, device properties and
+CUDA graphs. Whatever is created here has its release: :meth:`DeviceBuffer.free`,
+:meth:`Stream.close` (cudaStreamDestroy), :meth:`PinnedStaging.close` (cudaFreeHost,
+cudaEventDestroy), :func:`destroy_graph_exec` (cudaGraphExecDestroy); a captured graph is
+destroyed (cudaGraphDestroy) as soon as it is instantiated.
 
 cuda-python's runtime functions return ``(error, *values)``; :func:`check` turns a failure
 into one :class:`CudaError` line naming the call. Imported only by the ``tensorrt`` backend
@@ -15,6 +16,7 @@ Status: written against cuda-python's documented ``cuda.bindings.runtime`` API (
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ import numpy as np
 
 from ssd_core.config import MAX_RANK
 from ssd_core.errors import UserError
+
+from .backend import release_all
 
 
 class CudaError(UserError):
@@ -138,7 +142,10 @@ class Stream:
 
     def upload(self, dst: int, host: np.ndarray) -> None:
         """Host to device (``host`` must stay alive until the stream passes the copy)."""
-        self._copy(dst, host.ctypes.data, host.nbytes, "cudaMemcpyHostToDevice")
+        self.copy_from_host(dst, host.ctypes.data, host.nbytes)
+
+    def copy_from_host(self, dst: int, src: int, nbytes: int) -> None:
+        self._copy(dst, src, nbytes, "cudaMemcpyHostToDevice")
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         if dst != src:
@@ -177,6 +184,47 @@ class Stream:
 
     def launch(self, graph_exec) -> None:
         check(self.cudart, self.cudart.cudaGraphLaunch(graph_exec, self.handle), "cudaGraphLaunch")
+
+
+class PinnedStaging:
+    """Uploads through page-locked host memory: ``slots`` buffers of ``nbytes`` used in turn,
+    each with an event recorded after the copy that reads it, so a slot is refilled only once
+    its previous upload has finished (the copy is a true asynchronous DMA, which it is not
+    from numpy's pageable memory). :meth:`close` frees the buffers and events."""
+
+    def __init__(self, cudart, nbytes: int, slots: int = 2):
+        self.cudart, self.nbytes, self.next = cudart, int(nbytes), 0
+        self.buffers: list[int] = []
+        self.events: list = []
+        try:
+            for _ in range(slots):
+                self.buffers.append(int(check(cudart, cudart.cudaMallocHost(max(self.nbytes, 1)), "cudaMallocHost")))
+                self.events.append(check(cudart, cudart.cudaEventCreate(), "cudaEventCreate"))
+        except BaseException:
+            self.close()
+            raise
+
+    def upload(self, stream: Stream, dst: int, host: np.ndarray) -> None:
+        """Copy ``host`` (float32, at most ``nbytes``) to device address ``dst`` on ``stream``."""
+        host = np.ascontiguousarray(host, np.float32)
+        if host.nbytes > self.nbytes:
+            raise CudaError(f"an upload of {host.nbytes} bytes exceeds the {self.nbytes}-byte staging buffer")
+        slot, self.next = self.next, (self.next + 1) % len(self.buffers)
+        check(self.cudart, self.cudart.cudaEventSynchronize(self.events[slot]), "cudaEventSynchronize")
+        pinned = np.ctypeslib.as_array((ctypes.c_float * host.size).from_address(self.buffers[slot]))
+        pinned[...] = host.reshape(-1)
+        stream.copy_from_host(dst, self.buffers[slot], host.nbytes)
+        check(self.cudart, self.cudart.cudaEventRecord(self.events[slot], stream.handle), "cudaEventRecord")
+
+    def close(self) -> None:
+        """Free the page-locked buffers and destroy the events (the caller synchronizes the
+        stream first); a second call does nothing."""
+        buffers, self.buffers = self.buffers, []
+        events, self.events = self.events, []
+        cudart = self.cudart
+        release = [lambda b=b: check(cudart, cudart.cudaFreeHost(b), "cudaFreeHost") for b in buffers]
+        release += [lambda e=e: check(cudart, cudart.cudaEventDestroy(e), "cudaEventDestroy") for e in events]
+        release_all(release)
 
 
 def destroy_graph(cudart, graph) -> None:

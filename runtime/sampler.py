@@ -251,21 +251,29 @@ class Sampler:
         seed = check_seed(seed)
         channels = self.bundle.config.model.in_channels
         low, high = self.batch_range
-        step_fns = {}  # by batch size: its constants are made once
+        bound = {}  # by batch size: its step function and what to release when the call ends
 
         def run(chunk: range) -> np.ndarray:
             # a short last chunk runs at its own size where the bundle's batch axis allows it;
             # a fixed-batch bundle pads it with the streams of the indices that would follow,
             # and those rows are dropped
             size = max(len(chunk), low) if low < high else high
-            if size not in step_fns:
-                step_fns[size] = self._step_fn(plan, size)
+            if size not in bound:
+                bound[size] = self._step_fn(plan, size)
             rows = range(chunk.start, chunk.start + size * chunk.step, chunk.step)
             noise = SampleNoise(seed, rows, channels)
             record = animate.recorder(chunk, len(plan), self.backend.to_numpy) if animate is not None else None
-            return self._sample_batch(plan, step_fns[size], noise, callback, preview, record)[: len(chunk)]
+            return self._sample_batch(plan, bound[size][0], noise, callback, preview, record)[: len(chunk)]
 
-        return (run(chunk) for chunk in pending_chunks(indices, batch, check_done(done)))
+        def batches() -> Iterator[np.ndarray]:
+            try:
+                for chunk in pending_chunks(indices, batch, check_done(done)):
+                    yield run(chunk)
+            finally:  # finished, closed or collected: the per-batch-size inputs go
+                for _, release in bound.values():
+                    release()
+
+        return batches()
 
     def indices(self, n: int, first: int = 0, shard: tuple[int, int] = (0, 1)) -> range:
         """The global indices of ``n`` samples from ``first`` that ``shard`` (k, count) takes."""
@@ -290,24 +298,24 @@ class Sampler:
         self.bundle.space.timesteps_for(steps)  # raises ConfigError naming the allowed range
         return steps
 
-    def _step_fn(self, plan: list[Step], batch: int) -> StepFn:
-        """What one step runs: the route's fused step graph (every input prepared here, once
-        per call, so the loop hands over nothing but ``z``), or the route graph and the
-        numpy posterior update."""
+    def _step_fn(self, plan: list[Step], batch: int) -> tuple[StepFn, Callable[[], None]]:
+        """What one step runs at ``batch``, and how to release its inputs: the route's fused
+        step graph (its timesteps and coefficients bound here, once, so the loop hands over
+        nothing but ``z``), or the route graph and the numpy posterior update."""
         backend = self.backend
-        t_inputs = {step.t: backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
         if not backend.fused:
-            return denoise_then_update(lambda step, x_t: backend.run(step.route, x_t, t_inputs[step.t]))
-        coefs = [backend.to_array(step.coefficients()) for step in plan]
+            t_inputs = {step.t: backend.to_array(np.full(batch, step.t, np.float32)) for step in plan}
+            return denoise_then_update(lambda step, x_t: backend.run(step.route, x_t, t_inputs[step.t])), lambda: None
+        inputs = backend.step_inputs(plan, batch)
         final = plan[-1]
         channels = self.bundle.config.model.in_channels
         no_noise = backend.to_array(np.zeros((batch, channels, final.out_size, final.out_size), np.float32))
 
         def step_fn(step: Step, x_t, z):
             z = no_noise if z is None else z  # the final step: x_s = x0_pred
-            return backend.run_step(step.route, x_t, t_inputs[step.t], coefs[step.index], z)
+            return backend.run_step(step.route, x_t, *inputs[step.index], z)
 
-        return step_fn
+        return step_fn, lambda: backend.release_step_inputs(inputs)
 
     def _sample_batch(self, plan, step_fn, noise: SampleNoise, callback, preview, record=None) -> np.ndarray:
         """One batch through the loop, its noise from ``noise``'s per-sample streams."""

@@ -19,19 +19,19 @@ everything our code touches is recorded in ``trt.api.used`` (``tests/test_tensor
 checks it against the wheels). Failure values on request through ``faults`` (below):
 ``set_input_shape``/``set_tensor_address``/``execute_async_v3``/``set_timing_cache``/
 ``parse_from_file``/``refit_from_file``/``refit_cuda_engine`` return False,
-``update_device_memory_size_for_shapes`` 0, ``build_serialized_network``/
+``build_serialized_network``/
 ``create_execution_context``/``deserialize_cuda_engine`` None, and ``Builder``/``Runtime``/
 ``Refitter`` raise the binding's "factory function returned nullptr" TypeError. Shapes
 outside the optimisation profile are refused; a captured graph freezes shapes and
 addresses, and a capture or replay after a shape change without a plain run in between
 raises; refit matches weights by name and shape (another architecture is refused).
 
-Lifecycle: the fake cudart keeps what is live (``memory``, ``streams``, ``graphs``,
-``graph_execs``; ``cudart.live()`` counts them) and its destroy calls fail on a handle that
+Lifecycle: the fake cudart keeps what is live (``memory``, page-locked ``host`` memory,
+``events``, ``streams``, ``graphs``, ``graph_execs``; ``cudart.live()`` counts them) and its destroy calls fail on a handle that
 is unknown or already destroyed, as do calls on a destroyed stream or graph executable.
 ``trt.live`` holds (weakly) the engines and contexts still referenced. ``faults`` (shared by
 both) makes the k-th call of a point fail: ``cudart.faults.fail("cudaMalloc", 3)``; points
-are cudaMalloc, cudaStreamCreate, cudaGraphInstantiate (an error code) and
+are cudaMalloc, cudaMallocHost, cudaStreamCreate, cudaGraphInstantiate (an error code) and
 deserialize_cuda_engine (returns None, as TensorRT does).
 """
 from __future__ import annotations
@@ -111,7 +111,8 @@ class _CaptureMode(enum.IntEnum):
 def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, faults: Faults | None = None):
     cudart = types.ModuleType("cuda.bindings.runtime")
     memory: dict[int, np.ndarray] = {}
-    streams, graphs, graph_execs = set(), set(), set()  # live handles
+    host: dict[int, np.ndarray] = {}  # page-locked (cudaMallocHost)
+    streams, graphs, graph_execs, events = set(), set(), set(), set()  # live handles
     numbers = iter(range(7, 1 << 30))
     state = {"capturing": None}
     faults = faults or Faults()
@@ -127,8 +128,8 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
     def malloc(nbytes):
         if faults.hit("cudaMalloc"):
             return _Error.cudaErrorMemoryAllocation, 0
-        block = np.zeros(nbytes + 64, np.uint8)
-        ptr = block.ctypes.data
+        block = np.zeros(nbytes + 512, np.uint8)
+        ptr = -(-block.ctypes.data // 256) * 256  # cudaMalloc's alignment (at least 256 bytes)
         memory[ptr] = block
         calls.append(("cudaMalloc", {"bytes": nbytes}))
         return _Error.cudaSuccess, ptr
@@ -137,6 +138,43 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
         if memory.pop(int(ptr), None) is None:  # unknown, or freed already
             return (_Error.cudaErrorInvalidValue,)
         calls.append(("cudaFree", {}))
+        return ok
+
+    def malloc_host(nbytes):
+        if faults.hit("cudaMallocHost"):
+            return _Error.cudaErrorMemoryAllocation, 0
+        block = np.zeros(nbytes, np.uint8)
+        host[block.ctypes.data] = block
+        calls.append(("cudaMallocHost", {"bytes": nbytes}))
+        return _Error.cudaSuccess, block.ctypes.data
+
+    def free_host(ptr):
+        return ok if host.pop(int(ptr), None) is not None else (_Error.cudaErrorInvalidValue,)
+
+    def pinned(ptr) -> bool:
+        return any(start <= int(ptr) < start + block.nbytes for start, block in host.items())
+
+    def event_create():
+        event = _Handle("event", next(numbers))
+        events.add(event)
+        return _Error.cudaSuccess, event
+
+    def event_record(event, stream):
+        if event not in events or not live_stream(stream):
+            return (_Error.cudaErrorInvalidResourceHandle,)
+        calls.append(("cudaEventRecord", {}))
+        return ok
+
+    def event_synchronize(event):
+        if event not in events:
+            return (_Error.cudaErrorInvalidResourceHandle,)
+        calls.append(("cudaEventSynchronize", {}))
+        return ok
+
+    def event_destroy(event):
+        if event not in events:
+            return (_Error.cudaErrorInvalidResourceHandle,)
+        events.remove(event)
         return ok
 
     def stream_create():
@@ -162,7 +200,7 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
     def memcpy(dst, src, nbytes, kind, stream):
         if not live_stream(stream):
             return (_Error.cudaErrorInvalidResourceHandle,)
-        calls.append(("cudaMemcpyAsync", {"kind": _Kind(kind).name, "bytes": nbytes}))
+        calls.append(("cudaMemcpyAsync", {"kind": _Kind(kind).name, "bytes": nbytes, "pinned": pinned(src)}))
         ctypes.memmove(int(dst), int(src), int(nbytes))
         return ok
 
@@ -212,8 +250,8 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
 
     def live() -> dict[str, int]:
         """How many of each resource are live (allocated and not yet released)."""
-        return {"memory": len(memory), "streams": len(streams), "graphs": len(graphs),
-                "graph_execs": len(graph_execs)}
+        return {"memory": len(memory), "host": len(host), "events": len(events), "streams": len(streams),
+                "graphs": len(graphs), "graph_execs": len(graph_execs)}
 
     def mem_get_info():
         free = (1 << 34) - sum(block.nbytes for block in memory.values())
@@ -222,13 +260,16 @@ def make_cudart(calls: Calls, gpu=("NVIDIA Fake GPU", 8, 6), devices: int = 1, f
     cudart.cudaGetDeviceCount, cudart.cudaMemGetInfo = device_count, mem_get_info
     cudart.cudaGetDeviceProperties = properties
     cudart.cudaMalloc, cudart.cudaFree, cudart.cudaMemcpyAsync = malloc, free, memcpy
+    cudart.cudaMallocHost, cudart.cudaFreeHost = malloc_host, free_host
+    cudart.cudaEventCreate, cudart.cudaEventRecord = event_create, event_record
+    cudart.cudaEventSynchronize, cudart.cudaEventDestroy = event_synchronize, event_destroy
     cudart.cudaStreamCreate, cudart.cudaStreamDestroy = stream_create, stream_destroy
     cudart.cudaStreamSynchronize = synchronize
     cudart.cudaStreamBeginCapture, cudart.cudaStreamEndCapture = begin_capture, end_capture
     cudart.cudaGraphInstantiate, cudart.cudaGraphDestroy = instantiate, graph_destroy
     cudart.cudaGraphLaunch, cudart.cudaGraphExecDestroy = launch, graph_exec_destroy
     cudart.capture_state, cudart.memory, cudart.faults, cudart.live = state, memory, faults, live
-    cudart.streams, cudart.graphs, cudart.graph_execs = streams, graphs, graph_execs
+    cudart.streams, cudart.graphs, cudart.graph_execs, cudart.host = streams, graphs, graph_execs, host
     return cudart
 
 
@@ -551,6 +592,8 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             trt.live.add(self)
 
         num_io_tensors = property(lambda self: len(self.io))
+        # the scratch its context needs: differs per engine, so a shared block must take the largest
+        device_memory_size_v2 = property(lambda self: 1024 * (1 + len(Path(self.record["onnx"]).name) % 5))
 
         def get_tensor_name(self, index):
             return list(self.io)[index]
@@ -585,8 +628,8 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             trt.live.add(self)
 
         def set_tensor_address(self, name, memory):
-            if faults.hit("set_tensor_address"):
-                return False
+            if faults.hit("set_tensor_address") or int(memory) % 256:
+                return False  # TensorRT refuses an address that is not 256-byte aligned
             self.addresses[name] = int(memory)
             return True
 
@@ -598,9 +641,6 @@ def make_tensorrt(calls: Calls, version: str, cudart):
                 return False  # outside the optimisation profile: what TensorRT returns
             self.shapes[name] = shape
             return True
-
-        def update_device_memory_size_for_shapes(self):
-            return 0 if faults.hit("update_device_memory_size_for_shapes") else 4096
 
         def set_device_memory(self, memory, size):
             self.scratch = (memory, size)
@@ -633,8 +673,9 @@ def make_tensorrt(calls: Calls, version: str, cudart):
             self._run(shapes, addresses)
 
         def execute_async_v3(self, stream_handle):
-            if self.strategy is not None and self.strategy.name == "USER_MANAGED" and self.scratch is None:
-                return False  # USER_MANAGED needs its scratch
+            if self.strategy is not None and self.strategy.name == "USER_MANAGED" and (
+                    self.scratch is None or self.scratch[1] < self.engine.device_memory_size_v2):
+                return False  # USER_MANAGED needs its scratch, large enough
             if faults.hit("execute_async_v3"):
                 return False
             frozen = (dict(self.shapes), dict(self.addresses))

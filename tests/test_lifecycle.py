@@ -6,6 +6,7 @@ TensorRT runs against ``fake_tensorrt``, which tracks what is live."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import shutil
 import weakref
@@ -21,7 +22,7 @@ from ssd_runtime import Sampler
 from ssd_runtime.backend import BackendError
 from ssd_runtime.cuda import CudaError, Stream, check
 
-NOTHING_LIVE = {"memory": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+NOTHING_LIVE = {"memory": 0, "host": 0, "events": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
 
 
 def held(folder: Path) -> list[str]:
@@ -215,17 +216,69 @@ def test_tensorrt_close_releases_memory_stream_graphs_contexts_and_engines(engin
         sample(sampler)
 
 
+def inside(fake, name: str):
+    """What the stand-in recorded on one of its objects (not part of TensorRT's API)."""
+    return object.__getattribute__(fake, name)
+
+
+def test_tensorrt_engine_phases_each_take_and_give_back_their_part(engines, monkeypatch):
+    """load, activate, allocate, deactivate, unload: NVIDIA's demo phases, one engine."""
+    from ssd_core.bundle import load_bundle
+    from ssd_runtime.cuda import DeviceBuffer
+    from ssd_runtime.tensorrt_backend import ALIGN, EngineRunner
+
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    bundle = load_bundle(engines)
+    record = bundle.engine_sets[0].engines[0]
+    runner = EngineRunner(trt, cudart, record.path).load(trt.Runtime(trt.Logger()), bundle.read(record))
+    assert live(trt, cudart) == (NOTHING_LIVE, 1)  # the engine alone
+    scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes)
+    runner.activate(scratch)
+    assert inside(runner.context, "scratch") == (scratch.ptr, runner.scratch_bytes) and len(trt.live) == 2
+    runner.allocate(4, use_graphs=True)
+    assert calls.number("cudaMalloc") == 2  # the scratch and one block for all six I/O tensors
+    addresses = runner.addresses
+    assert sorted(addresses) == ["coef", "t", "x", "x0_pred", "x_s", "z"] and addresses == inside(runner.context, "addresses")
+    assert all(a % ALIGN == 0 for a in addresses.values()) and addresses["t"] == addresses["coef"] + ALIGN
+    ends = sorted((a, a + 4 * math.prod(runner.shape(n, 4))) for n, a in addresses.items())
+    assert all(end <= start for (_, end), (start, _) in zip(ends, ends[1:]))  # no two overlap
+    runner.deactivate()
+    assert live(trt, cudart)[1] == 1 and runner.engine is not None and cudart.live()["memory"] == 1  # the scratch
+    runner.unload()
+    scratch.free()
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
+def test_tensorrt_routes_share_one_scratch_block_and_step_tables_last_one_call(engines, monkeypatch):
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+    with Sampler.from_bundle(engines, backend="tensorrt") as sampler:
+        backend = sampler.backend
+        needs = {runner.scratch_bytes for runner in backend.runners.values()}
+        assert len(needs) > 1  # the stand-in's engines differ, so "the largest" is tested
+        assert {inside(runner.context, "scratch") for runner in backend.runners.values()} == {(backend.scratch.ptr, max(needs))}
+        batches = sampler.iter_float_batches(8, seed=0, steps=6, batch=4)
+        next(batches)
+        assert len(backend.tables) == 1  # one table for batch 4, bound for the whole call
+        next(batches)
+        assert len(backend.tables) == 1 and calls.number("cudaMemcpyAsync", bytes=6 * (64 + 4) * 4) == 1
+        batches.close()
+        assert backend.tables == {}
+        sample(sampler)
+        assert backend.tables == {}
+    assert live(trt, cudart) == (NOTHING_LIVE, 0)
+
+
 @pytest.mark.parametrize("point, k, pattern", [
     ("deserialize_cuda_engine", 2, "TensorRT cannot load engines/"),
-    ("cudaMalloc", 9, "CUDA call cudaMalloc failed: cudaErrorMemoryAllocation"),  # in the 2nd engine's buffers
-    ("cudaMalloc", 31, "CUDA call cudaMalloc failed"),  # the scratch block, after all 5 x 6 buffers
+    ("cudaMalloc", 1, "CUDA call cudaMalloc failed: cudaErrorMemoryAllocation"),  # the shared scratch block
+    ("cudaMalloc", 3, "CUDA call cudaMalloc failed"),  # the 2nd engine's I/O block
+    ("cudaMallocHost", 2, "CUDA call cudaMallocHost failed"),  # the noise staging's second page-locked slot
     ("cudaStreamCreate", 1, "CUDA call cudaStreamCreate failed"),
     # TensorRT's own failure values (issue 16), each one line naming the engine
     ("Runtime", 1, "TensorRT cannot create its Runtime (the factory returned nullptr"),
     ("create_execution_context", 2, "TensorRT cannot create an execution context for engines/"),
     ("set_tensor_address", 8, "TensorRT refused the address of I/O tensor"),
-    ("set_input_shape", 2, "TensorRT refused input 't' at batch 4 (shape (4,)): outside the engine's optimisation"),
-    ("update_device_memory_size_for_shapes", 2, "cannot size the engine's device memory at batch 4 (update_device_"),
+    ("set_input_shape", 2, "TensorRT refused input 't' at batch 1 (shape (1,)): outside the engine's optimisation"),  # warmup
 ])
 def test_tensorrt_a_failure_while_loading_releases_what_was_taken(engines, monkeypatch, point, k, pattern):
     calls, trt, cudart = fake_tensorrt.install(monkeypatch)
@@ -287,7 +340,7 @@ def test_tensorrt_batch_changes_run_plainly_before_replaying_a_graph(engines, mo
         assert calls.number("cudaGraphLaunch") > 0
         runner = sampler.backend.runners["keep_32"]
         with pytest.raises(BackendError) as err:  # beyond the profile: set_input_shape returns False
-            runner.execute(sampler.backend.stream, 5)
+            runner.infer(sampler.backend.stream, 5)
         assert_one_line(err.value, "TensorRT refused input 'x' at batch 5 (shape (5, ")
         # the stand-in's check itself: a replay at batch 4 right after a shape change is refused
         runner.set_batch(2)

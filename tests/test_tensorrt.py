@@ -191,11 +191,19 @@ def test_build_registers_engines_and_the_backend_samples_on_the_device(copy, cap
     images = sampler.sample_float(4, seed=5, steps=10, batch=4)
     reference = Sampler.from_bundle(copy, warmup=False, backend="onnxruntime").sample_float(4, seed=5, steps=10, batch=4)
     assert np.abs(images - reference).max() < 1e-4  # the stand-in computes with ONNX Runtime fp32
-    # host to device: constants once each (right after their cudaMalloc: timesteps, coefficient
-    # vectors, the final step's zero noise), then only the initial noise and one z per step
-    uploads = [d["bytes"] for i, (n, d) in enumerate(calls) if n == "cudaMemcpyAsync"
-               and d["kind"] == "cudaMemcpyHostToDevice" and calls[i - 1][0] != "cudaMalloc"]
-    assert len(uploads) == 10 and uploads[:2] == [4 * 3 * 16 * 16 * 4] * 2, uploads
+    # host to device: the initial noise and one z per step (but the last), from page-locked
+    # memory; the step table (10 rows of [5 coefficients, padding to 64 floats, 4 timesteps])
+    # and the final step's zero noise once each
+    copies = [d for n, d in calls if n == "cudaMemcpyAsync"]
+    noise = [d["bytes"] for d in copies if d["kind"] == "cudaMemcpyHostToDevice" and d["pinned"]]
+    plan = sampler.plan(10)
+    assert noise == [4 * 3 * size * size * 4 for size in (plan[0].in_size, *(s.out_size for s in plan[:-1]))]
+    once = [d["bytes"] for d in copies if d["kind"] == "cudaMemcpyHostToDevice" and not d["pinned"]]
+    assert sorted(once) == [10 * (64 + 4) * 4, 4 * 3 * 32 * 32 * 4], once
+    # on the device, per step: one step-table row (t and coef together) and the state (but
+    # the first's, uploaded noise); the last step also its zero noise
+    assert calls.number("cudaMemcpyAsync", kind="cudaMemcpyDeviceToDevice") == 10 + (10 - 1) + 1
+    assert calls.number("cudaEventRecord") == calls.number("cudaEventSynchronize") == 10
     assert calls.number("cudaMemcpyAsync", kind="cudaMemcpyDeviceToHost") == 1  # only the final images
     assert calls.number("cudaGraphLaunch") >= 5  # replays once each route was captured
     assert calls.number("capture") == 3  # one CUDA graph per route at this batch
@@ -287,7 +295,7 @@ def test_a_failing_tensorrt_call_during_a_build_is_one_line(copy, capsys, monkey
     before = (copy / "manifest.json").read_bytes()
     assert_one_line_error(export([copy, "--engine", "trt"], capsys), re.escape(pattern))
     assert point not in trt.faults.armed and (copy / "manifest.json").read_bytes() == before
-    assert cudart.live() == {"memory": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+    assert cudart.live() == {"memory": 0, "host": 0, "events": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
 
 
 def test_a_refused_timing_cache_is_replaced_by_a_new_one(copy, capsys, monkeypatch):
