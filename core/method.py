@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .config import NOISE_SCHEDULES as SCHEDULE_NAMES
-from .config import ConfigError, DiffusionConfig, SSDConfig
+from .config import ConfigError, DiffusionConfig, SSDConfig, integer
 
 
 # --------------------------------------------------------------------------- schedules
@@ -245,6 +245,7 @@ class ScaleSpace:
             self.resize[big, small] = matrix
         self.below = {big: small for big, small in self.resize}  # the next smaller ladder size
         self._eig = {big: np.linalg.eigh(a.T @ a) for (big, _), a in self.resize.items()}
+        self._plans: dict[int, tuple[Step, ...]] = {}  # by step count, see plan()
 
     @classmethod
     def from_config(cls, config: SSDConfig) -> "ScaleSpace":
@@ -314,21 +315,33 @@ class ScaleSpace:
         return int(self.sizes[max(t - 1, 0)])
 
     # ---------------------------------------------------------------- sampling
+    def required_timesteps(self) -> list[int]:
+        """The timesteps every plan keeps: T-1 and every change step."""
+        return sorted({self.timesteps - 1, *self.change_steps.tolist()})
+
+    def check_steps(self, steps: int | None) -> int:
+        """The number of network calls ``steps`` asks for (None: T); refused, naming the
+        range, outside one per level .. T."""
+        if steps is None:
+            return self.timesteps
+        fewest = len(self.required_timesteps())
+        try:
+            steps = integer(steps, "steps", fewest, self.timesteps)
+        except ConfigError:
+            raise ConfigError(f"steps={repr(steps)[:40]}; this model needs between {fewest} (one per level) "
+                              f"and {self.timesteps} (T)") from None
+        return steps
+
     def timesteps_for(self, steps: int) -> np.ndarray:
         """Kept timesteps, descending: ``steps`` of them, T-1 and every change step included.
 
         An even grid over [0, T-1] in which the grid point nearest each required timestep is
         replaced by it, so levels keep about their share of steps.
         """
-        required = sorted({self.timesteps - 1, *self.change_steps.tolist()})
-        if not len(required) <= steps <= self.timesteps:
-            raise ConfigError(
-                f"steps={steps}; this model needs between {len(required)} (one per level) "
-                f"and {self.timesteps} (T)"
-            )
+        steps = self.check_steps(steps)
         grid = np.round(np.linspace(0, self.timesteps - 1, steps)).astype(np.int64)
         taken = np.zeros(steps, dtype=bool)
-        for t in required:
+        for t in self.required_timesteps():
             distance = np.where(taken, np.iinfo(np.int64).max, np.abs(grid - t))
             index = int(np.argmin(distance))
             grid[index], taken[index] = t, True
@@ -337,10 +350,14 @@ class ScaleSpace:
         return kept
 
     def plan(self, steps: int | None = None) -> list[Step]:
-        """Per-step coefficients for sampling with ``steps`` network calls (default T)."""
-        kept = self.timesteps_for(self.timesteps if steps is None else steps)
-        following = np.append(kept[1:], -1)
-        return [self._step(i, int(t), int(s)) for i, (t, s) in enumerate(zip(kept, following))]
+        """Per-step coefficients for sampling with ``steps`` network calls (default T), made
+        once per step count and kept (every batch of a run shares them)."""
+        steps = self.check_steps(steps)
+        if steps not in self._plans:
+            kept = self.timesteps_for(steps)
+            following = np.append(kept[1:], -1)
+            self._plans[steps] = tuple(self._step(i, int(t), int(s)) for i, (t, s) in enumerate(zip(kept, following)))
+        return list(self._plans[steps])
 
     def _step(self, index: int, t: int, s: int) -> Step:
         in_size = int(self.sizes[t])

@@ -19,7 +19,7 @@ modules or device memory; a closed sampler refuses further use with one line.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Container
 from typing import Callable, Iterator
 
@@ -95,6 +95,7 @@ class Sampler:
 
     bundle: Bundle
     backend: Backend
+    _plans: dict = field(default_factory=dict, repr=False)  # by step count, see plan()
 
     @classmethod
     def from_bundle(cls, path, backend: str | BackendOptions = "auto", *, warmup: bool = True,
@@ -178,13 +179,16 @@ class Sampler:
         """The per-step coefficients for ``steps`` (default T); unfused, with the update's
         matrices in the backend's type (fused step graphs hold their own)."""
         self.check_open()
-        with np.errstate(invalid="ignore"):  # refused below, with one line, not a warning
-            plan = self.bundle.space.plan(steps)
-        check_plan(self.bundle, plan)
-        if self.backend.fused:
-            return plan
-        to_array = lambda a: self.backend.to_array(np.asarray(a, np.float32))
-        return [step.map_arrays(to_array) for step in plan]
+        steps = self.check_steps(steps)
+        if steps not in self._plans:  # once per step count: every batch and call shares it
+            with np.errstate(invalid="ignore"):  # refused below, with one line, not a warning
+                plan = self.bundle.space.plan(steps)
+            check_plan(self.bundle, plan)
+            if not self.backend.fused:
+                to_array = lambda a: self.backend.to_array(np.asarray(a, np.float32))
+                plan = [step.map_arrays(to_array) for step in plan]
+            self._plans[steps] = tuple(plan)
+        return list(self._plans[steps])
 
     def sample(self, n: int, seed: int = 0, steps: int | None = None, batch: int | None = None,
                callback: StepCallback | None = None, preview: PreviewCallback | None = None, *,
@@ -247,7 +251,7 @@ class Sampler:
             raise ConfigError(f"animate={animate!r}; expected an ssd_runtime.sampler.Animate")
         indices = self.indices(n, first, shard)
         batch = self.check_batch(max(len(indices), 1), batch)
-        plan = self.plan(self.check_steps(steps))
+        plan = self.plan(steps)
         seed = check_seed(seed)
         channels = self.bundle.config.model.in_channels
         low, high = self.batch_range
@@ -292,11 +296,7 @@ class Sampler:
 
     def check_steps(self, steps: int | None) -> int:
         """The number of network calls (default T); refused outside levels..T."""
-        if steps is None:
-            return self.bundle.space.timesteps
-        steps = integer(steps, "steps", 1, self.bundle.space.timesteps)
-        self.bundle.space.timesteps_for(steps)  # raises ConfigError naming the allowed range
-        return steps
+        return self.bundle.space.check_steps(steps)
 
     def _step_fn(self, plan: list[Step], batch: int) -> tuple[StepFn, Callable[[], None]]:
         """What one step runs at ``batch``, and how to release its inputs: the route's fused

@@ -214,7 +214,7 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
     if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
         device = torch.device("cuda", local_device())
     config, model = load_model(checkpoint, ema=not raw, device=device)
-    ScaleSpace.from_config(config).timesteps_for(steps)  # a bad --steps fails before sampling
+    ScaleSpace.from_config(config).check_steps(steps)  # a bad --steps fails before sampling
     batch = batch or min(max(len(request.indices), 1), SAMPLE_BATCH)
     # what decides the images (not --batch or the shard): the checkpoint by its content, not its path
     params = {"checkpoint_sha256": checkpoint_digest(checkpoint), "steps": steps, "seed": seed,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_refused, edit_manifest
+from conftest import assert_refused, edit_manifest, run_main
 from ssd_core.bundle import BundleError
 from ssd.checkpoint import load_model
 from ssd_core.config import ConfigError
@@ -81,6 +81,20 @@ def test_route_sequence_and_change_steps_follow_manifest(bundles):
 def test_impossible_step_counts_are_refused(bundles, steps):
     with pytest.raises(ConfigError, match=f"steps={steps}"):
         Sampler.from_bundle(bundles[3][1], backend="onnxruntime").sample(1, steps=steps)
+
+
+def test_a_run_checks_its_steps_and_makes_its_plan_once(bundles, tmp_path, capsys, monkeypatch):
+    """ssd-run: one plan for the whole run (every batch shares it), not one per check or batch."""
+    from ssd_core.method import ScaleSpace
+    from ssd_runtime.cli import main
+
+    made = []
+    real = ScaleSpace.timesteps_for
+    monkeypatch.setattr(ScaleSpace, "timesteps_for", lambda self, steps: made.append(steps) or real(self, steps))
+    outcome = run_main(main, [bundles[3][1], "--steps", 6, "--n", 3, "--batch", 1, "--backend", "onnxruntime",
+                              "--out", tmp_path / "s", "--no-progress"], capsys)
+    assert outcome.code == 0, outcome.err
+    assert made == [6]
 
 
 def test_callback_previews_and_info(bundles):
