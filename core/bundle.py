@@ -44,6 +44,7 @@ from .files import (MAX_JSON_BYTES, check_format, inside, loads_json, read_cappe
                     sha256_file, write_json_atomic)
 from .method import COEFFICIENTS, ScaleSpace, route_name
 from .onnx_refs import MalformedGraph, external_locations
+from .precision import ONNX_VARIANTS
 from .schema import ConfigError, Typed, parse, spec
 
 FORMAT = "ssd-bundle"
@@ -56,11 +57,12 @@ READ_VERSIONS = (2, 3, 4)  # a version 2 bundle has no step graphs and samples u
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "x0_pred"
 STEP_OUTPUTS = ("x_s", OUTPUT_NAME)  # a step graph's outputs
-BACKEND_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "torchscript")
-ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
-QUANTIZED_FORMATS = ("onnx-int8",)  # formats calibrated at export: their settings are in ``quantization``
+ONNX_FORMATS = tuple(ONNX_VARIANTS.values())
+BACKEND_FORMATS = (*ONNX_FORMATS, "torchscript")
+QUANTIZED_FORMATS = (ONNX_VARIANTS["int8"],)  # calibrated at export: their settings are in ``quantization``
 # the ssd-export flags that write each variant (for "re-export with ..." errors)
-EXPORT_FLAGS = {"onnx-fp16": "--engine onnx --precision fp16", "onnx-int8": "--engine onnx --precision int8"}
+EXPORT_FLAGS = {fmt: f"--engine onnx --precision {precision}" for precision, fmt in ONNX_VARIANTS.items()
+                if precision != "fp32"}
 MAX_ROUTES = 2 * MAX_LEVELS
 MAX_FILE_BYTES = 1 << 40
 MAX_TENSORS = 100_000

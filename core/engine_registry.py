@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .precision import ONNX_VARIANTS
 from .schema import ConfigError, Typed, spec
 
 MAX_ENGINE_SETS = 64
@@ -65,7 +66,7 @@ class EngineSet(Typed):
     tensorrt: str = spec(pattern=r"[0-9]+(\.[0-9]+){1,3}")
     precision: str = spec(choices=PRECISIONS)
     graph: str = spec(choices=GRAPHS)  # fused step graphs, or route graphs
-    onnx_format: str = spec(choices=("onnx", "onnx-fp16"))
+    onnx_format: str = spec(choices=tuple(ONNX_VARIANTS[p] for p in PRECISIONS))
     batch_min: int = spec(lo=1, hi=1 << 16)
     batch_opt: int = spec(lo=1, hi=1 << 16)
     batch_max: int = spec(lo=1, hi=1 << 16)

@@ -1,4 +1,6 @@
-"""Which operations stay float32 in a reduced-precision build (torch-, ONNX- and TensorRT-free).
+"""Precisions: the bundle's ONNX variant for each (``ONNX_VARIANTS``, the one map the exporter,
+the engine builder and the runtime's backend registry read), and which operations stay float32
+in a reduced-precision build (torch-, ONNX- and TensorRT-free).
 
 One rule for the fp16 ONNX variant (``ssd_export.onnx_export.to_fp16``), the int8 ONNX variant
 (``ssd_export.quantize``: these nodes are left out of quantization, and a step graph's
@@ -11,6 +13,9 @@ a useful precision. Those are the usual causes of NaN or black images in fp16.
 from __future__ import annotations
 
 from typing import Iterable
+
+# precision -> the bundle file format of its ONNX graphs (add, never change: manifests name them)
+ONNX_VARIANTS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}
 
 Node = tuple[str, str, list[str], list[str]]  # (name, kind, input names, output names)
 

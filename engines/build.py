@@ -43,7 +43,7 @@ from ssd_core.engine_registry import (EngineMismatchError, EngineRecord, EngineS
 from ssd_core.cases import route_cases, step_coefficients
 from ssd_core.errors import UserError
 from ssd_core.files import write_atomic
-from ssd_core.precision import fp32_nodes
+from ssd_core.precision import ONNX_VARIANTS, fp32_nodes
 from ssd_core.schema import to_json
 
 Echo = Callable[[str], None]
@@ -76,14 +76,14 @@ def plan_build(tensorrt_version: str, precision: str, formats: list[str]) -> Bui
         raise EngineBuildError(str(err)) from None
     major = tensorrt_major(tensorrt_version)
     if precision == "fp32":
-        return BuildPlan("onnx", strongly_typed=major >= 11, fp16_flag=False, tf32=False)
+        return BuildPlan(ONNX_VARIANTS["fp32"], strongly_typed=major >= 11, fp16_flag=False, tf32=False)
     if major >= 11:
-        if "onnx-fp16" not in formats:
+        if ONNX_VARIANTS["fp16"] not in formats:
             raise EngineBuildError(
                 f"TensorRT {tensorrt_version} builds fp16 only from a graph typed fp16 (strong typing; its FP16 "
                 "flag is gone), and this bundle has no fp16 ONNX variant: re-export with --precision fp16")
-        return BuildPlan("onnx-fp16", strongly_typed=True, fp16_flag=False, tf32=False)
-    return BuildPlan("onnx", strongly_typed=False, fp16_flag=True, tf32=False)
+        return BuildPlan(ONNX_VARIANTS["fp16"], strongly_typed=True, fp16_flag=False, tf32=False)
+    return BuildPlan(ONNX_VARIANTS["fp32"], strongly_typed=False, fp16_flag=True, tf32=False)
 
 
 def import_tensorrt():

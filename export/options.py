@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass
 
 from ssd_core.config import MAX_BATCH
 from ssd_core.errors import UserError
+from ssd_core.precision import ONNX_VARIANTS
 
 ENGINES = ("onnx", "torchscript", "trt")
 OPSET = 18  # ONNX opset of every exported graph; the choice is explained in onnx_export
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = tuple(ONNX_VARIANTS)  # what the exporter writes: an ONNX variant each
 DEFAULT_BATCH = "1:64"
 
 
@@ -108,8 +109,8 @@ class ExportOptions:
         formats = []
         if {"onnx", "trt"} & set(self.engines):  # TensorRT engines are built from the ONNX graphs
             formats.append("onnx")
-            if self.precision in ("fp16", "int8"):
-                formats.append(f"onnx-{self.precision}")
+            if self.precision != "fp32":
+                formats.append(ONNX_VARIANTS[self.precision])
         if "torchscript" in self.engines:
             formats.append("torchscript")
         return tuple(formats)

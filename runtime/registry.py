@@ -22,12 +22,12 @@ from typing import Callable
 import numpy as np
 
 from ssd_core.bundle import Bundle
+from ssd_core.precision import ONNX_VARIANTS
 from ssd_core.config import ConfigError, integer
 from ssd_core.method import COEFFICIENTS
 
 from .backend import Backend, BackendError, first_line, release_all
 
-ONNX_FORMATS = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}  # the bundle's ONNX variants
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ class BackendSpec:
 
 REGISTRY = {spec.name: spec for spec in (
     BackendSpec("onnxruntime", "onnxruntime_backend", "OnnxRuntimeBackend", ("cpu", "cuda", "tensorrt"),
-                ONNX_FORMATS, auto=True, batch_invariant=True, low_memory=True),
+                ONNX_VARIANTS, auto=True, batch_invariant=True, low_memory=True),
     BackendSpec("openvino", "openvino_backend", "OpenVINOBackend", ("cpu",),
-                {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": "onnx-int8"}, auto=True),
+                {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": ONNX_VARIANTS["int8"]}, auto=True),
     # left out of ``auto``: importing torch alone costs more than the whole timing, and
     # ``auto`` keeps the runtime torch-free (docs/runtime.md#--backend-auto)
     BackendSpec("torchscript", "torchscript_backend", "TorchScriptBackend", ("cpu", "cuda"),
