@@ -4,7 +4,7 @@ Rows: ONNX Runtime fp32 / int8, OpenVINO fp32 / bf16 / fp16 / int8, TorchScript,
 eager, each only where the runtime, the bundle and this CPU provide it (a missing row says
 why, in the runtime's own words). Every row is loaded through ``Sampler.from_bundle``, as a
 user would; PyTorch eager runs the checkpoint's Flexi-UNet route modules and
-``ssd.sample.sample_images``.
+``ssd.torch_sampler.sample_images``.
 
 Per route, the network alone (route graphs, ``fused=False``): seconds per call and GFLOP/s
 (2 x MACs / s, MACs from ``ssd.flops``). End to end: one sampling run of ``--steps`` steps
@@ -36,7 +36,7 @@ from train_speed import machine_name  # noqa: E402
 
 from ssd.checkpoint import load_model  # noqa: E402
 from ssd.flops import route_counts, route_macs, sampling_macs  # noqa: E402
-from ssd.sample import sample_images  # noqa: E402
+from ssd.torch_sampler import sample_images  # noqa: E402
 from ssd_core.config import make_config  # noqa: E402
 from ssd_core.errors import UserError  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402

@@ -41,7 +41,7 @@ from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
 from ssd_core.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
 from ssd_core.method import COEFFICIENTS, SampleNoise  # noqa: E402
-from ssd.sample import sample_images  # noqa: E402
+from ssd.torch_sampler import sample_images  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 
 

@@ -41,7 +41,7 @@ from ssd.data import load_dataset  # noqa: E402
 from ssd.evaluate import ImageSet, evaluate, fashion_mnist_split  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
 from ssd_core.images import make_grid  # noqa: E402
-from ssd.sample import sample_batches  # noqa: E402
+from ssd.torch_sampler import sample_batches  # noqa: E402
 from ssd.train import start_run  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 

@@ -35,7 +35,7 @@ from train_speed import machine_name  # noqa: E402
 from ssd.checkpoint import load_model, save_random_checkpoint  # noqa: E402
 from ssd_core.config import make_config  # noqa: E402
 from ssd.flops import sampling_mac_ratio  # noqa: E402
-from ssd.sample import sample_images  # noqa: E402
+from ssd.torch_sampler import sample_images  # noqa: E402
 from ssd_runtime import Sampler  # noqa: E402
 
 
@@ -88,7 +88,7 @@ print(time.perf_counter() - start, peak_kib())
 COLD_TORCH = """
 import time; start = time.perf_counter()
 {peak}
-from ssd.checkpoint import load_model; from ssd.sample import sample_images
+from ssd.checkpoint import load_model; from ssd.torch_sampler import sample_images
 config, model = load_model({run!r}); sample_images(model, config, 1, steps={levels})
 print(time.perf_counter() - start, peak_kib())
 """

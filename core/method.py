@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .config import NOISE_SCHEDULES as SCHEDULE_NAMES
-from .config import ConfigError, DiffusionConfig, SSDConfig, integer
+from .checks import integer
+from .config import ConfigError, DiffusionConfig, SSDConfig
 
 
 # --------------------------------------------------------------------------- schedules

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .config import MAX_COUNT, MAX_RANK, ConfigError, integer
+from .checks import MAX_COUNT, MAX_RANK, integer
+from .config import ConfigError
 from .errors import UserError
 from .images import SampleWriter, sample_name
 from .method import pending_chunks, sample_indices

@@ -1,6 +1,6 @@
 """Numerical checks of an export: each written route file against the PyTorch route, then a
 short end-to-end sampling run through ``ssd_runtime`` (ONNX Runtime; TorchScript when only
-that was exported) against the torch sampler ``ssd.sample``.
+that was exported) against the torch sampler ``ssd.torch_sampler``.
 
 Errors are measured on ``x0_pred`` (which lives in about [-1, 1]): ``max_abs`` is the largest
 absolute difference, ``max_rel`` that divided by the reference's largest magnitude (an
@@ -138,8 +138,8 @@ def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", s
     sampler with the same seed.
 
     For ``steps`` = the number of levels (one call per level) and 10, compares
-    ``Sampler.sample_float`` with ``ssd.sample.sample_states`` in float space, and the same
-    images as uint8 with ``ssd.sample.sample_images`` (rounding edges may differ by a level).
+    ``Sampler.sample_float`` with ``ssd.torch_sampler.sample_states`` in float space, and the same
+    images as uint8 with ``ssd.torch_sampler.sample_images`` (rounding edges may differ by a level).
     """
     from ssd_runtime import Sampler
 
@@ -154,7 +154,7 @@ def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", s
 def _compare(samplers: dict, model, config, backend: str, seed: int) -> dict:
     from ssd_core.images import to_uint8
     from ssd_core.method import ScaleSpace
-    from ssd.sample import sample_images, sample_states
+    from ssd.torch_sampler import sample_images, sample_states
 
     low, high = next(iter(samplers.values())).batch_range
     n = min(max(2, low), high)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ssd_core.config import MAX_BATCH, MAX_COUNT, MAX_RANK, parse_int
+from ssd_core.checks import MAX_COUNT, MAX_RANK, parse_int
+from ssd_core.config import MAX_BATCH
 from ssd_core.errors import UserError, cli_errors, run_cli
 from ssd_core.method import NOISE_VERSION
 from ssd_core.images import ANIMATION_FORMATS, make_grid, save_animations, save_png

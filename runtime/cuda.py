@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssd_core.config import MAX_RANK
+from ssd_core.checks import MAX_RANK
 from ssd_core.errors import UserError
 
 from .backend import release_all

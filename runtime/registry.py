@@ -23,7 +23,8 @@ import numpy as np
 
 from ssd_core.bundle import Bundle
 from ssd_core.precision import ONNX_VARIANTS
-from ssd_core.config import ConfigError, integer
+from ssd_core.checks import integer
+from ssd_core.config import ConfigError
 from ssd_core.method import COEFFICIENTS
 
 from .backend import Backend, BackendError, first_line, release_all

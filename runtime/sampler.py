@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ssd_core.bundle import MANIFEST, Bundle, BundleError, load_bundle
-from ssd_core.config import MAX_BATCH, ConfigError, check_seed, integer
+from ssd_core.checks import check_seed, integer
+from ssd_core.config import MAX_BATCH, ConfigError
 from ssd_core.errors import UserError
 from ssd_core.images import to_uint8
 from ssd_core.method import (SampleNoise, SampleState, Step, StepFn, check_done, denoise_then_update, pending_chunks,

@@ -205,7 +205,7 @@ def sample_command(checkpoint: Path, steps: int, out: Path, n: int, first: int, 
     from ssd_runtime.cli import parse_shard, written_line
     from ssd_runtime.cuda import local_device
     import torch
-    from .sample import sample_batches
+    from .torch_sampler import sample_batches
     from .train import resolve_device
 
     shard = parse_shard(shard)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ssd_core.config import MAX_RANK, parse_int
+from ssd_core.checks import MAX_RANK, parse_int
 from ssd_core.errors import UserError
 
 

@@ -261,7 +261,7 @@ class Trainer:
         every = self.cfg.sample_every
         if not every or not (force or self.step % every == 0) or not self.dist.is_main:
             return None
-        from .sample import sample_images
+        from .torch_sampler import sample_images
 
         images = sample_images(self.ema, self.config, SAMPLE_COUNT, self.cfg.sample_steps,
                                seed=self.cfg.seed, device=self.device)

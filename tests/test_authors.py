@@ -101,7 +101,7 @@ def test_import_export_run_matches_the_torch_sampler(tmp_path, capsys):
     from click.testing import CliRunner
 
     from ssd_core.method import ScaleSpace
-    from ssd.sample import sample_states
+    from ssd.torch_sampler import sample_states
     from ssd_export.cli import export_command
     from ssd_runtime import Sampler
 

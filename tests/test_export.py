@@ -27,7 +27,7 @@ from ssd_core.bundle import BundleError, load_bundle, sha256_file
 from ssd.checkpoint import load_model
 from ssd_core.config import ConfigError
 from ssd_core.method import ScaleSpace
-from ssd.sample import sample_images
+from ssd.torch_sampler import sample_images
 from ssd.unet import route_names
 from ssd_export.bundle_writer import validate_manifest
 from ssd_export.onnx_export import FP32_OPS, OPSET

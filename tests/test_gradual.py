@@ -26,7 +26,7 @@ from ssd_core.config import make_config
 from ssd_core.images import to_uint8
 from ssd_core.method import ScaleSpace, p_step, resize_matrix
 from ssd.checkpoint import load_model
-from ssd.sample import sample_images, sample_states
+from ssd.torch_sampler import sample_images, sample_states
 from ssd.unet import route_names
 from ssd_export.bundle_writer import new_manifest
 from ssd_runtime import Sampler

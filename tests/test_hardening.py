@@ -306,16 +306,16 @@ def test_threads_set_onnxruntime_intra_op_pool(bundle):
 
 
 def test_ssd_sample_has_a_default_batch_and_checks_out_first(bundle, tmp_path, capsys, monkeypatch):
-    import ssd.sample
+    import ssd.torch_sampler
 
     batches = []
-    real = ssd.sample.sample_batches
+    real = ssd.torch_sampler.sample_batches
 
     def spy(model, config, n, steps=None, seed=0, device="cpu", batch=None, callback=None, **options):
         batches.append(batch)
         return real(model, config, n, steps, seed, device, batch, callback, **options)
 
-    monkeypatch.setattr(ssd.sample, "sample_batches", spy)
+    monkeypatch.setattr(ssd.torch_sampler, "sample_batches", spy)
     code, _, err = call(sample_main, [bundle[0], "--n", 70, "--steps", 3, "--out", tmp_path / "s"], capsys)
     assert code == 0 and batches == [64], err
     assert len(list((tmp_path / "s").glob("sample_*.png"))) == 70

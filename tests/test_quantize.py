@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from ssd.checkpoint import load_model
-from ssd.sample import sample_states
+from ssd.torch_sampler import sample_states
 from ssd_core.bundle import BundleError, load_bundle, sha256_file
 from ssd_core.method import COEFFICIENTS, ScaleSpace
 from ssd_export import pipeline, quantize

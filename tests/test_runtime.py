@@ -20,7 +20,7 @@ from conftest import assert_refused, edit_manifest, run_main
 from ssd_core.bundle import BundleError
 from ssd.checkpoint import load_model
 from ssd_core.config import ConfigError
-from ssd.sample import sample_states
+from ssd.torch_sampler import sample_states
 from ssd_runtime import Sampler
 from ssd_runtime.backend import BackendError
 

@@ -63,7 +63,7 @@ def test_fused_loop_equals_unfused_loop_in_onnxruntime(bundles, levels, steps):
 
 def test_fused_torchscript_and_torch_sampler_agree(bundles):
     from ssd.checkpoint import load_model
-    from ssd.sample import sample_states
+    from ssd.torch_sampler import sample_states
 
     run, bundle = bundles[3]
     fused = sample(bundle, True, 10, backend="torchscript")

@@ -194,7 +194,7 @@ def test_gradual_run_through_the_cli(tmp_path, capsys):
     """ssd-train --ds-factor: the start line names the ladder, the checkpoint keeps the factor,
     a resume may not change it, and ssd-sample samples the model through every size."""
     from ssd.cli import sample_main, train_main
-    from ssd.sample import sample_states
+    from ssd.torch_sampler import sample_states
     from ssd_core.method import ScaleSpace
 
     run = tmp_path / "run"

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ssd_core.config import SSDConfig, check_seed
+from ssd_core.checks import check_seed
+from ssd_core.config import SSDConfig
 from ssd_core.images import to_uint8
 from ssd_core.method import (SampleNoise, SampleState, ScaleSpace, Step, check_done, denoise_then_update, noise_for,
                              pending_chunks, sample_indices, sample_loop)
