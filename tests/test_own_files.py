@@ -278,7 +278,10 @@ def test_ssd_run_interrupted_by_sigint_resumes_to_the_same_200_images(tmp_path, 
     uninterrupted = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
     out = tmp_path / "resumed"
-    process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default disposition in the child, whatever this process inherited: a shell runs a
+    # background job (``pytest ... &``) with SIGINT ignored, and Python then installs no handler
+    process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while len(list(out.glob("sample_*.png"))) < 60 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
