@@ -1,13 +1,24 @@
-"""Shared fixtures: checkpoints with random weights and bundles exported from them."""
+"""Shared fixtures: checkpoints with random weights and bundles exported from them, each
+model made once per test run (and kept across runs by the hash of the code that made it)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import inspect
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = ("core", "runtime", "export", "engines", "ssd")  # the folders whose code makes a model
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxscript", "openvino")
 
 
 class Outcome(NamedTuple):
@@ -117,33 +128,85 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the product's Python files (paths and bytes), Python's and the libraries'
+    versions: what a model made by the tests depends on besides its options."""
+    digest = hashlib.sha256(sys.version.encode())
+    for name in LIBRARIES:
+        try:
+            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{name}=none".encode())
+    for folder in PRODUCT:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
-def exported_bundle():
-    """``export(folder, levels, seed, engines, batch, verify=False) -> (run, bundle)``."""
-    from click.testing import CliRunner
+def built(request, tmp_path_factory):
+    """``built(name, make, **options) -> Path``: the folder ``make(folder, **options)`` fills
+    (a run, a bundle), made once per test run. With pytest's cache on (the default), the
+    folder lives under ``.pytest_cache/d/ssd-built/`` and is reused by later runs while the
+    key matches: the sha256 of :func:`code_digest`, the source of the file that defines
+    ``make``, ``name`` and ``options``. Changed product code, test code, library versions or
+    options make a new one; a folder whose making was interrupted is made again. Tests
+    never modify what it returns (copy it first)."""
+    made: dict[str, Path] = {}
+    cache = getattr(request.config, "cache", None)
 
-    from ssd_export.cli import export_command
+    def get(name: str, make: Callable[..., None], **options) -> Path:
+        source = Path(inspect.getsourcefile(make)).read_bytes()
+        key = hashlib.sha256("\0".join([code_digest(), hashlib.sha256(source).hexdigest(), name,
+                                         json.dumps(options, sort_keys=True, default=str)]).encode()).hexdigest()[:20]
+        if key not in made:
+            if cache is None:  # -p no:cacheprovider
+                folder = tmp_path_factory.mktemp(name)
+                make(folder, **options)
+            else:
+                folder = cache.mkdir("ssd-built") / f"{name}-{key}"
+                complete = folder / ".complete"
+                if not complete.exists():
+                    shutil.rmtree(folder, ignore_errors=True)  # an interrupted making
+                    folder.mkdir()
+                    make(folder, **options)
+                    complete.touch()
+            made[key] = folder
+        return made[key]
 
-    def export(folder: Path, levels: int, seed: int, engines=("onnx",), batch="1:4",
-               verify: bool = False, **checkpoint_options):
-        run = folder / "run"
-        make_checkpoint(run, levels, seed, **checkpoint_options)
-        bundle = folder / "bundle"
-        args = [str(run), "--out", str(bundle), "--batch", batch, "--verify" if verify else "--no-verify"]
-        for engine in engines:
-            args += ["--engine", engine]
-        result = CliRunner().invoke(export_command, args)
-        assert result.exit_code == 0, result.output
-        return run, bundle
+    return get
+
+
+def export_checkpoint(folder: Path, levels: int, seed: int, engines=("onnx",), batch="1:4", verify: bool = False,
+                      export_options=(), **checkpoint_options) -> None:
+    """``folder/run``: a random checkpoint; ``folder/bundle``: its export, whose stdout is
+    kept in ``folder/export.out``."""
+    run = folder / "run"
+    make_checkpoint(run, levels, seed, **checkpoint_options)
+    args = [run, "--out", folder / "bundle", "--batch", batch, "--verify" if verify else "--no-verify",
+            *(arg for engine in engines for arg in ("--engine", engine)), *export_options]
+    result = run_export(*args)
+    assert result.code == 0, result.out + result.err
+    (folder / "export.out").write_text(result.out)
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(built):
+    """``export(levels, seed, engines=("onnx",), batch="1:4", verify=False, export_options=(),
+    **checkpoint_options) -> (run, bundle)``: a random checkpoint and its bundle, made once
+    (see ``built``). Never modify them."""
+
+    def export(levels: int, seed: int, **options) -> tuple[Path, Path]:
+        folder = built("export", export_checkpoint, levels=levels, seed=seed, **options)
+        return folder / "run", folder / "bundle"
 
     return export
 
 
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory, exported_bundle):
+def bundles(exported_bundle):
     """Two bundles shared by the runtime tests: a 3-level and a 1-level tiny32 model, ONNX +
     TorchScript with step graphs, batch 1:4; ``{levels: (run, bundle)}``. Never modify them."""
-    root = tmp_path_factory.mktemp("runtime")
-    return {levels: exported_bundle(root / f"l{levels}", levels=levels, seed=levels,
-                                    engines=("onnx", "torchscript"), batch="1:4")
+    return {levels: exported_bundle(levels, levels, engines=("onnx", "torchscript"), batch="1:4")
             for levels in (3, 1)}

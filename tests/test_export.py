@@ -35,7 +35,7 @@ from ssd_export.options import OptionError, parse_batch
 from ssd_export.verify import TOLERANCES, check_timesteps
 from ssd_runtime import Sampler
 
-from conftest import assert_refused, make_checkpoint, run_export
+from conftest import assert_refused, run_export
 from oracles import device_constants
 
 
@@ -53,27 +53,26 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("export")
 
 
-def _bundle(work: Path, name: str, levels: int, top: str, seed: int, *options) -> SimpleNamespace:
-    run = work / f"run_{name}"
-    make_checkpoint(run, levels, seed, top=top)
-    out = work / f"bundle_{name}"
-    result = run_export(run, "--out", out, *options)
-    assert result.code == 0, result.out + result.err
+def _bundle(work: Path, exported: tuple[Path, Path], name: str) -> SimpleNamespace:
+    """A copy of an exported (run, bundle) in this module's folder: its tests write into it."""
+    shutil.copytree(exported[0], work / f"run_{name}")
+    shutil.copytree(exported[1], work / f"bundle_{name}")
+    run, out = work / f"run_{name}", work / f"bundle_{name}"
     config, model = load_model(run)
-    return SimpleNamespace(run=run, out=out, result=result, config=config, model=model,
+    return SimpleNamespace(run=run, out=out, config=config, model=model,
                            manifest=json.loads((out / "manifest.json").read_text()),
                            hashes=file_hashes(out))
 
 
 @pytest.fixture(scope="module")
-def interp(work) -> SimpleNamespace:
-    return _bundle(work, "interp", 2, "interp", 1, "--engine", "onnx", "--engine", "torchscript",
-                   "--precision", "fp16", "--batch", "1:8")
+def interp(work, exported_bundle) -> SimpleNamespace:
+    return _bundle(work, exported_bundle(2, 1, top="interp", engines=("onnx", "torchscript"), batch="1:8",
+                                         verify=True, export_options=("--precision", "fp16")), "interp")
 
 
 @pytest.fixture(scope="module")
-def up(work) -> SimpleNamespace:
-    return _bundle(work, "up", 2, "up", 2, "--batch", "3")
+def up(work, exported_bundle) -> SimpleNamespace:
+    return _bundle(work, exported_bundle(2, 2, top="up", batch="3", verify=True), "up")
 
 
 @pytest.fixture(params=["interp", "up"])

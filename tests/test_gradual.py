@@ -42,23 +42,26 @@ STEPS = 12  # the fewest respaced steps whose plan calls all 7 routes (checked b
 ONE = dict(warmup=False, threads=1)
 
 
-@pytest.fixture(scope="module")
-def gradual(tmp_path_factory):
-    """(run, bundle, manifest, config, model): trained 4 steps at a high learning rate so that
-    the output convolutions (zero at init) give a prediction well away from zero."""
+def train_and_export(root: Path) -> None:
+    """Train 4 steps at a high learning rate, so that the output convolutions (zero at init)
+    give a prediction well away from zero; export with verification."""
     from ssd.data import load_dataset
     from ssd.train import start_run
     from ssd_export.cli import export_command
 
-    root = tmp_path_factory.mktemp("gradual")
-    run = root / "run"
     settings = dict(preset="tiny32", levels=4, ds_factor=1.5, data="fixture", batch_size=4, lr=3e-3, steps=4,
                     save_every=4, sample_every=0, seed=3)
-    start_run(run, settings, dataset=load_dataset("fixture", 32)).train(progress=False)
-    bundle = root / "bundle"
-    result = CliRunner().invoke(export_command, [str(run), "--out", str(bundle), "--engine", "onnx",
+    start_run(root / "run", settings, dataset=load_dataset("fixture", 32)).train(progress=False)
+    result = CliRunner().invoke(export_command, [str(root / "run"), "--out", str(root / "bundle"), "--engine", "onnx",
                                                  "--engine", "torchscript", "--batch", "2", "--verify"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def gradual(built):
+    """(run, bundle, manifest, config, model) of :func:`train_and_export`'s model."""
+    root = built("gradual", train_and_export)
+    run, bundle = root / "run", root / "bundle"
     config, model = load_model(run)
     return SimpleNamespace(run=run, bundle=bundle, manifest=json.loads((bundle / "manifest.json").read_text()),
                            config=config, model=model)

@@ -31,11 +31,10 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def wide_export(tmp_path_factory, exported_bundle):
+def wide_export(exported_bundle):
     """(run, bundle): a 1-level tiny32 checkpoint and its bundle, ONNX + TorchScript, batch
     1:8 (the shared bundles stop at 4; one level exports fastest)."""
-    return exported_bundle(tmp_path_factory.mktemp("wide"), levels=1, seed=7, engines=("onnx", "torchscript"),
-                           batch="1:8")
+    return exported_bundle(1, 7, engines=("onnx", "torchscript"), batch="1:8")
 
 
 @pytest.fixture(scope="module")

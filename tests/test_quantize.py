@@ -25,7 +25,7 @@ from ssd_export import pipeline, quantize
 from ssd_export.bundle_writer import validate_manifest
 from ssd_export.onnx_export import fp32_node_names
 
-from conftest import assert_refused, make_checkpoint, run_export
+from conftest import assert_refused, run_export
 
 INT8 = "onnx-int8"
 
@@ -34,14 +34,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def int8(tmp_path_factory) -> SimpleNamespace:
-    work = tmp_path_factory.mktemp("int8")
-    run, out = work / "run", work / "bundle"
-    make_checkpoint(run, 2, 7)
-    result = run_export(run, "--out", out, "--precision", "int8", "--batch", "1:4")
-    assert result.code == 0, result.out + result.err
+def int8(exported_bundle) -> SimpleNamespace:
+    run, out = exported_bundle(2, 7, verify=True, export_options=("--precision", "int8"))
     config, model = load_model(run)
-    return SimpleNamespace(run=run, out=out, result=result, config=config, model=model,
+    return SimpleNamespace(run=run, out=out, printed=(run.parent / "export.out").read_text(), config=config,
+                           model=model,
                            space=ScaleSpace.from_config(config),
                            manifest=json.loads((out / "manifest.json").read_text()))
 
@@ -73,7 +70,7 @@ def test_int8_variant_is_written_listed_with_hashes_and_calibration(int8):
     assert set(record["calibration_calls"]) == {r["name"] for r in manifest["routes"]}
     assert record["check"]["passed"] and record["bounds"] == {"max_error": quantize.MAX_ERROR,
                                                               "mean_error": quantize.MEAN_ERROR}
-    assert "onnx-int8: largest error" in int8.result.out and "| keep_32 | onnx-int8 step |" in int8.result.out
+    assert "onnx-int8: largest error" in int8.printed and "| keep_32 | onnx-int8 step |" in int8.printed
     validate_manifest(manifest)  # the typed definition accepts it ...
     broken = json.loads(json.dumps(manifest))
     del broken["quantization"]

@@ -24,20 +24,9 @@ from ssd_engines.build import EngineBuildError, plan_build, profile_shapes
 
 # --------------------------------------------------------------------------- no TensorRT here
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, exported_bundle):
-    """A 2-level bundle with step graphs, fp32 and fp16 ONNX, batch 1:4."""
-    from click.testing import CliRunner
-
-    from ssd_export.cli import export_command
-
-    root = tmp_path_factory.mktemp("trt")
-    run = root / "run"
-    make_checkpoint(run, 2, 0)
-    out = root / "bundle"
-    result = CliRunner().invoke(export_command, [str(run), "--out", str(out), "--batch", "1:4", "--no-verify",
-                                                 "--precision", "fp16"])
-    assert result.exit_code == 0, result.output
-    return run, out
+def bundle(exported_bundle):
+    """(run, bundle): a 2-level bundle with step graphs, fp32 and fp16 ONNX, batch 1:4."""
+    return exported_bundle(2, 0, export_options=("--precision", "fp16"))
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 import fake_tensorrt
-from conftest import make_checkpoint, run_main
+from conftest import run_main
 
 HERE = Path(__file__).parent / "trt_stub"
 OLDEST_REFUSED, SUPPORTED = "10.0.1", ["10.1.0", "10.13.0.35", "11.4.0.106"]
@@ -160,18 +160,9 @@ def test_what_the_releases_differ_in_that_we_rely_on():
 
 # --------------------------------------------------------------------------- our calls
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(exported_bundle):
     """A 1-level bundle with step graphs, fp32 and fp16 ONNX, batch 1:2."""
-    from click.testing import CliRunner
-
-    from ssd_export.cli import export_command
-
-    root = tmp_path_factory.mktemp("trt-api")
-    make_checkpoint(root / "run", 1, 0)
-    result = CliRunner().invoke(export_command, [str(root / "run"), "--out", str(root / "bundle"), "--batch", "1:2",
-                                                 "--no-verify", "--precision", "fp16"])
-    assert result.exit_code == 0, result.output
-    return root / "bundle"
+    return exported_bundle(1, 0, batch="1:2", export_options=("--precision", "fp16"))[1]
 
 
 def run_our_tensorrt_code(bundle: Path, tmp_path: Path, monkeypatch, capsys, version: str) -> fake_tensorrt.Api:
