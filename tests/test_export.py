@@ -41,8 +41,10 @@ from oracles import device_constants
 
 # --------------------------------------------------------------------------- fixtures
 def file_hashes(folder: Path) -> dict[str, str]:
+    """The bundle's files by hash: all but the manifest and the lock file (which names the
+    process that last held the folder)."""
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name not in ("manifest.json", ".ssd-lock")}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,10 +56,10 @@ def work(tmp_path_factory) -> Path:
 
 
 def _bundle(work: Path, exported: tuple[Path, Path], name: str) -> SimpleNamespace:
-    """A copy of an exported (run, bundle) in this module's folder: its tests write into it."""
-    shutil.copytree(exported[0], work / f"run_{name}")
-    shutil.copytree(exported[1], work / f"bundle_{name}")
-    run, out = work / f"run_{name}", work / f"bundle_{name}"
+    """An exported run (read only) and a copy of its bundle in this module's folder, which its
+    tests write into (the copy names the run it came from, so re-exports find it current)."""
+    run, out = exported[0], work / f"bundle_{name}"
+    shutil.copytree(exported[1], out)
     config, model = load_model(run)
     return SimpleNamespace(run=run, out=out, config=config, model=model,
                            manifest=json.loads((out / "manifest.json").read_text()),
