@@ -144,7 +144,7 @@ def tensorrt_check(work: Path, preset: str, levels: int, batches: tuple[int, ...
     manifest = json.loads((bundle / "manifest.json").read_text())
     result["engine_sets"] = [{"name": s["name"], "comparisons": {e["route"]: e["comparison"] for e in s["engines"]}}
                              for s in manifest.get("engines", {}).get("sets", [])]
-    reference = Sampler.from_bundle(bundle)  # ONNX Runtime fp32 on the CPU
+    reference = Sampler.from_bundle(bundle, precision="fp32")  # ONNX Runtime fp32 on the CPU
     scripted = Sampler.from_bundle(bundle, backend="torchscript", device="cuda", fused=True)
     _, model = load_model(run, device="cuda")
     for precision in ("fp32", "fp16"):

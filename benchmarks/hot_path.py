@@ -46,7 +46,7 @@ def median_ms(calls: dict, repeats: int) -> dict[str, float]:
 
 
 def padding(bundle: Path, threads: int, steps: int, repeats: int) -> list[str]:
-    with Sampler.from_bundle(bundle, backend="onnxruntime", threads=threads) as sampler:
+    with Sampler.from_bundle(bundle, backend="onnxruntime", precision="fp32", threads=threads) as sampler:
         measured = median_ms({"10 at batch 8 (8 + 2 rows)": lambda: sampler.sample(10, steps=steps, batch=8),
                               "padded (8 + 8 rows, before)": lambda: sampler.sample(16, steps=steps, batch=8)},
                              repeats)

@@ -118,7 +118,7 @@ def quality(plan: Plan, work: Path, log) -> dict:
             seconds += time.perf_counter() - start
             folder = trainer.save()
             bundle = export(folder, work / f"bundle_{levels}L_{trainer.step}", torchscript=levels == max(plan.quality_levels))
-            sampler = Sampler.from_bundle(bundle, backend="onnxruntime")
+            sampler = Sampler.from_bundle(bundle, backend="onnxruntime", precision="fp32")
             steps = {plan.curve_steps: plan.curve_samples} if i < plan.milestones else plan.eval_samples
             scores = {s: score(sampler.sample(n, seed=1, steps=s, batch=min(n, plan.sample_batch)))
                       for s, n in steps.items()}
@@ -167,7 +167,7 @@ def sampling_speed(plan: Plan, work: Path, log, models: dict | None = None) -> d
             run = work / f"speed_{levels}L"
             save_random_checkpoint(run, make_config(plan.speed_preset, levels=levels), seed=levels)
             models[levels] = (run, export(run, work / f"speed_bundle_{levels}L", levels == max(plan.speed_levels)))
-    samplers = {levels: Sampler.from_bundle(models[levels][1], backend="onnxruntime") for levels in plan.speed_levels}
+    samplers = {levels: Sampler.from_bundle(models[levels][1], backend="onnxruntime", precision="fp32") for levels in plan.speed_levels}
     seconds = {(n, s): [] for n in samplers for s in plan.speed_steps}
     profile = []
     for _ in range(plan.repeats):
@@ -213,7 +213,7 @@ def backends(plan: Plan, speed: dict, log) -> dict:
     speed model, batch 1, fewest steps."""
     bundle, steps = Path(speed["bundle"]), min(plan.speed_steps)
     _, model = load_model(speed["run"])
-    runtimes = {name: Sampler.from_bundle(bundle, backend=name, fused=False) for name in ("onnxruntime", "torchscript")}
+    runtimes = {name: Sampler.from_bundle(bundle, backend=name, precision="fp32", fused=False) for name in ("onnxruntime", "torchscript")}
     channels = model.cfg.in_channels
     routes, result = runtimes["onnxruntime"].bundle.routes, {"routes": {}, "end_to_end": {}}
     for name, route in routes.items():
@@ -225,7 +225,7 @@ def backends(plan: Plan, speed: dict, log) -> dict:
         with torch.inference_mode():
             result["routes"][name] = {key: _median_ms(call, plan.route_repeats) for key, call in calls.items()}
     for key in runtimes:
-        sampler = Sampler.from_bundle(bundle, backend=key)
+        sampler = Sampler.from_bundle(bundle, backend=key, precision="fp32")
         timed_run(sampler, steps)  # warm-up (TorchScript optimises its graphs on early calls)
         result["end_to_end"][key] = statistics.median(timed_run(sampler, steps)[0] for _ in range(plan.repeats))
     config = make_config(plan.speed_preset, levels=max(plan.speed_levels))
@@ -316,7 +316,7 @@ def previews(bundle: Path, out: Path, seeds: int = 8, steps: int = 250) -> Path:
     every image scaled to full size."""
     from PIL import Image
 
-    sampler = Sampler.from_bundle(bundle, backend="onnxruntime")
+    sampler = Sampler.from_bundle(bundle, backend="onnxruntime", precision="fp32")
     columns = []
     on_preview = lambda resolution, images: columns.append(images)
     final = sampler.sample(seeds, seed=0, steps=min(steps, sampler.bundle.space.timesteps), batch=seeds,

@@ -37,7 +37,7 @@ def kib(field):
 from ssd_runtime import Sampler
 bundle_path, mode, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 base = kib("VmRSS:")
-sampler = Sampler.from_bundle(bundle_path, warmup=False, low_memory=mode == "low-memory")
+sampler = Sampler.from_bundle(bundle_path, precision="fp32", warmup=False, low_memory=mode == "low-memory")
 loaded = kib("VmRSS:")
 start = time.perf_counter()
 sampler.sample(batch, seed=0, steps=steps, batch=batch)

@@ -55,7 +55,7 @@ class TimedSampler:
     graphs when ``fused``, the default where the bundle has them; route graphs otherwise)."""
 
     def __init__(self, bundle: Path, fused: bool | None = None):
-        self.sampler = Sampler.from_bundle(bundle, backend="onnxruntime", fused=fused)
+        self.sampler = Sampler.from_bundle(bundle, backend="onnxruntime", precision="fp32", fused=fused)
         self.network_seconds = 0.0
         backend = self.sampler.backend
         name = "run_step" if backend.fused else "run"
@@ -82,7 +82,7 @@ COLD_RUNTIME = """
 import time; start = time.perf_counter()
 {peak}
 from ssd_runtime import Sampler
-s = Sampler.from_bundle({bundle!r}, backend="onnxruntime", warmup=False); s.sample(1, steps={levels})
+s = Sampler.from_bundle({bundle!r}, backend="onnxruntime", precision="fp32", warmup=False); s.sample(1, steps={levels})
 print(time.perf_counter() - start, peak_kib())
 """
 COLD_TORCH = """

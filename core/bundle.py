@@ -44,7 +44,7 @@ from .files import (MAX_JSON_BYTES, check_format, inside, loads_json, read_cappe
                     sha256_file, write_json_atomic)
 from .method import COEFFICIENTS, ScaleSpace, route_name
 from .onnx_refs import MalformedGraph, external_locations
-from .precision import ONNX_VARIANTS
+from .precision import ONNX_VARIANTS, PrecisionCheck, parse_precision_checks
 from .schema import ConfigError, Typed, parse, spec
 
 FORMAT = "ssd-bundle"
@@ -242,6 +242,7 @@ class Manifest(Typed):
 
     def check(self):
         parse_engine_sets(self.engines)  # the TensorRT registry: typed and bounded too
+        parse_precision_checks(self.verification.get("precisions"), "verification.precisions")
         if self.process.resize and self.format_version < FORMAT_VERSION:
             raise ConfigError(f"format_version: {self.format_version}, but process.resize needs {FORMAT_VERSION}")
         levels = self.config.diffusion.levels
@@ -359,6 +360,11 @@ class Bundle:
     def engine_sets(self) -> tuple[EngineSet, ...]:
         """The TensorRT engine sets the bundle holds (``ssd_core.engine_registry``)."""
         return parse_engine_sets(self.manifest.engines)
+
+    def precision_checks(self) -> dict[str, PrecisionCheck]:
+        """What the export measured of each lower precision against fp32 (``ssd_core.precision``;
+        none where it could not run it)."""
+        return parse_precision_checks(self.manifest.verification.get("precisions"), "verification.precisions")
 
     def formats(self) -> list[str]:
         return sorted({fmt for route in self.manifest.routes for fmt in route.files}, key=BACKEND_FORMATS.index)

@@ -211,6 +211,13 @@ def build_bundle(model, source: Source, options: ExportOptions, folder: Path, ec
         verify_bundle(model, config, manifest, written, options, folder, echo)
     if written.feeds is not None:  # always: the int8 variant is only as good as its check
         check_quantized(manifest, written, echo)
+    if options.verify and "onnx" in options.formats:  # what --precision auto may run, measured here
+        from .precision_check import check_precisions
+
+        bundle_writer.write_manifest(folder, manifest)  # the runtime reads the bundle from disk
+        precisions = check_precisions(folder, options.formats, echo)
+        if precisions:
+            manifest["verification"]["precisions"] = precisions
     bundle_writer.write_manifest(folder, manifest)
     return manifest
 

@@ -143,7 +143,8 @@ def end_to_end(bundle_path: Path, model, config, backend: str = "onnxruntime", s
     """
     from ssd_runtime import Sampler
 
-    samplers = {mode: Sampler.from_bundle(bundle_path, backend=backend, warmup=False, fused=mode) for mode in fused}
+    samplers = {mode: Sampler.from_bundle(bundle_path, backend=backend, precision="fp32", warmup=False,
+                                             fused=mode) for mode in fused}
     try:
         return _compare(samplers, model, config, backend, seed)
     finally:

@@ -60,6 +60,7 @@ class Backend:
     precision = "fp32"
     closed = False
     choice: str | None = None  # with ``backend="auto"``: which was picked, and why (one line)
+    precision_choice: str | None = None  # with ``precision="auto"``: which was picked, and why (one line)
 
     def __init__(self, bundle: Bundle, device: str, fused: bool = False):
         self.bundle, self.device, self.fused = bundle, device, fused

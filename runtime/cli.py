@@ -14,7 +14,7 @@ from ssd_core.method import NOISE_VERSION
 from ssd_core.images import ANIMATION_FORMATS, make_grid, save_animations, save_png
 from ssd_core.samples import SampleRequest, write_samples
 
-from .registry import BACKENDS, DEVICES, PRECISIONS, BackendOptions, untimed_auto
+from .registry import BACKENDS, DEVICES, PRECISIONS, BackendOptions
 from .default_model import packaged_bundle
 from .sampler import Animate, Sampler
 
@@ -145,9 +145,10 @@ def sample_index_options(command):
 @click.option("--device", type=click.Choice(DEVICES), default=None,
               help="cpu, cuda, or tensorrt (ONNX Runtime's TensorRT provider). [default: cpu; cuda for "
                    "--backend tensorrt]")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="fp32 (exact), fp16, bf16 (openvino, on CPUs with AVX512-BF16 or AMX) or int8 (the "
-                   "bundle's int8 variant; experimental); docs/runtime.md.")
+@click.option("--precision", type=click.Choice(("auto", *PRECISIONS)), default="auto", show_default=True,
+              help="auto: the fastest precision the bundle records as verified against fp32 that this CPU "
+                   "runs natively, else fp32 (said on stderr); fp32 (exact), fp16, bf16 (openvino, on CPUs "
+                   "with AVX512-BF16 or AMX) or int8 (the bundle's int8 variant); docs/runtime.md.")
 @click.option("--preview", is_flag=True,
               help="Also write the first batch's clean prediction at each resolution (preview_<res>.png).")
 @click.option("--animate", is_flag=True,
@@ -190,20 +191,17 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
     check_animate(animate or animate_all, animate_every, animate_ms, animate_scale, animate_format)
     if bundle is None:
         bundle = DEFAULT_BUNDLE if DEFAULT_BUNDLE.exists() else packaged_bundle()
-    untimed = backend == "auto" and shard[1] > 1 and device in (None, "cpu")
-    if untimed:  # the shards of a run must all use one backend
-        backend = untimed_auto(precision)
     notes = []  # what auto picked, warnings: said once every check has passed, so a refusal stays one line
     options = BackendOptions(backend, device, precision, threads, low_memory, fused, batch_invariant)
-    with Sampler.from_bundle(bundle, options, timing_batch=batch or len(indices), say=notes.append) as sampler:
-        if untimed:
-            notes.append(f"backend auto: {backend} (the shards of a run skip the timing, so that all use one backend)")
+    with Sampler.from_bundle(bundle, options, timing_batch=batch or len(indices), untimed=shard[1] > 1,
+                             say=notes.append) as sampler:
         if precision == "int8":
             notes.append(INT8_WARNING)
         batch = sampler.check_batch(max(len(indices), 1), batch)
         steps = sampler.check_steps(steps)  # refuse impossible step counts before any output
         # what decides the files (not the batch or the shard: every shard writes the same bytes)
-        params = {"seed": seed, "steps": steps, "backend": sampler.backend.name, "precision": precision,
+        params = {"seed": seed, "steps": steps, "backend": sampler.backend.name,
+                  **precision_params(sampler.bundle, sampler.backend.precision),
                   "fused": sampler.backend.fused, "bundle_sha256": sampler.bundle.digest, "noise": NOISE_VERSION}
         started = time.perf_counter()
         on_preview = animation = None  # set once the folder says which samples are left
@@ -232,6 +230,13 @@ def run_command(bundle, steps, out, n, first, shard, force, batch, seed, backend
         job, grid = write_samples(out, "ssd-run", params, request, batch, sample, sources=(bundle,), force=force)
     seconds = time.perf_counter() - started
     click.echo(written_line(job, n, shard, grid, out, seconds, on_preview, animation, animate_all))
+
+
+def precision_params(bundle, precision: str) -> dict:
+    """What the images' metadata says of their precision: the precision, and for a lower one
+    the export's check of it against fp32 (from the bundle, so every shard writes the same)."""
+    check = bundle.precision_checks().get(precision)
+    return {"precision": precision, **({"precision_check": check.summary()} if check is not None else {})}
 
 
 def written_line(job, n: int, shard: tuple[int, int], grid, out: Path, seconds: float, previews=None,

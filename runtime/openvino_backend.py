@@ -22,7 +22,6 @@ from .backend import (Backend, BackendError, check_declared_io, closing_on_error
 from .registry import REGISTRY, BackendOptions
 
 HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
-REDUCED = ("fp16", "bf16")  # float precisions OpenVINO lowers the whole graph to
 NATIVE = {  # precision -> (OPTIMIZATION_CAPABILITIES entry, why it is refused without it)
     "bf16": ("BF16", "bf16 needs a CPU with AVX512-BF16 or AMX; this CPU has neither"),
     "fp16": ("FP16", "fp16 on the CPU needs AVX512-FP16 or AMX-FP16; this CPU has neither"),
@@ -39,10 +38,11 @@ class OpenVINOBackend(Backend):
         ov = _import_openvino()
         device, precision, threads, fused = options.device, options.precision, options.threads, options.fused
         self.precision, self.file_format = precision, REGISTRY[self.name].formats[precision]
-        if precision in REDUCED and fused:
+        route_only = precision in REGISTRY[self.name].route_only  # lowered whole, posterior update included
+        if route_only and fused:
             raise BackendError(f"backend 'openvino' runs {precision} on the route graphs only (its {precision} "
                                "would cover the fused step graph's posterior update); use --unfused")
-        super().__init__(bundle, device, False if precision in REDUCED else
+        super().__init__(bundle, device, False if route_only else
                          use_step_graphs(bundle, self.file_format, fused))
         self.core, self.compiled, self.requests, self.outputs = ov.Core(), {}, {}, {}
         with closing_on_error(self):  # a later graph that fails to compile drops the earlier ones

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ from ssd_core.config import ConfigError
 from ssd_core.method import COEFFICIENTS
 
 from .backend import Backend, BackendError, first_line, release_all
+from .cpu import CpuInfo, this_cpu
 
 
 
@@ -40,9 +42,15 @@ class BackendSpec:
     cls: str
     devices: tuple[str, ...]  # the first is its default
     formats: dict  # precision -> the bundle file format it runs
+    library: str  # the module it needs installed
     auto: bool = False  # a candidate ``auto`` times on the CPU
     batch_invariant: bool = False  # can compute sample i the same at every batch size
     low_memory: bool = False  # honours ``low_memory``
+    route_only: tuple[str, ...] = ()  # precisions it runs on route graphs only (never fused)
+
+    def installed(self) -> bool:
+        """Whether its library can be imported (found, not imported)."""
+        return importlib.util.find_spec(self.library) is not None
 
     def load(self) -> type[Backend]:
         """The backend's class (imports its module, not its library: that is the constructor's)."""
@@ -51,33 +59,37 @@ class BackendSpec:
 
 REGISTRY = {spec.name: spec for spec in (
     BackendSpec("onnxruntime", "onnxruntime_backend", "OnnxRuntimeBackend", ("cpu", "cuda", "tensorrt"),
-                ONNX_VARIANTS, auto=True, batch_invariant=True, low_memory=True),
+                ONNX_VARIANTS, "onnxruntime", auto=True, batch_invariant=True, low_memory=True),
     BackendSpec("openvino", "openvino_backend", "OpenVINOBackend", ("cpu",),
-                {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": ONNX_VARIANTS["int8"]}, auto=True),
+                {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": ONNX_VARIANTS["int8"]}, "openvino",
+                auto=True, route_only=("fp16", "bf16")),
     # left out of ``auto``: importing torch alone costs more than the whole timing, and
     # ``auto`` keeps the runtime torch-free (docs/runtime.md#--backend-auto)
     BackendSpec("torchscript", "torchscript_backend", "TorchScriptBackend", ("cpu", "cuda"),
-                {"fp32": "torchscript"}, batch_invariant=True),
+                {"fp32": "torchscript"}, "torch", batch_invariant=True),
     BackendSpec("tensorrt", "tensorrt_backend", "TensorRTBackend", ("cuda",),
-                {"fp32": "tensorrt-fp32", "fp16": "tensorrt-fp16"}),
+                {"fp32": "tensorrt-fp32", "fp16": "tensorrt-fp16"}, "tensorrt"),
 )}
 BACKENDS = ("auto", *REGISTRY)
 DEVICES = tuple(dict.fromkeys(device for spec in REGISTRY.values() for device in spec.devices))
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 assert set(PRECISIONS) == {p for spec in REGISTRY.values() for p in spec.formats}
+AUTO_PRECISIONS = ("bf16", "int8")  # what ``precision="auto"`` may pick over fp32, in this order
 
 
 @dataclass(frozen=True)
 class BackendOptions:
     """How to run a bundle, whatever the backend: checked once by :meth:`checked`, then read
     by the backend's constructor. ``backend``: a name of :data:`REGISTRY` or ``auto``;
-    ``device``: None for the backend's default; ``threads``: None for the physical cores
-    this process may use; ``fused``: step graphs where the bundle has them (None), always
+    ``device``: None for the backend's default; ``precision``: ``auto`` (the fastest the
+    bundle records as verified against fp32 and this CPU runs natively, else fp32; see
+    :func:`resolve_precision`) or one of :data:`PRECISIONS`; ``threads``: None for the
+    physical cores this process may use; ``fused``: step graphs where the bundle has them (None), always
     (True) or never (False); ``batch_invariant``: sample ``i`` bit-identical at any batch."""
 
     backend: str = "auto"
     device: str | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     threads: int | None = None
     low_memory: bool = False
     fused: bool | None = None
@@ -88,7 +100,7 @@ class BackendOptions:
         narrowed where only one backend qualifies, and device and threads filled in."""
         check_choice(self.backend, "backend", BACKENDS)
         check_choice(self.device, "device", DEVICES, optional=True)
-        check_choice(self.precision, "precision", PRECISIONS)
+        check_choice(self.precision, "precision", ("auto", *PRECISIONS))
         check_flag(self.low_memory, "low_memory")
         check_flag(self.fused, "fused", optional=True)
         check_flag(self.batch_invariant, "batch_invariant")
@@ -106,7 +118,7 @@ class BackendOptions:
             if self.device is not None and self.device not in spec.devices:
                 raise BackendError(f"backend {backend!r} runs on {' or '.join(spec.devices)}, not device "
                                    f"{self.device!r}")
-            if self.precision not in spec.formats:
+            if self.precision != "auto" and self.precision not in spec.formats:
                 raise BackendError(f"backend {backend!r} runs {' or '.join(spec.formats)}, not {self.precision}; "
                                    f"{self.precision} runs on {' or '.join(_names(precision=self.precision))}")
         device = self.device or (REGISTRY[backend].devices[0] if backend != "auto" else "cpu")
@@ -128,22 +140,80 @@ def _names(precision: str | None = None, **wanted) -> list[str]:
 
 
 def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batch: int | None = None,
-                 say: Callable[[str], None] | None = None, **options) -> Backend:
+                 say: Callable[[str], None] | None = None, untimed: bool = False, **options) -> Backend:
     """Load a backend for ``bundle``: ``backend`` is a :class:`BackendOptions`, or a backend
     name with the options' other fields as keywords. One-line errors for unknown or missing
-    backends and for options of the wrong type. ``auto`` (on the CPU; elsewhere it means
+    backends and for options of the wrong type. Precision ``auto`` is resolved first
+    (:func:`resolve_precision`). Backend ``auto`` (on the CPU; elsewhere it means
     onnxruntime): the fastest installed candidate that runs the precision, timed at
-    ``batch`` (see :func:`choose_backend`; its one-line reason also goes to ``say``)."""
+    ``batch`` (see :func:`choose_backend`), or with ``untimed`` the fixed pick of
+    :func:`untimed_auto` (the shards of one run must all use one backend). What ``auto``
+    picked and why goes to ``say`` and the backend's ``choice`` lines."""
     if not isinstance(backend, BackendOptions):
         backend = BackendOptions(backend, **options)
     elif options:
         raise TypeError(f"make_backend: pass options in the BackendOptions, not also as {sorted(options)}")
-    options = backend.checked()
+    options, why = resolve_precision(bundle, backend.checked())
+    choice = None
+    if options.backend == "auto" and untimed:
+        options = dataclasses.replace(options, backend=untimed_auto(options.precision))
+        choice = (f"backend auto: {options.backend} (the shards of a run skip the timing, so that all use one "
+                  "backend)")
     if options.backend == "auto":
         load = lambda name: make_backend(bundle, dataclasses.replace(options, backend=name))
-        candidates = _names(auto=True, **({"low_memory": True} if options.low_memory else {}))
-        return choose_backend(bundle, load, candidates, options.precision, batch, say)
-    return REGISTRY[options.backend].load()(bundle, options)
+        candidates = _names(options.precision, auto=True, **({"low_memory": True} if options.low_memory else {}))
+        loaded = choose_backend(bundle, load, candidates, options.precision, batch)
+    else:
+        loaded = REGISTRY[options.backend].load()(bundle, options)
+        loaded.choice = choice
+    loaded.precision_choice = why
+    if say is not None:  # auto's fp32 is the quiet, exact default: its reason stays in precision_choice
+        for line in (why if options.precision != "fp32" else None, loaded.choice):
+            if line:
+                say(line)
+    return loaded
+
+
+def resolve_precision(bundle: Bundle, options: BackendOptions, cpu: CpuInfo | None = None
+                      ) -> tuple[BackendOptions, str | None]:
+    """``options`` with precision ``auto`` made concrete, and the line saying why (None when
+    the precision was given). ``auto`` runs the first of :data:`AUTO_PRECISIONS` that the
+    bundle records as checked against fp32 and passing (``Bundle.precision_checks``), that
+    this CPU runs natively (``ssd_runtime.cpu``), and that an installed backend allowed by
+    ``options`` runs; else fp32. Batch-invariant runs and GPU devices use fp32."""
+    if options.precision != "auto":
+        return options, None
+    cpu = cpu or this_cpu()
+    checks = bundle.precision_checks()
+    chosen, reasons = None, []
+    if options.batch_invariant or options.device != "cpu":
+        reasons.append("batch-invariant runs are exact" if options.batch_invariant else f"device {options.device}")
+    else:
+        for precision in AUTO_PRECISIONS:
+            check = checks.get(precision)
+            backends = [spec for spec in REGISTRY.values() if precision in spec.formats and "cpu" in spec.devices
+                        and (options.backend in ("auto", spec.name)) and (spec.low_memory or not options.low_memory)
+                        and not (options.fused and precision in spec.route_only)]
+            if check is None:
+                reasons.append(f"{precision} not checked at export")
+            elif not check.passed:
+                reasons.append(f"{precision} failed its check at export ({check.summary()})")
+            elif not cpu.runs_natively(precision):
+                reasons.append(f"{precision} needs AVX512-BF16 or AMX, which this CPU lacks")
+            elif not backends and options.fused:
+                reasons.append(f"{precision} runs on route graphs only and fused step graphs were asked for")
+            elif not any(spec.installed() for spec in backends):
+                reasons.append(f"{precision} needs {' or '.join(s.name for s in backends) or 'another backend'}")
+            else:
+                chosen = precision
+                break
+    if chosen is None:
+        return (dataclasses.replace(options, precision="fp32"),
+                f"precision auto: fp32 ({'; '.join(reasons)})")
+    units = f"; this CPU has {cpu.bf16_units}" if chosen == "bf16" else ""
+    return (dataclasses.replace(options, precision=chosen),
+            f"precision auto: {chosen} (verified at export: {checks[chosen].summary()}{units}); --precision fp32 "
+            "for the exact path")
 
 
 def untimed_auto(precision: str) -> str:

@@ -100,16 +100,20 @@ class Sampler:
 
     @classmethod
     def from_bundle(cls, path, backend: str | BackendOptions = "auto", *, warmup: bool = True,
-                    timing_batch: int | None = None, say: Callable[[str], None] | None = None,
-                    **options) -> "Sampler":
+                    timing_batch: int | None = None, untimed: bool = False,
+                    say: Callable[[str], None] | None = None, **options) -> "Sampler":
         """Load and validate a bundle, check file hashes, open one session per route.
 
         ``backend`` with ``options``: how to run it, a :class:`BackendOptions` or its fields by
         keyword. ``backend``: auto (default; on the CPU the fastest installed backend that
         runs ``precision``, timed at ``timing_batch`` (default the bundle's largest batch);
         the pick and why is ``sampler.backend.choice``, also said to ``say``, default
-        stderr), onnxruntime, openvino, torchscript or tensorrt. ``precision``: fp32, fp16,
-        bf16 (openvino, on CPUs that run it natively) or int8 (the bundle's int8 variant).
+        stderr; ``untimed``: a fixed pick instead of the timing, as the shards of one run
+        need), onnxruntime, openvino, torchscript or tensorrt. ``precision``: auto (default:
+        the fastest the bundle records as verified against fp32 that this CPU runs
+        natively, else fp32; the pick and why is ``sampler.backend.precision_choice``, also
+        said to ``say``), fp32, fp16, bf16 (openvino, on CPUs that run it natively) or int8
+        (the bundle's int8 variant).
         ``device``: cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider); default cpu, and
         cuda for the ``tensorrt`` backend. ``threads``: CPU threads of the backend (default
         the physical cores this process may use). ``low_memory``: ONNX Runtime graphs share
@@ -128,7 +132,9 @@ class Sampler:
             integer(timing_batch, "timing_batch", 1, MAX_BATCH)
         check_callable(say, "say")
         bundle = load_bundle(path)
-        sampler = cls(bundle, make_backend(bundle, backend, batch=timing_batch, say=say, **options))
+        check_flag(untimed, "untimed")
+        sampler = cls(bundle, make_backend(bundle, backend, batch=timing_batch, say=say, untimed=untimed,
+                                           **options))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
                 sampler.backend.warmup(sampler.batch_range[0])
@@ -170,6 +176,7 @@ class Sampler:
             "batch": list(self.batch_range),
             "backend": self.backend.name,
             "choice": self.backend.choice,
+            "precision_choice": self.backend.precision_choice,
             "precision": self.backend.precision,
             "file_format": self.backend.file_format,
             "fused": self.backend.fused,

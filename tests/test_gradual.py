@@ -161,7 +161,7 @@ def test_runtime_equals_the_torch_sampler(gradual, reference, backend, fused):
     if backend == "openvino":
         pytest.importorskip("openvino", reason="openvino is not installed")
     ref_float, ref_images = reference
-    with Sampler.from_bundle(gradual.bundle, backend=backend, fused=fused, **ONE) as sampler:
+    with Sampler.from_bundle(gradual.bundle, backend=backend, fused=fused, precision="fp32", **ONE) as sampler:
         assert sampler.backend.fused is fused
         ours = sampler.sample_float(2, seed=11, steps=STEPS, batch=2)
     assert ours.shape == (2, 3, 32, 32)

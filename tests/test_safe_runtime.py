@@ -349,7 +349,7 @@ def test_graphs_that_break_the_contract_are_one_line(copy, tmp_path, capfd, file
     ({"backend": 1}, r"backend=1; choose from"),
     ({"device": ["cpu"]}, r"device=\['cpu'\]; choose from"),
     ({"precision": 32}, r"precision=32; choose from"),
-    ({"precision": "fp64"}, r"precision='fp64'; choose from \['fp32', 'fp16', 'bf16', 'int8'\]"),
+    ({"precision": "fp64"}, r"precision='fp64'; choose from \['auto', 'fp32', 'fp16', 'bf16', 'int8'\]"),
 ])
 def test_api_options_must_have_their_types(bundles, kwargs, pattern):
     with pytest.raises(UserError, match=pattern):
