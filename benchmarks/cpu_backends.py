@@ -22,8 +22,11 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +46,51 @@ from ssd_runtime import Sampler  # noqa: E402
 from ssd_runtime.registry import available_cores  # noqa: E402
 
 # (backend, precision) rows, in table order; "eager" is the PyTorch reference, not a runtime backend.
-ROWS = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"),
-        ("openvino", "fp16"), ("openvino", "int8"), ("torchscript", "fp32"), ("eager", "fp32"))
+# ("auto", "auto") is the default path: what ``ssd-run`` with no options runs.
+ROWS = (("auto", "auto"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
+        ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8"), ("torchscript", "fp32"), ("eager", "fp32"))
+# Start-up: a fresh process from its start to its first sampling step, with an empty
+# ``$SSD_CACHE`` (cold) and with the one the previous run left (warm).
+STARTUP_ROWS = {"default": {}, "--precision fp32": {"precision": "fp32"},
+                "--backend onnxruntime --precision fp32": {"backend": "onnxruntime", "precision": "fp32"}}
+FIRST_STEP = """
+import sys, json
+from ssd_runtime import Sampler
+options = json.loads(sys.argv[2])
+with Sampler.from_bundle(sys.argv[1], say=lambda line: None, **options) as sampler:
+    def first(index, *_):
+        if index == 0:
+            print("first step", flush=True)
+    sampler.sample(1, seed=0, batch=1, callback=first)  # stopped by the parent after its first step
+"""
+
+
+def time_startup(bundle: Path, threads: int, repeats: int) -> list[dict]:
+    """Seconds from a fresh process's start to its first step, per :data:`STARTUP_ROWS`
+    entry, cold (an empty ``$SSD_CACHE``) and warm (the cache the previous run left):
+    medians of ``repeats``, rows interleaved."""
+    def first_step(options: dict, cache: str) -> float:
+        env = {**os.environ, "SSD_CACHE": cache}
+        begin = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", FIRST_STEP, str(bundle), json.dumps(options)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = child.stdout.readline()
+        seconds = time.perf_counter() - begin
+        child.kill()
+        child.wait()
+        if line.strip() != "first step":
+            raise RuntimeError(f"start-up run {options} failed before its first step")
+        return seconds
+
+    times = {(name, state): [] for name in STARTUP_ROWS for state in ("cold", "warm")}
+    with tempfile.TemporaryDirectory() as work:
+        for repeat in range(repeats):
+            for name, options in STARTUP_ROWS.items():
+                options = {**options, "threads": threads}
+                cold = os.path.join(work, f"{repeat}-{len(name)}")
+                times[name, "cold"].append(first_step(options, cold))
+                times[name, "warm"].append(first_step(options, cold))
+    return [{"row": name, "state": state, "s": statistics.median(values)} for (name, state), values in times.items()]
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 PACKAGES = ("onnxruntime", "openvino", "torch")
@@ -308,6 +354,7 @@ def main(argv=None) -> dict:
         figures["end_to_end"] = time_end_to_end(loaded, config, args.batches, args.steps, args.repeats, peaks)
         for obj in loaded.values():
             obj.close()
+    figures["startup"] = time_startup(bundle, args.threads, args.repeats)
     peaks.sample()
     figures["peaks"] = peaks.summary()
     figures["missing"] = {label(row): why for row, why in missing.items()}
@@ -350,6 +397,12 @@ def markdown(f: dict) -> str:
         for batch in dict.fromkeys(r["batch"] for r in f["end_to_end"]):
             cells = {r["row"]: f"{r['s']:.2f} ({r['gflops']:.0f})" for r in f["end_to_end"] if r["batch"] == batch}
             lines.append(f"| {batch} | " + " | ".join(cells.get(r, "–") for r in rows) + " |")
+    if f.get("startup"):
+        lines += ["", "Start-up: a fresh process's start to its first step, batch 1, s (cold: empty $SSD_CACHE; "
+                  "warm: the cache its previous run left)", "", "| run | cold | warm |", "|---|---|---|"]
+        for name in dict.fromkeys(r["row"] for r in f["startup"]):
+            cells = {r["state"]: f"{r['s']:.2f}" for r in f["startup"] if r["row"] == name}
+            lines.append(f"| {name} | {cells['cold']} | {cells['warm']} |")
     if f["missing"]:
         lines += ["", "Rows not measured:"] + [f"- {row}: {why}" for row, why in f["missing"].items()]
     return "\n".join(lines) + "\n"

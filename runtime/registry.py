@@ -28,6 +28,7 @@ from ssd_core.checks import integer
 from ssd_core.config import ConfigError
 from ssd_core.method import COEFFICIENTS
 
+from .startup_cache import cached_decision, decision_key, remember_decision, warn
 from .backend import Backend, BackendError, first_line, release_all
 from .cpu import CpuInfo, this_cpu
 
@@ -162,10 +163,13 @@ def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batc
     if options.backend == "auto":
         load = lambda name: make_backend(bundle, dataclasses.replace(options, backend=name))
         candidates = _names(options.precision, auto=True, **({"low_memory": True} if options.low_memory else {}))
-        loaded = choose_backend(bundle, load, candidates, options.precision, batch)
+        loaded = choose_backend(bundle, load, candidates, options.precision, batch, options=options)
     else:
         loaded = REGISTRY[options.backend].load()(bundle, options)
         loaded.choice = choice
+    if why is not None and options.precision != "fp32":
+        why += ("" if untimed else speed_against_fp32(bundle, loaded, options, batch)) + \
+            "; --precision fp32 for the exact path"
     loaded.precision_choice = why
     if say is not None:  # auto's fp32 is the quiet, exact default: its reason stays in precision_choice
         for line in (why if options.precision != "fp32" else None, loaded.choice):
@@ -212,8 +216,7 @@ def resolve_precision(bundle: Bundle, options: BackendOptions, cpu: CpuInfo | No
                 f"precision auto: fp32 ({'; '.join(reasons)})")
     units = f"; this CPU has {cpu.bf16_units}" if chosen == "bf16" else ""
     return (dataclasses.replace(options, precision=chosen),
-            f"precision auto: {chosen} (verified at export: {checks[chosen].summary()}{units}); --precision fp32 "
-            "for the exact path")
+            f"precision auto: {chosen} (verified at export: {checks[chosen].summary()}{units})")
 
 
 def untimed_auto(precision: str) -> str:
@@ -222,15 +225,61 @@ def untimed_auto(precision: str) -> str:
     return "openvino" if precision in ("bf16", "fp16") else "onnxruntime"
 
 
+def speed_against_fp32(bundle: Bundle, chosen: Backend, options: BackendOptions, batch: int | None) -> str:
+    """``", 1.5x fp32 here (...)"``: the speed of ``chosen`` (a lower precision) against
+    ONNX Runtime fp32 on the bundle's largest route at the run's batch, timed side by side
+    once per machine, bundle, batch and threads and then cached; "" where ONNX Runtime is
+    not installed or cannot load the bundle."""
+    batch = timing_batch(bundle, batch)
+    pair = {"fp32": "onnxruntime", options.precision: chosen.name}
+    key = decision_key(bundle.digest, this_cpu(), f"{options.precision} against fp32", batch, options.threads,
+                       {name: REGISTRY[name].library for name in pair.values()}, options.fused, options.low_memory)
+    cached = cached_decision(key, tuple(pair), warn)
+    if cached:
+        times = cached[1]
+    else:
+        try:
+            reference = make_backend(bundle, dataclasses.replace(options, backend="onnxruntime", precision="fp32"))
+        except BackendError:
+            return ""
+        try:
+            times = time_backends(bundle, {"fp32": reference, options.precision: chosen}, batch, budget_s=1.0)
+        finally:
+            reference.close()
+        remember_decision(key, min(times, key=times.get), times, warn)
+    return f", {times['fp32'] / times[options.precision]:.2f}x fp32 here (largest route, batch {batch})"
+
+
+def timing_batch(bundle: Bundle, batch: int | None) -> int:
+    """The batch ``auto`` times at: ``batch`` within the bundle's range, default its largest."""
+    low, high = bundle.batch_range
+    return min(max(batch or high, low), high)
+
+
 def choose_backend(bundle: Bundle, load: Callable[[str], Backend], candidates, precision: str,
                    batch: int | None = None, say: Callable[[str], None] | None = None,
-                   budget_s: float = 1.5) -> Backend:
+                   budget_s: float = 1.5, options: BackendOptions | None = None) -> Backend:
     """Load every candidate that can run ``precision`` (one that cannot here, a
     :class:`BackendError`, is skipped with its reason; a fault of the bundle, such as a
     failed hash check, is raised: no backend hides it), time a few calls of each on the
     bundle's largest route at ``batch`` (default: the bundle's largest), interleaved, keep
     the one with the lowest median and close the others. The pick and why is one line: the
-    chosen backend's ``choice``, also handed to ``say`` where given."""
+    chosen backend's ``choice``, also handed to ``say`` where given. With ``options``, the
+    decision is cached per machine, bundle, batch and threads (``ssd_runtime.startup_cache``):
+    a later run loads only the backend picked, without timing."""
+    batch = timing_batch(bundle, batch)
+    key = None if options is None else decision_key(
+        bundle.digest, this_cpu(), precision, batch, options.threads,
+        {name: REGISTRY[name].library for name in candidates}, options.fused, options.low_memory)
+    cached = key and cached_decision(key, candidates, warn)
+    if cached:
+        best, times = cached
+        try:
+            chosen = load(best)
+        except BackendError:  # e.g. uninstalled since: time what is there
+            pass
+        else:
+            return _chosen(chosen, best, precision, batch, times, [], say, "; timed earlier on this machine")
     loaded, skipped = {}, []
     try:
         for name in candidates:
@@ -240,19 +289,32 @@ def choose_backend(bundle: Bundle, load: Callable[[str], Backend], candidates, p
                 skipped.append(f"{name}: {first_line(err)}")
         if not loaded:
             raise BackendError(f"backend auto: no installed backend runs {precision} here ({'; '.join(skipped)})")
-        low, high = bundle.batch_range
-        batch = min(max(batch or high, low), high)
-        times = time_backends(bundle, loaded, batch, budget_s)
+        times = time_backends(bundle, loaded, batch, budget_s) if len(loaded) > 1 else None
     except BaseException:
         release_all([backend.close for backend in loaded.values()])
         raise
+    if times is None:  # nothing to choose between: no timing, nothing to cache
+        (best, chosen), = loaded.items()
+        return _chosen(chosen, best, precision, batch, None, skipped, say)
     best = min(times, key=times.get)
     chosen = loaded.pop(best)
     release_all([backend.close for backend in loaded.values()])
-    others = ", ".join(f"{name} {times[name]:.1f} ms/step" for name in times if name != best)
+    if key:
+        remember_decision(key, best, times, warn)
+    return _chosen(chosen, best, precision, batch, times, skipped, say)
+
+
+def _chosen(chosen: Backend, best: str, precision: str, batch: int, times: dict[str, float] | None,
+            skipped: list[str], say: Callable[[str], None] | None, note: str = "") -> Backend:
+    """``chosen`` with its ``choice`` line (the pick, the medians or that there was no
+    other, what was not available)."""
+    if times is None:
+        why = f"the one backend here that runs {precision}"
+    else:
+        others = ", ".join(f"{name} {times[name]:.1f} ms/step" for name in times if name != best)
+        why = f"{times[best]:.1f} ms/step at batch {batch}" + (f" vs {others}" if others else "")
     chosen.choice = (f"backend auto: {best} {precision} ({chosen.file_format}{', fused' if chosen.fused else ''}), "
-                     f"{times[best]:.1f} ms/step at batch {batch}" + (f" vs {others}" if others else "")
-                     + (f"; not available: {'; '.join(skipped)}" if skipped else ""))
+                     + why + (f"; not available: {'; '.join(skipped)}" if skipped else "") + note)
     if say is not None:
         say(chosen.choice)
     return chosen

@@ -96,6 +96,14 @@ def make_checkpoint(run: Path, levels: int, seed: int, preset: str = "tiny32", t
 
 
 @pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path_factory):
+    """Each test gets its own ``$SSD_CACHE`` (its subprocesses too): nothing a test caches,
+    such as ``auto``'s decisions or OpenVINO's compiled models, reaches the user's home or
+    another test. Tests that share a cache on purpose set their own."""
+    monkeypatch.setenv("SSD_CACHE", str(tmp_path_factory.mktemp("ssd-cache")))
+
+
+@pytest.fixture(autouse=True)
 def close_samplers(monkeypatch):
     """Every sampler a test opens with ``Sampler.from_bundle`` is closed after the test (its
     sessions, modules, files), as an app's ``with Sampler.from_bundle(...)`` closes it;

@@ -39,17 +39,20 @@ def test_cpu_backends_tiny_run_measures_rows_and_names_missing_ones(bundles, tmp
     import cpu_backends
 
     run, bundle = bundles[3]
-    rows = ["onnxruntime fp32", "onnxruntime int8", "torchscript fp32", "eager fp32"]
+    rows = ["auto auto", "onnxruntime fp32", "onnxruntime int8", "torchscript fp32", "eager fp32"]
     figures = cpu_backends.main(["--model", "tiny", "--bundle", str(bundle), "--checkpoint", str(run),
                                  "--rows", *rows, "--batches", "1", "--steps", "3", "--repeats", "1",
                                  "--min-time", "0", "--threads", "1", "--md", str(tmp_path / "t.md")])
     measured = {r["row"] for r in figures["routes"]}
-    assert measured == {"onnxruntime fp32", "torchscript fp32", "eager fp32"}
+    assert measured == {"auto auto", "onnxruntime fp32", "torchscript fp32", "eager fp32"}
     assert {r["row"] for r in figures["end_to_end"]} == measured
     assert all(r["gflops"] > 0 for r in figures["routes"] + figures["end_to_end"])
     assert "onnx-int8" in figures["missing"]["onnxruntime int8"]
     assert figures["peaks"]["fp32"]["gflops"] > 0
     assert "Machine:" in (tmp_path / "t.md").read_text()
+    startup = {(r["row"], r["state"]): r["s"] for r in figures["startup"]}
+    assert set(startup) == {(row, state) for row in cpu_backends.STARTUP_ROWS for state in ("cold", "warm")}
+    assert all(0 < s < 120 for s in startup.values())
 
 
 def test_cpu_quality_errors_and_fd_decision(bundles, tmp_path):
