@@ -16,6 +16,10 @@ here with ``--device cpu --quick``, which checks the script, not the GPU.
    batch change (64 then 1, then 64 again on the same contexts), and the device's free
    memory (cudaMemGetInfo) before loading and after ``close()``. ``--tensorrt-only`` runs
    just this part; ``--no-tensorrt`` skips it. Without TensorRT the section records why.
+6. Polygraphy (issue 31; with TensorRT): the shipped bundle's debug data
+   (``ssd_engines.polygraphy_check.write_debug_data``), then ``polygraphy run <route>.step.onnx
+   --trt --onnxrt --load-inputs ...`` on every route at fp32 and with ``--fp16``: exit code,
+   verdict and the largest absolute error Polygraphy reports, per route.
 
     python benchmarks/gpu_check.py --out "$OUT"        # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # a dry run
@@ -188,6 +192,37 @@ def tensorrt_check(work: Path, preset: str, levels: int, batches: tuple[int, ...
     return result
 
 
+def polygraphy_check(work: Path) -> dict:
+    """Section 6: NVIDIA's own TensorRT-vs-ONNX Runtime comparison on the shipped bundle."""
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("polygraphy") is None:
+        return {"skipped": "tensorrt or polygraphy is not installed (pip install 'ssd-diffusion[trt]')"}
+    import re
+    import subprocess
+
+    from ssd_core.bundle import load_bundle
+    from ssd_engines.polygraphy_check import step_graph, write_debug_data
+    from ssd_runtime.default_model import packaged_bundle
+
+    bundle = load_bundle(packaged_bundle())
+    data = work / "polygraphy"
+    write_debug_data(bundle, data)
+    rows = []
+    for precision, flags, atol in (("fp32", [], "1e-3"), ("fp16", ["--fp16"], "5e-2")):
+        for route in bundle.routes:
+            command = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())",
+                       "run", str(step_graph(bundle, route)), "--trt", *flags, "--onnxrt",
+                       "--load-inputs", str(data / f"{route}.inputs.json"), "--atol", atol, "--rtol", "0",
+                       "--check-error-stat", "max"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            text = done.stdout + done.stderr
+            errors = [float(v) for v in re.findall(r"Absolute Difference \| Stats: .*?max=([-+0-9.e]+)", text)]
+            rows.append({"precision": precision, "route": route, "exit": done.returncode,
+                         "passed": "PASSED | Runtime" in text, "max_abs": max(errors) if errors else None,
+                         "tail": text[-1500:]})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "tail"}), flush=True)
+    return {"bundle": str(packaged_bundle()), "rows": rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -246,6 +281,13 @@ def main(argv=None):
         except Exception as err:  # report, do not hide
             figures["tensorrt"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
     print(json.dumps({"tensorrt": {k: v for k, v in figures["tensorrt"].items() if k != "rows"}})[:2000], flush=True)
+    if device == "cuda" and not args.no_tensorrt:
+        try:
+            figures["polygraphy"] = polygraphy_check(work)
+        except Exception as err:  # report, do not hide
+            figures["polygraphy"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    else:
+        figures["polygraphy"] = {"skipped": "needs TensorRT on a cuda device"}
     (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=1))
     print(f"wrote {args.out / 'gpu_check.json'}")
 

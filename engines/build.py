@@ -19,8 +19,11 @@ Build decisions (:func:`plan_build`, tested in CI without TensorRT):
 - A **timing cache** per GPU and TensorRT release (``engines/timing-<set>.cache``) makes
   rebuilds fast; ``--refit`` builds refittable engines and, when a set for this machine
   exists, refits its engines with the new weights instead of rebuilding.
-- After the build each engine runs on seeded inputs next to ONNX Runtime fp32 on the CPU;
-  the errors go into the registry, and an engine beyond tolerance is refused.
+- After the build each engine runs on seeded inputs next to ONNX Runtime fp32 on the CPU,
+  compared by NVIDIA's Polygraphy (its ``TrtRunner`` and ``OnnxrtRunner`` through its
+  ``Comparator``); the per-output errors go into the registry, and an engine beyond
+  tolerance is refused. The build itself stays on the TensorRT API (docs/tensorrt.md,
+  "Polygraphy": why).
 
 Status: every TensorRT member used here is checked against the real bindings' API surface
 of 10.1, 10.13 and 11.x (``tests/test_tensorrt_api.py``); the call sequences and failure
@@ -29,18 +32,15 @@ It has never built a real engine (docs/tensorrt.md: what only a GPU can show).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from ssd_core.bundle import Bundle, load_bundle, sha256_file, step_contract
 from ssd_core.engine_registry import (EngineMismatchError, EngineRecord, EngineSet, Platform, select_engine_set,
                                       set_name, tensorrt_major)
-from ssd_core.cases import route_cases, step_coefficients
 from ssd_core.errors import UserError
 from ssd_core.files import write_atomic
 from ssd_core.precision import ONNX_VARIANTS, fp32_nodes
@@ -288,41 +288,19 @@ def _refit_source(bundle_path: Path, name: str) -> dict[str, bytes] | None:
 
 
 def compare_with_onnxruntime(trt, cudart, bundle: Bundle, route: str, engine: bytes, precision: str) -> dict:
-    """Run the engine and ONNX Runtime fp32 (CPU) on the same seeded step inputs, at the
-    bundle's smallest and largest batch; max |difference| over both outputs."""
-    import onnxruntime as ort
+    """The engine against ONNX Runtime fp32 (CPU) on the route's seeded check inputs at the
+    bundle's smallest and largest batch, through Polygraphy's comparator
+    (``ssd_engines.polygraphy_check.compare_engine``): the registry's comparison record,
+    with per-output error statistics."""
+    from .polygraphy_check import compare_engine
 
-    from ssd_runtime.cuda import DeviceBuffer, PinnedStaging, Stream
-    from ssd_runtime.tensorrt_backend import EngineRunner
+    return compare_engine(bundle, route, tensorrt_runner(trt, cudart, bundle, route, engine), TOLERANCES[precision])
 
-    contract = _contract(bundle, route)
-    reference = ort.InferenceSession(str(bundle.verified_path(bundle.route_file(route, "onnx", step=True))),
-                                     providers=["CPUExecutionProvider"])
-    low, high = bundle.batch_range
-    coefs = step_coefficients(bundle.space, route)
-    cases = [case for size in sorted({low, high})
-             for case in route_cases(contract, [0, bundle.space.timesteps - 1], (size, size), coefs=coefs)]
-    worst = 0.0
-    with contextlib.ExitStack() as undo:  # releases what was taken, also when a step fails part-way
-        stream = Stream(cudart)
-        undo.callback(stream.close)
-        runner = EngineRunner(trt, cudart, route)  # the backend's phases: load, activate, allocate, infer
-        undo.callback(runner.close)
-        runner.load(_create(trt.Runtime, trt.Logger(trt.Logger.ERROR)), engine)
-        scratch = DeviceBuffer.allocate(cudart, runner.scratch_bytes)
-        undo.callback(scratch.free)
-        runner.activate(scratch)
-        runner.allocate(high, use_graphs=False)
-        staging = PinnedStaging(cudart, max(value.nbytes for case in cases for value in case.values()))
-        undo.callback(staging.close)
-        undo.callback(stream.synchronize)  # first: the queued work ends before anything is released
-        for case in cases:
-            batch = len(case["t"])
-            for name, value in case.items():
-                runner.put(stream, staging, name, value)
-            runner.infer(stream, batch)
-            ours = [stream.download(runner.output(name, batch)) for name in ("x_s", "x0_pred")]
-            ref = reference.run(["x_s", "x0_pred"], case)
-            worst = max(worst, *(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ours, ref)))
-    return {"max_abs": worst, "tolerance": TOLERANCES[precision], "cases": len(cases),
-            "passed": bool(worst <= TOLERANCES[precision])}
+
+def tensorrt_runner(trt, cudart, bundle: Bundle, route: str, engine: bytes):
+    """Polygraphy's TensorRT runner on the engine's bytes (it deserializes the engine, and
+    allocates and copies through its own CUDA wrapper). The tests put a runner over the
+    TensorRT stand-in here (``tests/fake_tensorrt.py``)."""
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    return TrtRunner(EngineFromBytes(engine), name="tensorrt")

@@ -15,7 +15,9 @@ import click
 from ssd_core.bundle import MANIFEST
 from ssd_core.errors import UserError, cli_errors, require, run_cli
 from ssd_core.outputs import output_folder, replaced_folder
+from ssd_core.bundle import load_bundle
 from ssd_engines.build import build_engines, check_machine, engines_current
+from ssd_engines.polygraphy_check import check_data_folder, import_polygraphy, write_debug_data
 
 from .bundle_writer import inspect_target, record_engine_set
 from .options import DEFAULT_BATCH, ENGINES, PRECISIONS, ExportOptions
@@ -72,16 +74,33 @@ def require_extras(options: ExportOptions) -> None:
                    "refit them with the new weights instead of rebuilding.")
 @click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a bundle of another model in "
               "--out (only a bundle: never other files).")
+@click.option("--polygraphy-inputs", "polygraphy_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write each route's check inputs and ONNX Runtime fp32 outputs into this new or empty "
+                   "folder in Polygraphy's JSON formats, with the `polygraphy run` commands that use them "
+                   "(docs/tensorrt.md).")
 @cli_errors
 def export_command(checkpoint: Path, out: Path | None, engines, batch: str, precision: str, verify: bool,
-                   ema: bool, step_graphs: bool, refit: bool, force: bool):
+                   ema: bool, step_graphs: bool, refit: bool, force: bool, polygraphy_dir: Path | None):
     """Export a training CHECKPOINT (checkpoint or run folder) as a bundle of per-route graphs.
 
     With --engine trt, CHECKPOINT may also be a bundle: TensorRT engines for this GPU are
-    built into it (a bundle can hold engines for several GPUs)."""
+    built into it (a bundle can hold engines for several GPUs). With only
+    --polygraphy-inputs, a bundle gets its Polygraphy debug data and nothing else."""
     options = ExportOptions.from_cli(engines, batch, precision, verify, ema, step_graphs, refit)
+    if polygraphy_dir is not None:  # before any long work: polygraphy there, the folder ours to write
+        import_polygraphy()
+        if is_bundle(checkpoint):
+            check_data_folder(polygraphy_dir, load_bundle(checkpoint))
+        elif polygraphy_dir.is_symlink() or (polygraphy_dir.exists() and not (polygraphy_dir.is_dir() and not any(
+                polygraphy_dir.iterdir()))):
+            raise UserError(f"--polygraphy-inputs {polygraphy_dir}: not a new or empty folder (a new bundle's debug "
+                            "data goes into a folder of its own)")
     if is_bundle(checkpoint):
-        return engines_for_bundle(checkpoint, out, options)
+        if not (polygraphy_dir is not None and not engines):
+            engines_for_bundle(checkpoint, out, options)
+        if polygraphy_dir is not None:
+            write_polygraphy_inputs(checkpoint, polygraphy_dir)
+        return
     out = DEFAULT_OUT if out is None else out
     require_extras(options)
     machine = check_trt(options)  # TensorRT and a GPU, before any work
@@ -100,6 +119,15 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
             build_engines_here(stage.path, options, machine, previous=out if target.state == "replace" else None)
         stage.commit()
     click.echo(summary(out, manifest, target.note))
+    if polygraphy_dir is not None:
+        write_polygraphy_inputs(out, polygraphy_dir)
+
+
+def write_polygraphy_inputs(bundle: Path, folder: Path) -> None:
+    """Each route's check inputs and ONNX Runtime fp32 outputs in Polygraphy's formats."""
+    click.echo(f"writing Polygraphy inputs and ONNX Runtime fp32 reference outputs for {bundle} into {folder}")
+    files = write_debug_data(load_bundle(bundle), folder, click.echo)
+    click.echo(f"wrote {len(files)} files; the polygraphy commands that use them: {files[-1]}")
 
 
 def is_bundle(path: Path) -> bool:

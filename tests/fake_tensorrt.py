@@ -39,8 +39,10 @@ from __future__ import annotations
 import base64
 import ctypes
 import enum
+import importlib.machinery
 import json
 import sys
+import time
 import types
 import weakref
 from pathlib import Path
@@ -745,11 +747,82 @@ def make_tensorrt(calls: Calls, version: str, cudart):
     return trt
 
 
+def stand_in_runner(trt, cudart, bundle, route: str, engine: bytes):
+    """A Polygraphy runner over the stand-in, in place of Polygraphy's ``TrtRunner`` (which
+    needs a real GPU): it runs the engine through the backend's own ``EngineRunner`` phases
+    (load, activate, allocate, infer) on the fake cudart, so the comparator path of
+    ``ssd-export --engine trt`` runs in CI with everything but TensorRT itself real."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    from ssd_core.method import COEFFICIENTS
+    from ssd_runtime.cuda import DeviceBuffer, PinnedStaging, Stream
+    from ssd_runtime.tensorrt_backend import EngineRunner
+
+    high = bundle.batch_range[1]
+    contract = bundle.routes[route]
+
+    class StandInTrtRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name="tensorrt", prefix="stand-in-trt-runner")
+
+        def activate_impl(self):
+            import contextlib
+
+            with contextlib.ExitStack() as undo:  # a failed activation releases what it took
+                self.stream = Stream(cudart)
+                undo.callback(self.stream.close)
+                self.runner = EngineRunner(trt, cudart, route)
+                undo.callback(self.runner.close)
+                self.runner.load(trt.Runtime(trt.Logger(trt.Logger.ERROR)), engine)
+                scratch = DeviceBuffer.allocate(cudart, self.runner.scratch_bytes)
+                undo.callback(scratch.free)
+                self.runner.activate(scratch)
+                self.runner.allocate(high, use_graphs=False)
+                self.staging = None
+                undo.callback(lambda: self.staging and self.staging.close())
+                undo.callback(self.stream.synchronize)
+                self.undo = undo.pop_all()
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            channels, size, out = contract.inputs[0].shape[1], contract.in_size, contract.out_size
+            coefs = len(COEFFICIENTS[contract.kind])
+            for name, shape in (("x", (-1, channels, size, size)), ("t", (-1,)), ("coef", (coefs,)),
+                                ("z", (-1, channels, out, out))):
+                meta.add(name, np.float32, shape)
+            return meta
+
+        def infer_impl(self, feed_dict):
+            size = max(value.nbytes for value in feed_dict.values())
+            if self.staging is None or self.staging.nbytes < size:
+                if self.staging is not None:
+                    self.staging.close()
+                self.staging = PinnedStaging(cudart, size)
+            begin, batch = time.perf_counter(), len(feed_dict["t"])
+            for name, value in feed_dict.items():
+                self.runner.put(self.stream, self.staging, name, value)
+            self.runner.infer(self.stream, batch)
+            outputs = {name: self.stream.download(self.runner.output(name, batch)) for name in ("x_s", "x0_pred")}
+            self.inference_time = time.perf_counter() - begin  # what Polygraphy's comparator sums
+            return outputs
+
+        def deactivate_impl(self):
+            self.undo.close()
+
+    return StandInTrtRunner()
+
+
 def install(monkeypatch, version: str = "10.13.0.35", gpu=("NVIDIA Fake GPU", 8, 6), cuda: bool = True):
-    """Put the stand-ins in ``sys.modules`` for one test; returns (calls, trt, cudart)."""
+    """Put the stand-ins in ``sys.modules`` for one test, and the stand-in runner in place
+    of Polygraphy's TensorRT runner; returns (calls, trt, cudart)."""
+    from ssd_engines import build
+
+    monkeypatch.setattr(build, "tensorrt_runner", stand_in_runner)
     calls = Calls()
     cudart = make_cudart(calls, gpu)
     trt = make_tensorrt(calls, version, cudart)
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # importlib.util.find_spec (torch._dynamo's) reads it
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     if cuda:
         package = types.ModuleType("cuda")

@@ -159,6 +159,11 @@ def test_build_registers_engines_and_the_backend_samples_on_the_device(copy, cap
     assert (built["batch_min"], built["batch_opt"], built["batch_max"]) == (1, 4, 4)
     assert {r["route"] for r in built["engines"]} == {"keep_16", "up_16_32", "keep_32"}
     assert all(r["comparison"]["passed"] and r["onnx_path"].endswith(".step.onnx") for r in built["engines"])
+    for record in built["engines"]:  # compared by Polygraphy's Comparator, per output
+        comparison = record["comparison"]
+        assert comparison["checked_by"] == "polygraphy" and set(comparison["outputs"]) == {"x_s", "x0_pred"}
+        assert all(0 <= s["mean_abs"] <= s["max_abs"] <= comparison["max_abs"] and s["ref_std"] > 0
+                   for s in comparison["outputs"].values())
     builds = [d for name, d in calls if name == "build"]
     assert len(builds) == 3
     for build in builds:  # TensorRT 10 fp16: the weak-typing flag, precision constraints, TF32 off
@@ -275,7 +280,7 @@ def test_onnxruntime_tensorrt_provider_gets_its_engine_cache(bundle, monkeypatch
     ("Builder", "TensorRT cannot create its Builder (the factory returned nullptr"),
     ("parse_from_file", "TensorRT cannot parse keep_16.step.onnx: In node 3 (importFoo): UNSUPPORTED_NODE"),
     ("build_serialized_network", "TensorRT could not build an engine from keep_16.step.onnx"),
-    ("Runtime", "TensorRT cannot create its Runtime (the factory returned nullptr"),
+    ("deserialize_cuda_engine", "TensorRT cannot load keep_16 (it was built"),  # in its check, run by Polygraphy
     ("execute_async_v3", "keep_16: TensorRT failed to run the engine (execute_async_v3 returned False"),
 ])
 def test_a_failing_tensorrt_call_during_a_build_is_one_line(copy, capsys, monkeypatch, point, pattern):
@@ -284,6 +289,26 @@ def test_a_failing_tensorrt_call_during_a_build_is_one_line(copy, capsys, monkey
     before = (copy / "manifest.json").read_bytes()
     assert_one_line_error(export([copy, "--engine", "trt"], capsys), re.escape(pattern))
     assert point not in trt.faults.armed and (copy / "manifest.json").read_bytes() == before
+    assert cudart.live() == {"memory": 0, "host": 0, "events": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+
+
+def test_an_engine_polygraphy_finds_beyond_tolerance_is_refused(copy, capsys, monkeypatch):
+    """Polygraphy's comparator sees the engine's x_s off by 0.01 (> fp32's 1e-3): refused in one
+    line, the bundle's manifest untouched, nothing held."""
+    from ssd_engines import build
+
+    calls, trt, cudart = fake_tensorrt.install(monkeypatch)
+
+    def off_by_a_hundredth(*args):
+        runner = fake_tensorrt.stand_in_runner(*args)
+        infer = runner.infer_impl
+        runner.infer_impl = lambda feed: {**(out := infer(feed)), "x_s": out["x_s"] + np.float32(0.01)}
+        return runner
+
+    monkeypatch.setattr(build, "tensorrt_runner", off_by_a_hundredth)
+    before = (copy / "manifest.json").read_bytes()
+    line = assert_one_line_error(export([copy, "--engine", "trt"], capsys), r"engine differs from ONNX Runtime fp32 by")
+    assert "1.00e-02 > 1e-03" in line and (copy / "manifest.json").read_bytes() == before
     assert cudart.live() == {"memory": 0, "host": 0, "events": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
 
 
