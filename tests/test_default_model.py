@@ -123,6 +123,7 @@ def test_the_wheel_carries_the_bundle_the_release_and_the_fixture(wheel, tmp_pat
     assert {"ssd_runtime/models/fashion-mnist/ema.safetensors", "ssd_runtime/models/fashion-mnist/state.json"} <= set(
         names)
     assert not any("/.ssd-" in name for name in names)  # bookkeeping stays in the repository
+    assert {"ssd_runtime/include/ssd/runtime.hpp", "ssd_runtime/cmake/ssd_runtimeConfig.cmake"} <= set(names)  # C++
     size = wheel.stat().st_size
     print(f"wheel {wheel.name}: {size / 1e6:.1f} MB")
     assert size < WHEEL_LIMIT

@@ -229,7 +229,7 @@ def test_wrong_backend_format_is_named(bundle_copy):
 
 
 # ------------------------------------------------------------------ embedding in C++
-def test_cpp_embedding_example_builds_and_writes_an_image(bundles, tmp_path):
+def test_cpp_embedding_example_builds_with_make_and_writes_an_image(bundles, tmp_path):
     if shutil.which("g++") is None or not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
         pytest.skip("needs g++ and the Python headers")
     example = ROOT / "examples" / "cpp_embed"
@@ -238,12 +238,13 @@ def test_cpp_embedding_example_builds_and_writes_an_image(bundles, tmp_path):
                             f"OUT={binary}"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     image = tmp_path / "sample.ppm"
-    env = {**os.environ, "SSD_SITE_PACKAGES": sysconfig.get_paths()["purelib"]}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SSD_CACHE": os.environ["SSD_CACHE"]}  # no site path given
     result = subprocess.run([str(binary), str(bundles[3][1]), str(image), "5", "0"],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    backend, precision = result.stdout.splitlines()[0].split()[1:]
     assert image.read_bytes().startswith(b"P6\n32 32\n255\n")
     assert len(image.read_bytes()) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
-    reference = Sampler.from_bundle(bundles[3][1], backend="onnxruntime").sample(1, seed=0, steps=5)[0]
+    reference = Sampler.from_bundle(bundles[3][1], backend=backend, precision=precision).sample(1, seed=0, steps=5)[0]
     pixels = np.frombuffer(image.read_bytes()[-32 * 32 * 3:], np.uint8).reshape(32, 32, 3)
     assert np.array_equal(pixels, reference)

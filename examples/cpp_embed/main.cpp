@@ -1,60 +1,43 @@
-// Embedding the SSD runtime next to C++ code: start a Python interpreter with pybind11,
-// sample images through ssd_runtime, and copy them into a C++ buffer (here written as PPM).
-//
-// Build: see Makefile beside this file.  Run:  ./ssd_embed BUNDLE OUT.ppm [STEPS] [SEED]
-// If the runtime lives in a virtual environment, set SSD_SITE_PACKAGES to its site-packages.
-#include <pybind11/embed.h>
-#include <pybind11/numpy.h>
+// Embedding the SSD runtime in a C++ program through <ssd/runtime.hpp>: sample one image of
+// a bundle (or the packaged model, with BUNDLE "-"), print each preview as it arrives, write
+// the first image as PPM.   Run:  ssd_embed BUNDLE OUT.ppm [STEPS] [SEED] [N]
+#include <ssd/runtime.hpp>
 
-#include <cstdint>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
-#include <vector>
 
-namespace py = pybind11;
-
-struct Image {
-    int height = 0, width = 0, channels = 0;
-    std::vector<uint8_t> pixels;  // row-major H x W x C
-};
-
-// Sample one image with the runtime's Python API; every Python error becomes a C++ exception.
-Image sample_image(const std::string& bundle, int steps, int seed) {
-    py::module_ runtime = py::module_::import("ssd_runtime");
-    py::object sampler = runtime.attr("Sampler").attr("from_bundle")(bundle);
-    py::array_t<uint8_t, py::array::c_style> images =
-        sampler.attr("sample")(1, py::arg("seed") = seed, py::arg("steps") = steps);
-    auto view = images.unchecked<4>();  // [N, H, W, C]
-    Image image{static_cast<int>(view.shape(1)), static_cast<int>(view.shape(2)),
-                static_cast<int>(view.shape(3)), {}};
-    image.pixels.assign(images.data(), images.data() + image.height * image.width * image.channels);
-    return image;
-}
-
-void write_ppm(const Image& image, const std::string& path) {
+void write_ppm(const ssd::Image& image, const std::string& path) {
     std::ofstream out(path, std::ios::binary);
     out << "P6\n" << image.width << " " << image.height << "\n255\n";
-    out.write(reinterpret_cast<const char*>(image.pixels.data()), image.pixels.size());
+    out.write(reinterpret_cast<const char*>(image.pixels.data()), static_cast<std::streamsize>(image.pixels.size()));
 }
 
 int main(int argc, char** argv) {
     if (argc < 3) {
-        std::cerr << "usage: " << argv[0] << " BUNDLE OUT.ppm [STEPS] [SEED]\n";
+        std::cerr << "usage: " << argv[0] << " BUNDLE OUT.ppm [STEPS] [SEED] [N]\n";
         return 2;
     }
-    const int steps = argc > 3 ? std::atoi(argv[3]) : 50;
-    const int seed = argc > 4 ? std::atoi(argv[4]) : 0;
-    py::scoped_interpreter python;
+    ssd::Request request;
+    request.steps = argc > 3 ? std::atoi(argv[3]) : 50;
+    request.seed = argc > 4 ? std::atoi(argv[4]) : 0;
+    request.n = argc > 5 ? std::atoi(argv[5]) : 1;
     try {
-        if (const char* site = std::getenv("SSD_SITE_PACKAGES")) {
-            py::module_::import("site").attr("addsitedir")(site);
-        }
-        Image image = sample_image(argv[1], steps, seed);
-        write_ppm(image, argv[2]);
-        std::cout << "wrote " << image.width << "x" << image.height << " image to " << argv[2] << "\n";
-    } catch (const py::error_already_set& err) {
+        ssd::Sampler sampler(std::string(argv[1]) == "-" ? "" : argv[1]);
+        std::cout << "backend " << sampler.backend() << " " << sampler.precision() << "\n";
+        auto start = std::chrono::steady_clock::now();
+        auto images = sampler.sample(request, [](int size, const std::vector<ssd::Image>& previews) {
+            std::cout << "preview " << size << "x" << size << " (" << previews.size() << " images)\n";
+        });
+        std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
+        std::cout << "sampled " << images.size() << " images in " << seconds.count() << " s\n";
+        write_ppm(images[0], argv[2]);
+        sampler.close();
+        std::cout << "wrote " << images[0].width << "x" << images[0].height << " image to " << argv[2]
+                  << "; open backends after close: " << ssd::open_backends() << "\n";
+    } catch (const ssd::Error& err) {
         std::cerr << "error: " << err.what() << "\n";
         return 1;
     }
