@@ -39,7 +39,7 @@ def write_entry(path: Path, payload: bytes, key: str, log: Callable[[str], None]
         log(f"warning: cannot cache {Path(path).name} in {Path(path).parent}: {err.strerror or err}")
 
 
-def _read_regular(path: Path, limit: int) -> bytes | None:
+def read_regular(path: Path, limit: int) -> bytes | None:
     """A regular file's bytes if it has at most ``limit`` (checked before reading), else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -58,7 +58,7 @@ def read_entry(path: Path, key: str, limit: int, log: Callable[[str], None] = pr
     path = Path(path)
     if not os.path.lexists(path):
         return None
-    raw = _read_regular(envelope_path(path), 4096)
+    raw = read_regular(envelope_path(path), 4096)
     try:
         envelope = json.loads(raw) if raw is not None else None
     except ValueError:
@@ -67,7 +67,7 @@ def read_entry(path: Path, key: str, limit: int, log: Callable[[str], None] = pr
             and isinstance(envelope.get("bytes"), int) and 0 <= envelope["bytes"] <= limit):
         log(f"warning: the cache entry {path} has no valid record of what it holds; recomputing it")
         return None
-    payload = _read_regular(path, envelope["bytes"])
+    payload = read_regular(path, envelope["bytes"])
     if payload is None or len(payload) != envelope["bytes"] or hashlib.sha256(payload).hexdigest() != envelope.get(
             "sha256"):
         log(f"warning: the cache entry {path} was changed since it was written; recomputing it")

@@ -13,15 +13,19 @@ or holds anything but a valid answer is recomputed and rewritten, never trusted.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Callable
 
-from ssd_core.cache import read_entry, write_entry
+from ssd_core.cache import FORMAT as CACHE_FORMAT
+from ssd_core.cache import envelope_path, read_entry, read_regular, write_entry
 from ssd_core.errors import UserError
 from ssd_core.files import cache_root
 
@@ -30,6 +34,7 @@ from .cpu import CpuInfo
 FORMAT = 1  # bump when the key or the answer changes meaning
 MAX_ENTRY = 4096  # bytes: an answer is a name and a few medians
 MAX_COMPILED = 1 << 30  # bytes of one compiled model read at most
+MAX_COMPILED_FOLDER = 1 << 30  # bytes of compiled models kept, least recently used deleted first
 
 
 def warn(line: str) -> None:
@@ -107,12 +112,42 @@ def compiled_key(bundle_digest: str, graph: str, device: str, config: dict, cpu:
 
 
 def cached_compiled(key: str, warn: Callable[[str], None]) -> bytes | None:
-    """The exported compiled model cached for ``key`` (size and sha256 checked), or None."""
+    """The exported compiled model cached for ``key`` (size and sha256 checked), or None.
+    A hit is marked as used (its modification time), for :func:`prune`."""
     path = entry_path(key, "openvino", ".blob")
-    return path and read_entry(path, key, MAX_COMPILED, log=warn)
+    payload = path and read_entry(path, key, MAX_COMPILED, log=warn)
+    if payload is not None:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+    return payload
 
 
 def remember_compiled(key: str, payload: bytes, warn: Callable[[str], None]) -> None:
-    """Cache an exported compiled model (a failure to write is a warning)."""
+    """Cache an exported compiled model (a failure to write is a warning), then keep the
+    folder within :data:`MAX_COMPILED_FOLDER` (:func:`prune`)."""
     if path := entry_path(key, "openvino", ".blob"):
         write_entry(path, payload, key, log=warn)
+        prune(path.parent, MAX_COMPILED_FOLDER, keep=path)
+
+
+def prune(folder: Path, limit: int, keep: Path) -> None:
+    """Delete the least recently used entries of ``folder`` until its entries take at most
+    ``limit`` bytes. Only this cache's own entries are counted or deleted: a regular
+    ``*.blob`` file whose envelope is ours; ``keep`` (the entry just written) stays."""
+    entries = []
+    for payload in folder.glob("*.blob"):
+        try:
+            info, head = payload.lstat(), json.loads(read_regular(envelope_path(payload), 4096) or b"null")
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode) and isinstance(head, dict) and head.get("format") == CACHE_FORMAT:
+            entries.append((info.st_mtime, info.st_size, payload))
+    total = sum(size for _, size, _ in entries)
+    for _, size, payload in sorted(entries):
+        if total <= limit:
+            break
+        if payload != keep:
+            with contextlib.suppress(OSError):
+                payload.unlink()
+                envelope_path(payload).unlink()
+                total -= size

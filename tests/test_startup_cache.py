@@ -6,6 +6,7 @@ entry is rebuilt with a warning, never trusted. Each test has its own ``$SSD_CAC
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -164,3 +165,25 @@ def test_an_unwritable_cache_is_a_warning_not_an_error(bundles, monkeypatch, tmp
     images = openvino_sample(bundles[1][1])
     assert images.shape[0] == 2 and "warning: cannot cache" in capsys.readouterr().err
 
+
+
+def test_compiled_models_are_kept_within_their_budget_least_recently_used_first(bundles, monkeypatch):
+    """Past MAX_COMPILED_FOLDER the oldest-used entries go; a file of the user's is never touched."""
+    openvino_sample(bundles[3][1])
+    folder = startup_cache.cache_root() / "openvino"
+    blobs = entries("openvino", ".blob")
+    mine = folder / "notes.blob"  # the user's file, with the cache's suffix but no envelope of ours
+    mine.write_bytes(b"x" * 10_000)
+    sizes = sorted(p.stat().st_size for p in blobs)
+    for age, blob in enumerate(blobs):  # the first one least recently used
+        os.utime(blob, (1_000_000 + age, 1_000_000 + age))
+    monkeypatch.setattr(startup_cache, "MAX_COMPILED_FOLDER", sum(sizes) - 1)
+    openvino_sample(bundles[3][1], threads=1)  # new entries: only the oldest go, as few as needed
+    left = set(entries("openvino", ".blob"))
+    assert mine in left and mine.read_bytes() == b"x" * 10_000
+    kept_old = [blob in left for blob in blobs]
+    assert not kept_old[0] and kept_old == sorted(kept_old)  # deleted oldest first
+    assert sum(p.stat().st_size for p in left if p != mine) <= sum(sizes) - 1
+    assert not envelope_path(blobs[0]).exists()
+    newest = max((p for p in left if p != mine), key=lambda p: p.stat().st_mtime)
+    assert newest not in blobs  # the entry just written stays
