@@ -19,11 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cpp_embed"
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "{home}"}  # nothing of ours: no PYTHONPATH, no VIRTUAL_ENV
 
-pytestmark = [
+NEEDS_A_BUILD = [
     pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None, reason="needs cmake and a C++ compiler"),
     pytest.mark.skipif(not Path(sysconfig.get_paths()["include"], "Python.h").is_file(), reason="needs the Python headers"),
     pytest.mark.skipif(os.environ.get("SSD_OFFLINE") == "1", reason="installs the cpu and cpp extras from the package index"),
 ]
+
+
+def needs_a_build(test):
+    for mark in NEEDS_A_BUILD:
+        test = mark(test)
+    return test
 
 
 def clean_env(home: Path) -> dict:
@@ -58,6 +64,7 @@ def run(binary: Path, home: Path, *args) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@needs_a_build
 def test_the_cmake_example_samples_the_python_apis_image_with_previews_in_order(built, tmp_path):
     python, binary = built
     out = tmp_path / "sample.ppm"
@@ -79,6 +86,7 @@ def test_the_cmake_example_samples_the_python_apis_image_with_previews_in_order(
     assert np.array_equal(np.frombuffer(data[len(header):], np.uint8), np.frombuffer(reference.stdout, np.uint8))
 
 
+@needs_a_build
 @pytest.mark.parametrize("args, message", [
     (["{missing}", "x.ppm"], r"error: no bundle at .*missing"),
     (["{file}", "x.ppm"], r"error: no bundle at .*not-a-bundle"),
@@ -94,6 +102,7 @@ def test_a_wrong_bundle_is_one_line_and_no_traceback(built, tmp_path, args, mess
     assert re.match(message, result.stderr), result.stderr
 
 
+@needs_a_build
 def test_the_readme_cmake_and_cpp_blocks_build_and_run_as_written(built, tmp_path):
     """README's three CMake lines and its C++ program, pasted into a project of their own."""
     python, _ = built
@@ -113,3 +122,15 @@ def test_the_readme_cmake_and_cpp_blocks_build_and_run_as_written(built, tmp_pat
     result = run(project / "build" / "app", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "32x32 RGB bytes: 3072" and "preview at 16 px" in result.stdout
+
+
+def test_python_m_ssd_runtime_names_the_header_and_the_cmake_package():
+    """``--includes``/``--cflags``/``--cmakedir``, as pybind11's ``python -m pybind11`` (no compiler needed)."""
+    def ask(flag):
+        return subprocess.run([sys.executable, "-m", "ssd_runtime", flag], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    includes = [flag[2:] for flag in ask("--includes").split()]
+    assert (Path(includes[0]) / "ssd" / "runtime.hpp").is_file() and len(includes) == 3
+    assert (Path(ask("--cmakedir")) / "ssd_runtimeConfig.cmake").is_file()
+    assert f'-DSSD_RUNTIME_PYTHON="{sys.executable}"' in ask("--cflags")
