@@ -56,13 +56,15 @@ train-demo: $(BIN)/.installed $(FASHION_MNIST)
 	$(BIN)/ssd-run $(DEMO_BUNDLE) --steps $(DEMO_STEPS) --n $(DEMO_N) --batch 16 --out $(DEMO_OUT)/retrained --preview
 
 # The tests that score against Fashion-MNIST need Debian's dataset-fashion-mnist, and the C++
-# tests cmake and g++: installed where apt can (as root, as CI does), else those tests are
+# tests cmake, g++ and the Python headers: installed where apt can (as root, as CI does), else those tests are
 # skipped and this says so.
 test: $(BIN)/.installed
 	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
 	  echo "note: dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist): the tests that need it are skipped"
-	@(command -v cmake && command -v g++) >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq cmake g++) >/dev/null 2>&1 || \
-	  echo "note: cmake and g++ are not installed (sudo apt-get install cmake g++): the C++ tests are skipped"
+	@(command -v cmake && command -v g++ && $(BIN)/python -c "import os, sys, sysconfig; \
+	  sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))") >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq cmake g++ python3-dev) >/dev/null 2>&1 || \
+	  echo "note: cmake, g++ or the Python headers are missing (sudo apt-get install cmake g++ python3-dev): the C++ tests are skipped"
 	$(BIN)/python -m pytest -q -m "not slow" --durations=20 -rs
 
 test-all: $(BIN)/.installed
