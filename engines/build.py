@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from ssd_core.bundle import Bundle, load_bundle, sha256_file, step_contract
 from ssd_core.engine_registry import (EngineMismatchError, EngineRecord, EngineSet, Platform, select_engine_set,
                                       set_name, tensorrt_major)

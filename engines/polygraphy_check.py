@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ssd_core.bundle import Bundle
+from ssd_core.cache import read_regular
 from ssd_core.cases import route_cases, step_coefficients
 from ssd_core.errors import UserError, install_hint
 from ssd_core.files import write_atomic
@@ -82,7 +83,7 @@ def quiet():
 def error_statistics(results, candidate: str) -> dict[str, dict[str, float]]:
     """Per output, over every check input: the largest and mean |candidate - reference| and
     the reference's standard deviation (the scale those are read against)."""
-    runs = dict(results.items()) if hasattr(results, "items") else dict(results)
+    runs = dict(results.items())
     stats = {}
     for output in OUTPUTS:
         diffs, refs = [], []
@@ -120,24 +121,25 @@ def compare_engine(bundle: Bundle, route: str, candidate, tolerance: float) -> d
             "passed": bool(verdict) and worst <= tolerance, "checked_by": "polygraphy", "outputs": stats}
 
 
-def check_data_folder(folder: Path, bundle: Bundle) -> None:
+def check_data_folder(folder: Path, bundle: Bundle | None) -> None:
     """``folder`` may take ``bundle``'s debug data: new, empty, or holding only what an
     earlier (perhaps interrupted) run for this same bundle wrote there (its ``bundle.json``
-    names the bundle's digest); anything else is refused in one line, never replaced."""
+    names the bundle's digest); with ``bundle`` None (a bundle still to be exported), new
+    or empty only. Anything else is refused in one line, never replaced."""
     folder = Path(folder)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise UserError(f"--polygraphy-inputs {folder}: not a folder")
     present = {path.name for path in folder.iterdir()} if folder.exists() else set()
     if not present:
         return
-    ours = {DATA_MARKER, "commands.txt"} | {f"{route}.{kind}.json{partial}" for route in bundle.routes
-                                            for kind in ("inputs", "outputs") for partial in ("", ".partial")}
-    marker = folder / DATA_MARKER
+    ours = set() if bundle is None else {DATA_MARKER, "commands.txt"} | {
+        f"{route}.{kind}.json{partial}" for route in bundle.routes
+        for kind in ("inputs", "outputs") for partial in ("", ".partial")}
     try:
-        same = marker.is_file() and json.loads(marker.read_bytes()[:4096]) == {"bundle": bundle.digest}
+        marker = json.loads(read_regular(folder / DATA_MARKER, 4096) or b"null")
     except ValueError:
-        same = False
-    if not same or not present <= ours:
+        marker = None
+    if bundle is None or marker != {"bundle": bundle.digest} or not present <= ours:
         raise UserError(f"--polygraphy-inputs {folder}: holds files this bundle's debug data did not write "
                         "(name a new or empty folder; nothing there is replaced)")
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import click
 
-from ssd_core.bundle import MANIFEST
+from ssd_core.bundle import MANIFEST, load_bundle
 from ssd_core.errors import UserError, cli_errors, require, run_cli
 from ssd_core.outputs import output_folder, replaced_folder
-from ssd_core.bundle import load_bundle
 from ssd_engines.build import build_engines, check_machine, engines_current
 from ssd_engines.polygraphy_check import check_data_folder, import_polygraphy, write_debug_data
 
@@ -89,12 +88,7 @@ def export_command(checkpoint: Path, out: Path | None, engines, batch: str, prec
     options = ExportOptions.from_cli(engines, batch, precision, verify, ema, step_graphs, refit)
     if polygraphy_dir is not None:  # before any long work: polygraphy there, the folder ours to write
         import_polygraphy()
-        if is_bundle(checkpoint):
-            check_data_folder(polygraphy_dir, load_bundle(checkpoint))
-        elif polygraphy_dir.is_symlink() or (polygraphy_dir.exists() and not (polygraphy_dir.is_dir() and not any(
-                polygraphy_dir.iterdir()))):
-            raise UserError(f"--polygraphy-inputs {polygraphy_dir}: not a new or empty folder (a new bundle's debug "
-                            "data goes into a folder of its own)")
+        check_data_folder(polygraphy_dir, load_bundle(checkpoint) if is_bundle(checkpoint) else None)
     if is_bundle(checkpoint):
         if not (polygraphy_dir is not None and not engines):
             engines_for_bundle(checkpoint, out, options)

@@ -28,9 +28,9 @@ from ssd_core.checks import integer
 from ssd_core.config import ConfigError
 from ssd_core.method import COEFFICIENTS
 
-from .startup_cache import cached_decision, decision_key, remember_decision, warn
 from .backend import Backend, BackendError, first_line, release_all
 from .cpu import CpuInfo, this_cpu
+from .startup_cache import cached_decision, decision_key, remember_decision, warn
 
 
 
@@ -232,8 +232,7 @@ def speed_against_fp32(bundle: Bundle, chosen: Backend, options: BackendOptions,
     not installed or cannot load the bundle."""
     batch = timing_batch(bundle, batch)
     pair = {"fp32": "onnxruntime", options.precision: chosen.name}
-    key = decision_key(bundle.digest, this_cpu(), f"{options.precision} against fp32", batch, options.threads,
-                       {name: REGISTRY[name].library for name in pair.values()}, options.fused, options.low_memory)
+    key = _decision_key(bundle, f"{options.precision} against fp32", batch, pair.values(), options)
     cached = cached_decision(key, tuple(pair), warn)
     if cached:
         times = cached[1]
@@ -248,6 +247,12 @@ def speed_against_fp32(bundle: Bundle, chosen: Backend, options: BackendOptions,
             reference.close()
         remember_decision(key, min(times, key=times.get), times, warn)
     return f", {times['fp32'] / times[options.precision]:.2f}x fp32 here (largest route, batch {batch})"
+
+
+def _decision_key(bundle: Bundle, question: str, batch: int, backends, options: BackendOptions) -> str:
+    """The start-up cache's key for a timing of ``backends`` (``ssd_runtime.startup_cache``)."""
+    return decision_key(bundle.digest, this_cpu(), question, batch, options.threads,
+                        {name: REGISTRY[name].library for name in backends}, options.fused, options.low_memory)
 
 
 def timing_batch(bundle: Bundle, batch: int | None) -> int:
@@ -268,9 +273,7 @@ def choose_backend(bundle: Bundle, load: Callable[[str], Backend], candidates, p
     decision is cached per machine, bundle, batch and threads (``ssd_runtime.startup_cache``):
     a later run loads only the backend picked, without timing."""
     batch = timing_batch(bundle, batch)
-    key = None if options is None else decision_key(
-        bundle.digest, this_cpu(), precision, batch, options.threads,
-        {name: REGISTRY[name].library for name in candidates}, options.fused, options.low_memory)
+    key = None if options is None else _decision_key(bundle, precision, batch, candidates, options)
     cached = key and cached_decision(key, candidates, warn)
     if cached:
         best, times = cached

@@ -132,15 +132,18 @@ def remember_compiled(key: str, payload: bytes, warn: Callable[[str], None]) -> 
 
 def prune(folder: Path, limit: int, keep: Path) -> None:
     """Delete the least recently used entries of ``folder`` until its entries take at most
-    ``limit`` bytes. Only this cache's own entries are counted or deleted: a regular
-    ``*.blob`` file whose envelope is ours; ``keep`` (the entry just written) stays."""
+    ``limit`` bytes. Only this cache's own entries are counted or deleted (its inventory): a
+    regular ``*.blob`` file whose envelope is ours and names a key whose entry path is that
+    very file; ``keep`` (the entry just written) stays."""
     entries = []
     for payload in folder.glob("*.blob"):
         try:
             info, head = payload.lstat(), json.loads(read_regular(envelope_path(payload), 4096) or b"null")
         except (OSError, ValueError):
             continue
-        if stat.S_ISREG(info.st_mode) and isinstance(head, dict) and head.get("format") == CACHE_FORMAT:
+        ours = (isinstance(head, dict) and head.get("format") == CACHE_FORMAT and isinstance(head.get("key"), str)
+                and entry_path(head["key"], folder.name, ".blob") == payload)
+        if stat.S_ISREG(info.st_mode) and ours:
             entries.append((info.st_mtime, info.st_size, payload))
     total = sum(size for _, size, _ in entries)
     for _, size, payload in sorted(entries):

@@ -114,6 +114,10 @@ def test_ssd_export_writes_a_bundles_debug_data_and_refuses_a_used_folder(bundle
     assert_one_line_error(run_main(main, [bundles[1][1], "--polygraphy-inputs", tmp_path / "used"], capsys),
                           r"--polygraphy-inputs .*used: holds files")
     assert (tmp_path / "used" / "mine.txt").read_text() == "x"
+    # a checkpoint's export: refused before any work, since its bundle does not exist yet
+    assert_one_line_error(run_main(main, [bundles[1][0], "--out", tmp_path / "new", "--polygraphy-inputs",
+                                          tmp_path / "used"], capsys), r"--polygraphy-inputs .*used: holds files")
+    assert not (tmp_path / "new").exists()
 
 
 def test_constant_folding_leaves_our_graphs_as_they_are_and_their_outputs_equal(bundle, capsys):

@@ -174,6 +174,10 @@ def test_compiled_models_are_kept_within_their_budget_least_recently_used_first(
     blobs = entries("openvino", ".blob")
     mine = folder / "notes.blob"  # the user's file, with the cache's suffix but no envelope of ours
     mine.write_bytes(b"x" * 10_000)
+    lookalike = folder / "copy.blob"  # a copy of an entry under another name: not on the inventory
+    lookalike.write_bytes(blobs[0].read_bytes())
+    envelope_path(lookalike).write_bytes(envelope_path(blobs[0]).read_bytes())
+    os.utime(lookalike, (1, 1))  # the oldest of all
     sizes = sorted(p.stat().st_size for p in blobs)
     for age, blob in enumerate(blobs):  # the first one least recently used
         os.utime(blob, (1_000_000 + age, 1_000_000 + age))
@@ -181,9 +185,10 @@ def test_compiled_models_are_kept_within_their_budget_least_recently_used_first(
     openvino_sample(bundles[3][1], threads=1)  # new entries: only the oldest go, as few as needed
     left = set(entries("openvino", ".blob"))
     assert mine in left and mine.read_bytes() == b"x" * 10_000
+    assert lookalike in left and envelope_path(lookalike).exists()
     kept_old = [blob in left for blob in blobs]
     assert not kept_old[0] and kept_old == sorted(kept_old)  # deleted oldest first
-    assert sum(p.stat().st_size for p in left if p != mine) <= sum(sizes) - 1
+    assert sum(p.stat().st_size for p in left if p not in (mine, lookalike)) <= sum(sizes) - 1
     assert not envelope_path(blobs[0]).exists()
-    newest = max((p for p in left if p != mine), key=lambda p: p.stat().st_mtime)
+    newest = max((p for p in left if p not in (mine, lookalike)), key=lambda p: p.stat().st_mtime)
     assert newest not in blobs  # the entry just written stays
