@@ -46,14 +46,16 @@ from .method import COEFFICIENTS, ScaleSpace, route_name
 from .onnx_refs import MalformedGraph, external_locations
 from .precision import ONNX_VARIANTS, PrecisionCheck, parse_precision_checks
 from .schema import ConfigError, Typed, parse, spec
+from .step_plans import check_plans
 
 FORMAT = "ssd-bundle"
 # 2: weights tables for in-memory ONNX weights, one weights file per format; 3: fused step graphs;
-# 4: any resolution ladder (process.resize keyed by size pair, routes up_R_S with S > R). A 2x
-# model is still written as version 3, which every earlier runtime reads (format_version_for).
-FORMAT_VERSION = 4
+# 4: any resolution ladder (process.resize keyed by size pair, routes up_R_S with S > R);
+# 5: step plans (``plans``, ssd_core.step_plans) for runtimes without the method's math (the browser).
+FORMAT_VERSION = 5
+RESIZE_VERSION = 4  # the first version whose process may hold resizes by size pair
 HALVING_VERSION = 3  # the newest version whose process is described by halving matrices
-READ_VERSIONS = (2, 3, 4)  # a version 2 bundle has no step graphs and samples unfused
+READ_VERSIONS = (2, 3, 4, 5)  # a version 2 bundle has no step graphs and samples unfused
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "x0_pred"
 STEP_OUTPUTS = ("x_s", OUTPUT_NAME)  # a step graph's outputs
@@ -239,12 +241,16 @@ class Manifest(Typed):
     sizes: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)  # absent before the int8 variant
+    plans: dict[str, Any] = field(default_factory=dict)  # format 5; checked by Bundle.step_plans
 
     def check(self):
         parse_engine_sets(self.engines)  # the TensorRT registry: typed and bounded too
         parse_precision_checks(self.verification.get("precisions"), "verification.precisions")
-        if self.process.resize and self.format_version < FORMAT_VERSION:
-            raise ConfigError(f"format_version: {self.format_version}, but process.resize needs {FORMAT_VERSION}")
+        if self.process.resize and self.format_version < RESIZE_VERSION:
+            raise ConfigError(f"format_version: {self.format_version}, but process.resize needs {RESIZE_VERSION}")
+        if bool(self.plans) != (self.format_version >= FORMAT_VERSION):
+            raise ConfigError(f"plans: format_version {self.format_version} " +
+                              ("has no plans" if self.plans else f"needs them (since {FORMAT_VERSION})"))
         levels = self.config.diffusion.levels
         if len(self.routes) > 2 * levels - 1:
             raise ConfigError(f"routes: {len(self.routes)} routes; a {levels}-level model has {2 * levels - 1}")
@@ -319,10 +325,13 @@ def process_section(space: ScaleSpace) -> dict:
     return section
 
 
-def format_version_for(process: dict) -> int:
-    """The format version a bundle with this :func:`process_section` is written as: the oldest
-    that describes it (3 for halving matrices, 4 for resizes by size pair)."""
-    return FORMAT_VERSION if "resize" in process else HALVING_VERSION
+def format_version_for(process: dict, plans: bool = True) -> int:
+    """The format version a bundle with this :func:`process_section` is written as: 5 with
+    step plans (every export since), else the oldest that describes the process (3 for
+    halving matrices, 4 for resizes by size pair)."""
+    if plans:
+        return FORMAT_VERSION
+    return RESIZE_VERSION if "resize" in process else HALVING_VERSION
 
 
 def parse_manifest(document: dict, where: Path) -> Manifest:
@@ -365,6 +374,19 @@ class Bundle:
         """What the export measured of each lower precision against fp32 (``ssd_core.precision``;
         none where it could not run it)."""
         return parse_precision_checks(self.manifest.verification.get("precisions"), "verification.precisions")
+
+    def step_plans(self) -> dict[int, list[list]]:
+        """The manifest's step plans by step count, each recomputed from the process and
+        compared value for value (``ssd_core.step_plans``); one line where they are missing
+        (a bundle older than format 5) or differ."""
+        where = self.path / MANIFEST
+        if not self.manifest.plans:
+            raise BundleError(f"{where} has no step plans (format version {self.manifest.format_version}; they "
+                              f"came with {FORMAT_VERSION}): re-export it with ssd-export --force")
+        try:
+            return check_plans(self.manifest.plans, self.space)
+        except ConfigError as err:
+            raise BundleError(f"{where} is malformed: {err}") from None
 
     def formats(self) -> list[str]:
         return sorted({fmt for route in self.manifest.routes for fmt in route.files}, key=BACKEND_FORMATS.index)

@@ -113,12 +113,14 @@ def record_engine_set(folder: Path, engine_set) -> Path:
 
 def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], routes: list[dict],
                  shared_files: dict, created_by: dict, source: dict, options: dict,
-                 fingerprint_: str, sizes: dict, quantization: dict | None = None) -> dict:
+                 fingerprint_: str, sizes: dict, quantization: dict | None = None,
+                 plans: dict | None = None) -> dict:
     """The manifest in the key order of ``ssd_core.bundle`` (verification is filled in later);
-    ``quantization`` only where a format was quantized, so other bundles read as before."""
+    ``quantization`` only where a format was quantized; ``plans`` (``ssd_core.step_plans``)
+    make it format version 5."""
     manifest = {
         "format": FORMAT,
-        "format_version": format_version_for(process),
+        "format_version": format_version_for(process, bool(plans)),
         "config": config.to_dict(),
         "process": process,
         "batch": {"min": batch[0], "max": batch[1]},
@@ -134,4 +136,6 @@ def new_manifest(config: SSDConfig, process: dict, batch: tuple[int, int], route
     }
     if quantization:
         manifest["quantization"] = quantization
+    if plans:
+        manifest["plans"] = plans
     return manifest

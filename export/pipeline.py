@@ -20,6 +20,7 @@ from ssd_core.bundle import (BACKEND_FORMATS, QUANTIZED_FORMATS, process_section
 from ssd_core.cases import route_cases, step_coefficients
 from ssd_core.config import SSDConfig
 from ssd_core.method import ScaleSpace
+from ssd_core.step_plans import plans_section
 
 from . import bundle_writer, verify
 from .options import OPSET, ExportOptions
@@ -206,7 +207,7 @@ def build_bundle(model, source: Source, options: ExportOptions, folder: Path, ec
     manifest = bundle_writer.new_manifest(
         config, process_section(space), options.batch, list(contracts.values()), shared, created_by(),
         source.to_dict(), options.to_dict(), export_fingerprint(source, options), sizes_of(written),
-        quantization_section(written))
+        quantization_section(written), plans_section(space))
     if options.verify:
         verify_bundle(model, config, manifest, written, options, folder, echo)
     if written.feeds is not None:  # always: the int8 variant is only as good as its check

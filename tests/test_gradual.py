@@ -22,6 +22,7 @@ from PIL import Image
 
 from conftest import assert_one_line_error, edit_manifest, run_main
 from ssd_core.bundle import BundleError, format_version_for, load_bundle, process_section
+from ssd_core.step_plans import plans_section
 from ssd_core.config import make_config
 from ssd_core.images import to_uint8
 from ssd_core.method import ScaleSpace, p_step, resize_matrix
@@ -90,9 +91,10 @@ def test_the_model_has_the_gradual_ladder(gradual):
                                            "keep_32"]
 
 
-def test_manifest_is_version_4_with_the_resize_matrices(gradual):
+def test_manifest_has_the_resize_matrices_and_step_plans(gradual):
     manifest, space = gradual.manifest, ScaleSpace.from_config(gradual.config)
-    assert manifest["format_version"] == 4 and format_version_for(process_section(space)) == 4
+    assert manifest["format_version"] == 5 and format_version_for(process_section(space), plans=False) == 4
+    assert set(load_bundle(gradual.bundle).step_plans()) == {25, 50, 100, 250, 1000}
     process = manifest["process"]
     assert "halving" not in process and process["ladder"] == LADDER
     assert set(process["resize"]) == set(PAIRS)
@@ -139,16 +141,19 @@ def test_the_up_step_graphs_carry_the_steps_matrices(gradual):
     np.testing.assert_allclose(x_s, expected, atol=1e-5)
 
 
-def test_a_2x_model_still_writes_format_version_3_without_resize():
+def test_the_format_version_is_the_oldest_that_describes_the_bundle():
     space = ScaleSpace.from_config(make_config("tiny32", 3))
     process = process_section(space)
     assert "resize" not in process and set(process["halving"]) == {"16", "32"}
-    assert format_version_for(process_section(space)) == 3
+    assert format_version_for(process_section(space), plans=False) == 3
     manifest = new_manifest(make_config("tiny32", 3), process, (1, 2), [], {}, {}, {}, {}, "", {})
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 3 and "plans" not in manifest
     gradual = ScaleSpace.from_config(make_config("tiny32", 4, ds_factor=1.5))
     assert new_manifest(make_config("tiny32", 4, ds_factor=1.5), process_section(gradual), (1, 2), [], {}, {}, {},
                         {}, "", {})["format_version"] == 4
+    with_plans = new_manifest(make_config("tiny32", 3), process, (1, 2), [], {}, {}, {}, {}, "", {},
+                              plans=plans_section(space))
+    assert with_plans["format_version"] == 5 and set(with_plans["plans"]) == {"25", "50", "100", "250", "1000"}
 
 
 # --------------------------------------------------------------------------- runtime vs torch

@@ -76,7 +76,7 @@ def test_fused_torchscript_and_torch_sampler_agree(bundles):
 def test_manifest_lists_step_graphs_and_their_verification(bundles):
     _, bundle = bundles[3]
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 5
     for route in manifest["routes"]:
         assert set(route["step_files"]) == {"onnx", "torchscript"}
         assert route["step_files"]["onnx"]["path"] == f"onnx/{route['name']}.step.onnx"
@@ -110,6 +110,7 @@ def test_version_2_bundles_still_load_and_sample_unfused(bundles, tmp_path):
     shutil.copytree(bundle, old)
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["format_version"] = 2
+    del manifest["plans"]  # format 5
     for route in manifest["routes"]:
         del route["step_files"]
     (old / "manifest.json").write_text(json.dumps(manifest))
