@@ -23,7 +23,19 @@ TRAIN_STEPS ?= 10000
 TRAIN_FLAGS ?= --levels 3 --batch-size 32 --lr 3e-4 --ema-decay 0.9995 --save-every 1000 --sample-every 2000 --sample-steps 100
 TRAIN_RUN ?= runs/demo
 
-.PHONY: demo train-demo test test-all bench clean-demo
+.PHONY: demo train-demo test test-all bench clean-demo web
+
+# The browser page's ONNX Runtime Web (ssd-web), from the npm registry as runtime/web/package-lock.json pins it.
+# Where npm is missing it comes from Debian (as root); without it the page cannot be served and its tests skip.
+WEB_ORT := runtime/web/node_modules/.package-lock.json
+
+$(WEB_ORT): runtime/web/package-lock.json
+	@command -v npm >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null 2>&1 || true
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix runtime/web --ignore-scripts --no-audit --no-fund --loglevel=error || \
+	  echo "note: npm ci failed: ssd-web cannot serve the page and its tests are skipped"; \
+	  else echo "note: npm is missing (sudo apt-get install npm): ssd-web cannot serve the page and its tests are skipped"; fi
+
+web: $(WEB_ORT)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +56,7 @@ $(FASHION_MNIST):
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist || \
 	  (echo "error: run 'sudo apt-get install dataset-fashion-mnist' first" >&2; exit 1)
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed $(WEB_ORT)
 	$(BIN)/ssd-run --steps $(DEMO_STEPS) --n $(DEMO_N) --batch 16 --out $(DEMO_OUT) --preview
 
 # --resume: a second `make train-demo` (or one after Ctrl-C) continues where training stopped.
@@ -58,13 +70,16 @@ train-demo: $(BIN)/.installed $(FASHION_MNIST)
 # The tests that score against Fashion-MNIST need Debian's dataset-fashion-mnist, and the C++
 # tests cmake, g++ and the Python headers: installed where apt can (as root, as CI does), else those tests are
 # skipped and this says so.
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(WEB_ORT)
 	@test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
 	  echo "note: dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist): the tests that need it are skipped"
 	@(command -v cmake && command -v g++ && $(BIN)/python -c "import os, sys, sysconfig; \
 	  sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))") >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq cmake g++ python3-dev) >/dev/null 2>&1 || \
 	  echo "note: cmake, g++ or the Python headers are missing (sudo apt-get install cmake g++ python3-dev): the C++ tests are skipped"
+	@(command -v chromium && command -v chromedriver) >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
+	  echo "note: chromium is missing (sudo apt-get install chromium chromium-driver): the browser page's tests are skipped"
 	$(BIN)/python -m pytest -q -m "not slow" --durations=20 -rs
 
 test-all: $(BIN)/.installed
