@@ -95,6 +95,7 @@ def test_releases_are_the_papers_configurations():
         assert f"{config.model.image_size}res" in release.file and f"{config.diffusion.levels}levels" in release.file
 
 
+@pytest.mark.slow  # about a minute: import, a verified export and sampling (CI's time budget)
 def test_import_export_run_matches_the_torch_sampler(tmp_path, capsys):
     """End to end on the fixture: ssd-import -> ssd-export -> runtime, against the PyTorch
     reference sampler with the same seed (which is what the export's own verification does)."""

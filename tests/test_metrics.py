@@ -156,6 +156,7 @@ def test_fid_with_a_local_torchscript_inception(tmp_path):
         evaluate(good, None, reference, inception=tmp_path / "broken.pt", log=lambda text: None, trust_inception=True)
 
 
+@pytest.mark.slow  # samples the shipped model and scores it (CI's time budget)
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_the_shipped_model_ranks_above_noise_and_blurred_data(tmp_path):
     """ssd-eval's classifier FD and SWD put the shipped model's samples (100, 50 steps, drawn

@@ -148,19 +148,9 @@ def test_a_graph_openvino_cannot_compile_is_one_line_naming_it(bundles, monkeypa
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory):
-    """A 1-level tiny bundle with the int8 variant (``ssd-export --precision int8``)."""
-    from click.testing import CliRunner
-
-    from conftest import make_checkpoint
-    from ssd_export.cli import export_command
-
-    root = tmp_path_factory.mktemp("int8")
-    make_checkpoint(root / "run", 1, 7)
-    result = CliRunner().invoke(export_command, [str(root / "run"), "--out", str(root / "bundle"), "--engine", "onnx",
-                                                 "--precision", "int8", "--batch", "2", "--no-verify"])
-    assert result.exit_code == 0, result.output
-    return root / "bundle"
+def int8_bundle(exported_bundle):
+    """The bundle with the int8 variant that tests/test_quantize.py checks (made once for both)."""
+    return exported_bundle(2, 7, verify=True, export_options=("--precision", "int8"))[1]
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -40,8 +40,8 @@ def torch_reference(run: Path, n: int, seed: int, steps: int | None) -> np.ndarr
     return last.x.numpy()
 
 
-# Full T (1000 steps) once in CI (3 levels: every route kind, no respacing); 25 and 4 steps
-# run the same code on every backend; the other full-T cases are behind the slow marker.
+# Full T (1000 steps) runs with `pytest -m slow` (CI's time budget); 25 and 4 steps run the
+# same code on every backend in CI.
 FULL_T_SLOW = pytest.mark.slow
 
 
@@ -56,8 +56,9 @@ def test_runtime_equals_torch_reference_with_same_noise(bundles, levels, steps, 
     assert np.abs(ours).max() > 0.05  # not a trivially zero model
 
 
+@FULL_T_SLOW
 def test_full_length_sampling_equals_torch_reference(bundles):
-    """The one full-T (1000-step) parity case CI runs: ONNX Runtime, 3 levels."""
+    """The full-T (1000-step) parity case: ONNX Runtime, 3 levels, every route kind, no respacing."""
     test_runtime_equals_torch_reference_with_same_noise(bundles, 3, None, "onnxruntime")
 
 
