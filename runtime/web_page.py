@@ -25,6 +25,7 @@ The headers make the page cross-origin isolated (``Cross-Origin-Opener-Policy`` 
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import struct
 import threading
@@ -230,11 +231,14 @@ def headless_chromium(user_data_dir, chromium: str = "/usr/bin/chromium", driver
 @cli_errors
 def web_command(bundle, port, quiet):
     """Serve the browser page that samples BUNDLE with ONNX Runtime Web (default: the shipped
-    Fashion-MNIST model) on 127.0.0.1, and print its address. Ctrl-C stops it."""
+    Fashion-MNIST model) on 127.0.0.1, and print its address. Ctrl-C or SIGTERM stops it."""
+    # stops on both, even where the launcher left SIGINT ignored (a shell's background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     say = lambda line: click.echo(line, err=True)
     server = serve(bundle if bundle is not None else packaged_bundle(), port, log=None if quiet else say, warn=say)
     click.echo(f"ssd-web: serving {bundle or 'the shipped model'} at http://127.0.0.1:{server.server_address[1]}/ "
-               "(Ctrl-C stops)")
+               "(Ctrl-C stops it)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
