@@ -7,6 +7,7 @@ import { BundleError, FileNoise, SeededNoise, SsdBundle, toRgba } from "./ssd-we
 const $ = (id) => document.getElementById(id);
 const TILE = 96; // display pixels per image on the live canvas, whatever its resolution
 const LIVE_FRAMES = 60; // about this many live frames a batch, and one at every resolution change
+const MAX_IMAGES = 256; // a run's images, each kept as a PNG in memory
 const hooks = (window.ssd = { state: "loading", last: null, events: [], message: "" });
 const params = new URLSearchParams(location.search);
 let bundle = null;
@@ -56,8 +57,9 @@ async function open() {
   const counts = bundle.stepCounts;
   $("steps").replaceChildren(...counts.map((steps) => new Option(String(steps), String(steps))));
   $("steps").value = String(counts.includes(100) ? 100 : counts[0]);
-  $("batch").max = $("count").max = String(bundle.batchRange[1]);
-  $("batch").value = String(Math.min(8, bundle.batchRange[1]));
+  $("batch").min = String(bundle.batchRange[0]);
+  $("batch").max = String(bundle.batchRange[1]);
+  $("batch").value = String(Math.max(bundle.batchRange[0], Math.min(8, bundle.batchRange[1])));
   $("count").value = String(Math.min(8, bundle.batchRange[1]));
   hooks.info = { backend, threads: ort.env.wasm.numThreads, crossOriginIsolated, steps: counts };
   $("sample").disabled = false;
@@ -95,8 +97,8 @@ async function run(event) {
   try {
     const seed = intField("seed", 0, Number.MAX_SAFE_INTEGER);
     const steps = Number($("steps").value);
-    const n = intField("count", 1, bundle.batchRange[1]);
-    const batch = intField("batch", 1, bundle.batchRange[1]);
+    const n = intField("count", 1, MAX_IMAGES);
+    const batch = intField("batch", ...bundle.batchRange);
     say("");
     setState("sampling");
     $("sample").disabled = $("download").disabled = true;
