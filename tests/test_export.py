@@ -251,7 +251,7 @@ def test_tampered_files_fail_verification(interp, tmp_path):
         load_bundle(copy).verify_files("torchscript")
 
 
-@pytest.mark.slow  # two more exports (CI's time budget); test_default_model re-exports the shipped model likewise
+@pytest.mark.slow  # two more exports (CI's time budget), as test_default_model's re-export of the shipped model
 def test_reexport_skips_and_force_reproduces_the_same_hashes(interp, up):
     again = run_export(interp.run, "--out", interp.out, "--engine", "torchscript", "--engine", "onnx",
                    "--precision", "fp16", "--batch", "1:8")
