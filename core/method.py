@@ -415,6 +415,13 @@ def sample_stream(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(index),))))
 
 
+def draw_sizes(plan: list[Step]) -> list[int]:
+    """The sizes a sample's stream is drawn at over ``plan``, in order: the initial noise at
+    the first step's input size, then ``z`` at each step's output size but the final one's
+    (what :func:`sample_loop` draws; the browser page's noise file follows it)."""
+    return [plan[0].in_size, *(step.out_size for step in plan[:-1])]
+
+
 class SampleNoise:
     """The white noise of samples ``indices`` of a run with ``seed``, a batch at a time.
 

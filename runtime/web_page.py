@@ -268,12 +268,11 @@ def write_noise_file(path, bundle_path, seed: int, n: int, steps: int, first: in
     float32 little-endian, sample after sample, each sample's draws in loop order. With it
     the page's images equal the Python runtime's within one level."""
     from ssd_core.checks import check_seed
-    from ssd_core.method import SampleNoise
+    from ssd_core.method import SampleNoise, draw_sizes
 
     bundle = load_bundle(bundle_path)
     steps = bundle.space.check_steps(steps)
-    plan = bundle.space.plan(steps)
-    sizes = [plan[0].in_size, *(step.out_size for step in plan[:-1])]
+    sizes = draw_sizes(bundle.space.plan(steps))
     channels = bundle.config.model.in_channels
     noise = SampleNoise(check_seed(seed), range(first, first + n), channels)
     draws = np.concatenate([noise.draw(size).reshape(n, -1) for size in sizes], axis=1)

@@ -198,7 +198,7 @@ def test_ssd_web_refuses_bundles_the_page_cannot_run_in_one_line(capsys, tmp_pat
 
 def test_the_noise_file_holds_the_python_runtimes_streams(tmp_path, tiny):
     from ssd_core.bundle import load_bundle
-    from ssd_core.method import SampleNoise
+    from ssd_core.method import SampleNoise, sample_loop
 
     path = write_noise_file(tmp_path / "noise.bin", tiny, SEED, N, STEPS, first=2)
     data = path.read_bytes()
@@ -206,7 +206,18 @@ def test_the_noise_file_holds_the_python_runtimes_streams(tmp_path, tiny):
     length = int.from_bytes(data[8:12], "little")
     header = json.loads(data[12:12 + length])
     plan = load_bundle(tiny).space.plan(STEPS)
-    assert header["sizes"] == [plan[0].in_size] + [step.out_size for step in plan[:-1]]
+    drawn = []  # what the sampling loop itself draws, in order
+
+    class Recording(SampleNoise):
+        def draw(self, size):
+            drawn.append(size)
+            return super().draw(size)
+
+    recording = Recording(SEED, range(1), 3)
+    zeros = lambda step, x, z: (np.zeros((1, 3, step.out_size, step.out_size), np.float32),) * 2
+    for _ in sample_loop(plan, zeros, recording.draw(plan[0].in_size), recording):
+        pass
+    assert header["sizes"] == drawn
     floats = np.frombuffer(data[12 + length:], "<f4").reshape(N, header["floats_per_sample"])
     noise = SampleNoise(SEED, range(2, 2 + N), 3)
     first, second = noise.draw(8), noise.draw(header["sizes"][1])

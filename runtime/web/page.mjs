@@ -120,9 +120,8 @@ async function run(event) {
       n, seed, steps, batch,
       noise: noise || new SeededNoise(seed),
       onPreview: (resolution, x0, rows, index) => hooks.events.push({ kind: "preview", resolution, step: index }),
-      onStep: async ({ index, total, t, size: resolution, x0, rows, ms }) => {
+      onStep: async ({ index, total, t, size: resolution, changes, x0, rows, ms }) => {
         times.push(ms);
-        const changes = index > 0 && hooks.events.at(-1)?.kind === "preview" && hooks.events.at(-1).step === index;
         if (index % every === 0 || index === total - 1 || changes) {
           drawTiles(live, x0, Math.min(rows, shown), resolution, columns);
           $("resolution").textContent = `${resolution} × ${resolution}`;

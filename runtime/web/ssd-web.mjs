@@ -136,14 +136,14 @@ export class SsdBundle {
   }
 
   // The sizes of the noise a sample draws for `steps`, in order: the initial x, then z of
-  // every step but the last (ssd_core.method.SampleNoise).
+  // every step but the last (ssd_core.method.draw_sizes).
   noiseSizes(steps) {
     const plan = this.plan(steps);
     return [plan[0].inSize, ...plan.slice(0, -1).map((step) => step.outSize)];
   }
 
   // Sample images first..first+n-1 as one Float32Array [n, C, H, W] in [-1, 1].
-  // noise: SeededNoise or FileNoise. onStep({index, total, t, size, x0, rows, ms}) after every
+  // noise: SeededNoise or FileNoise. onStep({index, total, t, size, changes, x0, rows, ms}) after every
   // step; onPreview(resolution, x0, rows, index) at each resolution change; onBatch(images, indices).
   async sample({ n, seed = 0, steps, batch, first = 0, noise, onStep, onPreview, onBatch }) {
     const plan = this.plan(steps);
@@ -153,28 +153,36 @@ export class SsdBundle {
     batch = Math.min(batch || high, high, n);
     const pixels = this.channels * this.imageSize * this.imageSize;
     const images = new Float32Array(n * pixels);
+    const inputs = new Map(); // by batch size: every step's t and coef tensors, made once
     for (let start = 0; start < n; start += batch) {
       const count = Math.min(batch, n - start);
       // a short batch runs at its own size where the batch axis allows it; a fixed-batch
       // bundle pads it with the samples that follow, and drops them
       const size = low < high ? Math.max(count, low) : high;
       const rows = Array.from({ length: size }, (_, k) => first + start + k);
-      const x = await this.sampleBatch(plan, rows, noise, onStep, onPreview);
+      if (!inputs.has(size)) inputs.set(size, this.stepInputs(plan, size));
+      const x = await this.sampleBatch(plan, inputs.get(size), rows, noise, onStep, onPreview);
       images.set(x.subarray(0, count * pixels), start * pixels);
       onBatch?.(images.subarray(start * pixels, (start + count) * pixels), rows.slice(0, count));
     }
     return images;
   }
 
-  // One batch of samples `rows` through the loop; returns x after the last step.
-  async sampleBatch(plan, rows, noise, onStep, onPreview) {
+  // Every step's `t` and `coef` inputs at batch size `b`.
+  stepInputs(plan, b) {
     const { Tensor } = this.ort;
-    const b = rows.length;
-    const c = this.channels;
-    const feeds = plan.map((step) => ({ // every step's t and coef, made once per batch size
+    return plan.map((step) => ({
       t: new Tensor("float32", new Float32Array(b).fill(step.t), [b]),
       coef: new Tensor("float32", Float32Array.from(step.coef), [step.coef.length]),
     }));
+  }
+
+  // One batch of samples `rows` through the loop (`feeds`: stepInputs at its size); returns x
+  // after the last step.
+  async sampleBatch(plan, feeds, rows, noise, onStep, onPreview) {
+    const { Tensor } = this.ort;
+    const b = rows.length;
+    const c = this.channels;
     const last = plan[plan.length - 1];
     const noNoise = new Float32Array(b * c * last.outSize * last.outSize);
     let x = noise.draw(rows, c * plan[0].inSize * plan[0].inSize);
@@ -197,8 +205,9 @@ export class SsdBundle {
       const ms = performance.now() - started;
       x = result.x_s.data;
       const x0 = result.x0_pred.data;
-      if (step.inSize !== step.outSize) onPreview?.(step.outSize, x0, b, index);
-      await onStep?.({ index, total: plan.length, t: step.t, size: step.outSize, x0, rows: b, ms });
+      const changes = step.inSize !== step.outSize;
+      if (changes) onPreview?.(step.outSize, x0, b, index);
+      await onStep?.({ index, total: plan.length, t: step.t, size: step.outSize, changes, x0, rows: b, ms });
     }
     for (const value of x) {
       if (!Number.isFinite(value)) throw new BundleError("sampling produced NaN or inf; no images from this batch");
