@@ -111,7 +111,8 @@ def cpu_description() -> dict:
     except OSError:
         pass
     return {"machine": machine_name(), "isa": [f for f in ISA_FLAGS if f in flags],
-            "isa_absent": [f for f in ISA_FLAGS if f not in flags]}
+            "isa_absent": [f for f in ISA_FLAGS if f not in flags],
+            "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA")}  # oneDNN's cap (OpenVINO, torch), e.g. AMX off
 
 
 def versions() -> dict:
@@ -202,8 +203,10 @@ class EagerRows:
         pass
 
 
-def load_row(row, bundle: Path, checkpoint, threads: int, fused: bool | None):
-    """A Sampler (or :class:`EagerRows`) for ``row``, or the one-line reason it is missing."""
+def load_row(row, bundle: Path, checkpoint, threads: int, fused: bool | None, timing_batch: int | None = None):
+    """A Sampler (or :class:`EagerRows`) for ``row``, or the one-line reason it is missing;
+    ``auto`` decides at ``timing_batch`` (default the bundle's largest), as ``ssd-run
+    --batch`` does."""
     backend, precision = row
     if backend == "eager":
         if checkpoint is None:
@@ -211,18 +214,18 @@ def load_row(row, bundle: Path, checkpoint, threads: int, fused: bool | None):
         return EagerRows(checkpoint, threads)
     try:
         return Sampler.from_bundle(bundle, backend=backend, precision=precision, threads=threads,
-                                   fused=fused, warmup=False)
+                                   fused=fused, warmup=False, timing_batch=timing_batch, say=lambda line: None)
     except UserError as err:
         return str(err).splitlines()[0]
     except Exception as err:  # a backend still in the making: say so rather than stop the run
         return f"failed to load ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
-def load_rows(rows, bundle, checkpoint, threads, fused) -> tuple[dict, dict]:
+def load_rows(rows, bundle, checkpoint, threads, fused, timing_batch=None) -> tuple[dict, dict]:
     """``({row: loaded}, {row: why missing})``."""
     loaded, missing = {}, {}
     for row in rows:
-        got = load_row(row, bundle, checkpoint, threads, fused)
+        got = load_row(row, bundle, checkpoint, threads, fused, timing_batch)
         (missing if isinstance(got, str) else loaded)[row] = got
     return loaded, missing
 
@@ -348,12 +351,16 @@ def main(argv=None) -> dict:
     figures["routes"] = time_routes(loaded, config, args.batches, args.repeats, args.min_time, peaks)
     for obj in loaded.values():
         obj.close()
-    if not args.no_end_to_end:
-        loaded, missing_fused = load_rows(rows, bundle, checkpoint, args.threads, fused=None)
-        missing.update(missing_fused)
-        figures["end_to_end"] = time_end_to_end(loaded, config, args.batches, args.steps, args.repeats, peaks)
-        for obj in loaded.values():
-            obj.close()
+    if not args.no_end_to_end:  # loaded per batch: auto decides at the run's batch, as ssd-run does
+        figures["end_to_end"], figures["auto_said"] = [], {}
+        for batch in args.batches:
+            loaded, missing_fused = load_rows(rows, bundle, checkpoint, args.threads, fused=None, timing_batch=batch)
+            missing.update(missing_fused)
+            figures["auto_said"][batch] = [line for row, obj in loaded.items() if row[0] == "auto" or row[1] == "auto"
+                                           for line in (obj.backend.precision_choice, obj.backend.choice) if line]
+            figures["end_to_end"] += time_end_to_end(loaded, config, [batch], args.steps, args.repeats, peaks)
+            for obj in loaded.values():
+                obj.close()
     figures["startup"] = time_startup(bundle, args.threads, args.repeats)
     peaks.sample()
     figures["peaks"] = peaks.summary()
@@ -377,7 +384,9 @@ def markdown(f: dict) -> str:
     rows = list(dict.fromkeys(r["row"] for r in f["routes"]))
     lines = [f"CPU backends: model {f['model']}, {f['threads']} threads, medians of {f['repeats']} interleaved runs",
              f"Machine: {f['machine']}; instruction sets: {', '.join(f['isa'])} "
-             f"(absent: {', '.join(f['isa_absent'])}); versions: "
+             f"(absent: {', '.join(f['isa_absent'])})"
+             + (f"; oneDNN capped at {f['isa_cap']} (ONEDNN_MAX_CPU_ISA: OpenVINO and torch use no instructions "
+                "beyond it)" if f.get("isa_cap") else "") + "; versions: "
              + ", ".join(f"{k} {v}" for k, v in f["versions"].items())
              + f"; load average before/after: {f['load_before']} / {f['load_after']}", ""]
     peaks = ", ".join(f"{k} {p['gflops']:.0f} (best {p['best']:.0f}; {p['how']})" if "gflops" in p
@@ -397,6 +406,8 @@ def markdown(f: dict) -> str:
         for batch in dict.fromkeys(r["batch"] for r in f["end_to_end"]):
             cells = {r["row"]: f"{r['s']:.2f} ({r['gflops']:.0f})" for r in f["end_to_end"] if r["batch"] == batch}
             lines.append(f"| {batch} | " + " | ".join(cells.get(r, "–") for r in rows) + " |")
+        for batch, said in f.get("auto_said", {}).items():
+            lines += [f"- auto at batch {batch}: " + "; ".join(f"`{line}`" for line in said)] if said else []
     if f.get("startup"):
         lines += ["", "Start-up: a fresh process's start to its first step, batch 1, s (cold: empty $SSD_CACHE; "
                   "warm: the cache its previous run left)", "", "| run | cold | warm |", "|---|---|---|"]

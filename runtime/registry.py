@@ -17,6 +17,7 @@ import importlib.util
 import os
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,6 +77,10 @@ DEVICES = tuple(dict.fromkeys(device for spec in REGISTRY.values() for device in
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 assert set(PRECISIONS) == {p for spec in REGISTRY.values() for p in spec.formats}
 AUTO_PRECISIONS = ("bf16", "int8")  # what ``precision="auto"`` may pick over fp32, in this order
+# ``auto`` runs a verified lower precision only where it measured at least this much faster
+# than fp32 here: a CPU may have the units and still run them slower (docs/cpu-backends.md),
+# and at a tie the exact path wins.
+MIN_SPEEDUP = 1.05
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,14 @@ def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batc
         backend = BackendOptions(backend, **options)
     elif options:
         raise TypeError(f"make_backend: pass options in the BackendOptions, not also as {sorted(options)}")
-    options, why = resolve_precision(bundle, backend.checked())
+    asked = backend.checked()
+    options, why = resolve_precision(bundle, asked)
+    lower = why if options.precision != "fp32" else None  # auto's fp32 is the quiet, exact default
+    timed = lower is not None and not untimed
+    runner = options.backend if options.backend != "auto" else _only(_candidates(options))
+    speedup = speed_against_fp32(bundle, runner, options, batch) if timed and runner else None  # cached only
+    if speedup and speedup[0] < MIN_SPEEDUP:
+        return _exact_instead(bundle, asked, options.precision, speedup, batch, say)
     choice = None
     if options.backend == "auto" and untimed:
         options = dataclasses.replace(options, backend=untimed_auto(options.precision))
@@ -162,17 +174,43 @@ def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batc
                   "backend)")
     if options.backend == "auto":
         load = lambda name: make_backend(bundle, dataclasses.replace(options, backend=name))
-        candidates = _names(options.precision, auto=True, **({"low_memory": True} if options.low_memory else {}))
-        loaded = choose_backend(bundle, load, candidates, options.precision, batch, options=options)
+        loaded = choose_backend(bundle, load, _candidates(options), options.precision, batch, options=options)
     else:
         loaded = REGISTRY[options.backend].load()(bundle, options)
         loaded.choice = choice
-    if why is not None and options.precision != "fp32":
-        why += ("" if untimed else speed_against_fp32(bundle, loaded, options, batch)) + \
-            "; --precision fp32 for the exact path"
-    loaded.precision_choice = why
-    if say is not None:  # auto's fp32 is the quiet, exact default: its reason stays in precision_choice
-        for line in (why if options.precision != "fp32" else None, loaded.choice):
+    if timed and speedup is None:
+        speedup = speed_against_fp32(bundle, loaded.name, options, batch, loaded)
+        if speedup and speedup[0] < MIN_SPEEDUP:
+            loaded.close()
+            return _exact_instead(bundle, asked, options.precision, speedup, batch, say)
+    if lower is not None:
+        lower += (f", {speedup[1]}" if speedup else "") + "; --precision fp32 for the exact path"
+    loaded.precision_choice = lower or why
+    if say is not None:
+        for line in (lower, loaded.choice):
+            if line:
+                say(line)
+    return loaded
+
+
+def _candidates(options: BackendOptions) -> list[str]:
+    """The backends ``auto`` chooses between for ``options``' precision."""
+    return _names(options.precision, auto=True, **({"low_memory": True} if options.low_memory else {}))
+
+
+def _only(names: list[str]) -> str | None:
+    return names[0] if len(names) == 1 else None
+
+
+def _exact_instead(bundle: Bundle, asked: BackendOptions, precision: str, speedup: tuple[float, str],
+                   batch: int | None, say: Callable[[str], None] | None) -> Backend:
+    """fp32 where ``auto``'s lower precision was verified but measured too little faster
+    here (:data:`MIN_SPEEDUP`), with the line saying so."""
+    loaded = make_backend(bundle, dataclasses.replace(asked, precision="fp32"), batch=batch)
+    loaded.precision_choice = (f"precision auto: fp32 ({precision} was verified at export and this CPU runs it "
+                               f"natively, but it ran at {speedup[1]}, under the {MIN_SPEEDUP:.2f}x it needs)")
+    if say is not None:
+        for line in (loaded.precision_choice, loaded.choice):
             if line:
                 say(line)
     return loaded
@@ -225,28 +263,34 @@ def untimed_auto(precision: str) -> str:
     return "openvino" if precision in ("bf16", "fp16") else "onnxruntime"
 
 
-def speed_against_fp32(bundle: Bundle, chosen: Backend, options: BackendOptions, batch: int | None) -> str:
-    """``", 1.5x fp32 here (...)"``: the speed of ``chosen`` (a lower precision) against
-    ONNX Runtime fp32 on the bundle's largest route at the run's batch, timed side by side
-    once per machine, bundle, batch and threads and then cached; "" where ONNX Runtime is
-    not installed or cannot load the bundle."""
+def speed_against_fp32(bundle: Bundle, name: str, options: BackendOptions, batch: int | None,
+                       chosen: Backend | None = None) -> tuple[float, str] | None:
+    """The speed of backend ``name`` in a lower precision against ONNX Runtime fp32 per
+    sampling step (:func:`time_backends`) at the run's batch, as the ratio and ``"1.50x
+    fp32 here (...)"``: from the start-up cache, else (given ``chosen``, that backend
+    loaded) timed side by side and cached, once per machine, bundle, batch and threads.
+    None where it is not cached and ``chosen`` is not given, or ONNX Runtime is not
+    installed or cannot load the bundle."""
     batch = timing_batch(bundle, batch)
-    pair = {"fp32": "onnxruntime", options.precision: chosen.name}
+    pair = {"fp32": "onnxruntime", options.precision: name}
     key = _decision_key(bundle, f"{options.precision} against fp32", batch, pair.values(), options)
     cached = cached_decision(key, tuple(pair), warn)
     if cached:
         times = cached[1]
+    elif chosen is None:
+        return None
     else:
         try:
             reference = make_backend(bundle, dataclasses.replace(options, backend="onnxruntime", precision="fp32"))
         except BackendError:
-            return ""
+            return None
         try:
             times = time_backends(bundle, {"fp32": reference, options.precision: chosen}, batch, budget_s=1.0)
         finally:
             reference.close()
         remember_decision(key, min(times, key=times.get), times, warn)
-    return f", {times['fp32'] / times[options.precision]:.2f}x fp32 here (largest route, batch {batch})"
+    ratio = times["fp32"] / times[options.precision]
+    return ratio, f"{ratio:.2f}x fp32 here (per step, batch {batch})"
 
 
 def _decision_key(bundle: Bundle, question: str, batch: int, backends, options: BackendOptions) -> str:
@@ -266,9 +310,9 @@ def choose_backend(bundle: Bundle, load: Callable[[str], Backend], candidates, p
                    budget_s: float = 1.5, options: BackendOptions | None = None) -> Backend:
     """Load every candidate that can run ``precision`` (one that cannot here, a
     :class:`BackendError`, is skipped with its reason; a fault of the bundle, such as a
-    failed hash check, is raised: no backend hides it), time a few calls of each on the
-    bundle's largest route at ``batch`` (default: the bundle's largest), interleaved, keep
-    the one with the lowest median and close the others. The pick and why is one line: the
+    failed hash check, is raised: no backend hides it), time a sampling step of each at
+    ``batch`` (default: the bundle's largest; :func:`time_backends`), keep the fastest and
+    close the others. The pick and why is one line: the
     chosen backend's ``choice``, also handed to ``say`` where given. With ``options``, the
     decision is cached per machine, bundle, batch and threads (``ssd_runtime.startup_cache``):
     a later run loads only the backend picked, without timing."""
@@ -324,33 +368,51 @@ def _chosen(chosen: Backend, best: str, precision: str, batch: int, times: dict[
 
 
 def time_backends(bundle: Bundle, backends: dict[str, Backend], batch: int, budget_s: float) -> dict[str, float]:
-    """Median ms per call of each backend on the bundle's largest route (a step call where
-    the backend is fused, the network call otherwise), calls interleaved across backends:
-    one untimed call each, then rounds until 5 are done or ``budget_s`` is spent (3 at least)."""
-    name, route = max(bundle.routes.items(), key=lambda item: (item[1].in_size, item[1].out_size))
+    """Milliseconds per sampling step of each backend at ``batch``: each resolution's keep
+    route (every call of a run but the one per resolution change) timed on its own (a step
+    call where the backend is fused, the network call otherwise), its median weighted by
+    its share of a full run's steps. The largest route alone misjudges small batches: at
+    batch 1 on a Xeon with AMX it had OpenVINO's bf16 at 0.80x ONNX Runtime's fp32 where a
+    whole run was 1.15x. Timed in rounds over the backends until 3 are done or ``budget_s``
+    is spent (2 at least), after 2 untimed calls of each: per backend and route one
+    untimed call, then 2 timed. Calls
+    alternating one by one would charge each backend for the other's spinning threads and
+    cache misses (OpenVINO's bf16 keep_32 took 34 ms after each ONNX Runtime call, 22 ms in
+    a row, at batch 8), which a run on one backend never pays."""
+    steps = Counter(step.route for step in bundle.space.plan(None) if step.kind == "keep")
     channels = bundle.config.model.in_channels
     noise = np.random.default_rng(0).standard_normal
-    x = noise((batch, channels, route.in_size, route.in_size)).astype(np.float32)
-    z = noise((batch, channels, route.out_size, route.out_size)).astype(np.float32)
     t = np.full(batch, bundle.space.timesteps // 2, np.float32)
-    coef = np.full(len(COEFFICIENTS[route.kind]), 0.5, np.float32)
+    coef = np.full(len(COEFFICIENTS["keep"]), 0.5, np.float32)
+    inputs = {}
+    for name in steps:
+        size = bundle.routes[name].in_size
+        inputs[name] = [noise((batch, channels, size, size)).astype(np.float32) for _ in ("x", "z")]
 
-    def call(backend: Backend):
+    def call(backend: Backend, name: str):
+        x, z = inputs[name]
         args = [backend.to_array(a) for a in ((x, t, coef, z) if backend.fused else (x, t))]
         return backend.run_step(name, *args) if backend.fused else backend.run(name, *args)
 
-    samples = {key: [] for key in backends}
-    for backend in backends.values():
-        call(backend)  # first-call costs are not the speed
+    samples = {key: {name: [] for name in steps} for key in backends}
+    for backend in backends.values():  # the first calls of a route build its kernels and fill the caches
+        for name in steps:
+            call(backend, name)
+            call(backend, name)
     started = time.perf_counter()
-    for round_ in range(5):
-        if round_ >= 3 and time.perf_counter() - started > budget_s:
+    for round_ in range(3):
+        if round_ >= 2 and time.perf_counter() - started > budget_s:
             break
         for key, backend in backends.items():
-            begin = time.perf_counter()
-            call(backend)
-            samples[key].append(1e3 * (time.perf_counter() - begin))
-    return {key: statistics.median(values) for key, values in samples.items()}
+            for name in steps:
+                call(backend, name)  # untimed: what switching from the other backend costs
+                for _ in range(2):
+                    begin = time.perf_counter()
+                    call(backend, name)
+                    samples[key][name].append(1e3 * (time.perf_counter() - begin))
+    total = sum(steps.values())
+    return {key: sum(steps[name] / total * statistics.median(values) for name, values in per_route.items())
+            for key, per_route in samples.items()}
 
 
 def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int:

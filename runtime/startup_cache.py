@@ -31,7 +31,7 @@ from ssd_core.files import cache_root
 
 from .cpu import CpuInfo
 
-FORMAT = 1  # bump when the key or the answer changes meaning
+FORMAT = 2  # bump when the key or the answer changes meaning (2: timings in blocks per backend)
 MAX_ENTRY = 4096  # bytes: an answer is a name and a few medians
 MAX_COMPILED = 1 << 30  # bytes of one compiled model read at most
 MAX_COMPILED_FOLDER = 1 << 30  # bytes of compiled models kept, least recently used deleted first
@@ -49,8 +49,14 @@ def library_version(name: str) -> str:
         return "absent"
 
 
+# Environment variables that change which instructions the backends' kernels use, and so
+# every timing (oneDNN's cap, e.g. AVX512_CORE_BF16 to run a Xeon with AMX as a CPU without).
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def cpu_key(cpu: CpuInfo) -> dict:
-    return {"cpu": cpu.model, "cpu_flags": hashlib.sha256(" ".join(sorted(cpu.flags)).encode()).hexdigest()}
+    return {"cpu": cpu.model, "cpu_flags": hashlib.sha256(" ".join(sorted(cpu.flags)).encode()).hexdigest(),
+            **{name: os.environ[name] for name in ISA_VARIABLES if name in os.environ}}
 
 
 def decision_key(bundle_digest: str, cpu: CpuInfo, precision: str, batch: int, threads: int | None,

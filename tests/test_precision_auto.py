@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from conftest import edit_manifest, run_export, run_main
 from ssd_core.bundle import BundleError, load_bundle
 from ssd_core.precision import LEVELS, MAX_MEAN_LEVELS, MIN_WITHIN_LEVELS, PrecisionCheck
 from ssd_runtime.cpu import CpuInfo, parse_cpuinfo
-from ssd_runtime.registry import BackendOptions, REGISTRY, resolve_precision
+from ssd_runtime import registry
+from ssd_runtime.registry import BackendOptions, MIN_SPEEDUP, REGISTRY, make_backend, resolve_precision
 
 XEON = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
 EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -124,12 +126,64 @@ def test_int8_verified_is_picked_where_bf16_is_not(copy):
     assert options.precision == "int8" and why.startswith("precision auto: int8 (verified at export")
 
 
+def speedup_timer(monkeypatch, speedup: float) -> list:
+    """Make the lower precision's side-by-side timing against fp32 measure ``speedup``
+    (``auto``'s timing between backends stays real); returns the pairs timed."""
+    timed, real = [], registry.time_backends
+
+    def time_backends(bundle, backends, batch, budget_s):
+        if "fp32" not in backends:
+            return real(bundle, backends, batch, budget_s)
+        timed.append(sorted(backends))
+        return {name: speedup if name == "fp32" else 1.0 for name in backends}
+
+    monkeypatch.setattr(registry, "time_backends", time_backends)
+    return timed
+
+
+def bf16_runs_here() -> bool:
+    from ssd_runtime.cpu import this_cpu
+
+    return bool(this_cpu().bf16_units) and REGISTRY["openvino"].installed()
+
+
+def test_a_verified_precision_that_is_not_faster_here_gives_way_to_fp32(copy, monkeypatch):
+    """The units and a passing check are not enough: bf16 measured under MIN_SPEEDUP against
+    fp32 here (as OpenVINO's bf16 is on a Xeon with AMX switched off) runs fp32, says why,
+    and the next start reads that from the cache without loading bf16 at all."""
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    with_checks(copy, bf16=record())
+    monkeypatch.setattr(registry, "this_cpu", lambda: BF16_CPU)
+    bundle = load_bundle(copy)
+    options, _ = resolve_precision(bundle, BackendOptions().checked(), BF16_CPU)
+    if bf16_runs_here():  # measured: bf16 is loaded and timed once
+        timed = speedup_timer(monkeypatch, 0.8)
+        said = []
+        with closing(make_backend(bundle, batch=2, say=said.append)) as backend:
+            assert (backend.name, backend.precision) == ("onnxruntime", "fp32")
+        assert timed == [["bf16", "fp32"]]
+    else:  # the cache as a bf16 machine's timing leaves it
+        key = registry._decision_key(bundle, "bf16 against fp32", 2, ("onnxruntime", "openvino"), options)
+        registry.remember_decision(key, "fp32", {"fp32": 0.8, "bf16": 1.0}, print)
+    from ssd_runtime.openvino_backend import OpenVINOBackend
+
+    refused = lambda *args: pytest.fail("OpenVINO was loaded although the cache says its bf16 is slower here")
+    monkeypatch.setattr(OpenVINOBackend, "__init__", refused)
+    said = []
+    with closing(make_backend(bundle, batch=2, say=said.append)) as backend:
+        assert (backend.name, backend.precision) == ("onnxruntime", "fp32")
+        assert backend.precision_choice == said[0] == (
+            "precision auto: fp32 (bf16 was verified at export and this CPU runs it natively, but it ran at 0.80x "
+            f"fp32 here (per step, batch 2), under the {MIN_SPEEDUP:.2f}x it needs)")
+
+
 # --------------------------------------------------------------------------- end to end
-def test_ssd_run_says_its_precision_and_writes_it_into_every_png(copy, tmp_path, capsys):
+def test_ssd_run_says_its_precision_and_writes_it_into_every_png(copy, tmp_path, capsys, monkeypatch):
     from ssd_runtime.cli import main
     from ssd_runtime.cpu import this_cpu
 
     with_checks(copy, bf16=record())
+    speedup_timer(monkeypatch, 1.5)  # the tiny model's own bf16 timing could go either way
     out = tmp_path / "samples"
     code, stdout, err = run_main(main, [copy, "-n", 2, "--steps", 6, "--out", out, "--no-progress"], capsys)
     assert code == 0, err
@@ -141,7 +195,7 @@ def test_ssd_run_says_its_precision_and_writes_it_into_every_png(copy, tmp_path,
     if precision == "bf16":
         assert text["precision_check"].startswith("99.5% of pixels within 4 levels of fp32")
         # measured side by side once on this machine, then cached: the second run says the same figure
-        said = re.search(r"\), (\d+\.\d\d)x fp32 here \(largest route, batch 2\); --precision fp32 for the exact "
+        said = re.search(r"\), (\d+\.\d\d)x fp32 here \(per step, batch 2\); --precision fp32 for the exact "
                          r"path\n", err)
         assert said, err
         code, _, again = run_main(main, [copy, "-n", 2, "--steps", 6, "--out", tmp_path / "again", "--no-progress"],

@@ -52,6 +52,13 @@ def test_the_key_names_everything_the_answer_depends_on():
     assert key not in keys and len(keys) == len(changed)
 
 
+def test_an_instruction_set_cap_misses(monkeypatch):
+    cpu = CpuInfo("cpu", frozenset({"avx512_bf16", "amx_bf16"}))
+    key = startup_cache.cpu_key(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX off: every timing differs
+    assert startup_cache.cpu_key(cpu) != key
+
+
 def test_a_library_upgrade_misses(monkeypatch):
     args = ("a" * 64, CpuInfo("cpu", frozenset()), "fp32", 8, 2, {"onnxruntime": "onnxruntime"}, None, False)
     key = startup_cache.decision_key(*args)
