@@ -373,8 +373,8 @@ def time_backends(bundle: Bundle, backends: dict[str, Backend], batch: int, budg
     call where the backend is fused, the network call otherwise), its median weighted by
     its share of a full run's steps. The largest route alone misjudges small batches: at
     batch 1 on a Xeon with AMX it had OpenVINO's bf16 at 0.80x ONNX Runtime's fp32 where a
-    whole run was 1.15x. Timed in rounds over the backends until 3 are done or ``budget_s``
-    is spent (2 at least), after 2 untimed calls of each: per backend and route one
+    whole run was 1.15x. After one untimed call of each, timed in rounds over the backends
+    until 3 are done or ``budget_s`` is spent (1 at least): per backend and route one
     untimed call, then 2 timed. Calls
     alternating one by one would charge each backend for the other's spinning threads and
     cache misses (OpenVINO's bf16 keep_32 took 34 ms after each ONNX Runtime call, 22 ms in
@@ -395,13 +395,12 @@ def time_backends(bundle: Bundle, backends: dict[str, Backend], batch: int, budg
         return backend.run_step(name, *args) if backend.fused else backend.run(name, *args)
 
     samples = {key: {name: [] for name in steps} for key in backends}
-    for backend in backends.values():  # the first calls of a route build its kernels and fill the caches
+    for backend in backends.values():  # the first call of a route builds its kernels
         for name in steps:
-            call(backend, name)
             call(backend, name)
     started = time.perf_counter()
     for round_ in range(3):
-        if round_ >= 2 and time.perf_counter() - started > budget_s:
+        if round_ >= 1 and time.perf_counter() - started > budget_s:
             break
         for key, backend in backends.items():
             for name in steps:
