@@ -150,7 +150,9 @@ def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batc
     """Load a backend for ``bundle``: ``backend`` is a :class:`BackendOptions`, or a backend
     name with the options' other fields as keywords. One-line errors for unknown or missing
     backends and for options of the wrong type. Precision ``auto`` is resolved first
-    (:func:`resolve_precision`). Backend ``auto`` (on the CPU; elsewhere it means
+    (:func:`resolve_precision`), and a lower precision it picks runs only where it measures
+    at least :data:`MIN_SPEEDUP` times fp32's speed here (:func:`speed_against_fp32`, cached;
+    else fp32, said why). Backend ``auto`` (on the CPU; elsewhere it means
     onnxruntime): the fastest installed candidate that runs the precision, timed at
     ``batch`` (see :func:`choose_backend`), or with ``untimed`` the fixed pick of
     :func:`untimed_auto` (the shards of one run must all use one backend). What ``auto``
@@ -186,11 +188,14 @@ def make_backend(bundle: Bundle, backend: str | BackendOptions = "auto", *, batc
     if lower is not None:
         lower += (f", {speedup[1]}" if speedup else "") + "; --precision fp32 for the exact path"
     loaded.precision_choice = lower or why
-    if say is not None:
-        for line in (lower, loaded.choice):
-            if line:
-                say(line)
+    _say(say, lower, loaded.choice)
     return loaded
+
+
+def _say(say: Callable[[str], None] | None, *lines: str | None) -> None:
+    for line in lines:
+        if line and say is not None:
+            say(line)
 
 
 def _candidates(options: BackendOptions) -> list[str]:
@@ -209,10 +214,7 @@ def _exact_instead(bundle: Bundle, asked: BackendOptions, precision: str, speedu
     loaded = make_backend(bundle, dataclasses.replace(asked, precision="fp32"), batch=batch)
     loaded.precision_choice = (f"precision auto: fp32 ({precision} was verified at export and this CPU runs it "
                                f"natively, but it ran at {speedup[1]}, under the {MIN_SPEEDUP:.2f}x it needs)")
-    if say is not None:
-        for line in (loaded.precision_choice, loaded.choice):
-            if line:
-                say(line)
+    _say(say, loaded.precision_choice, loaded.choice)
     return loaded
 
 
