@@ -47,6 +47,7 @@ def test_cpu_backends_tiny_run_measures_rows_and_names_missing_ones(bundles, tmp
     measured = {r["row"] for r in figures["routes"]}
     assert measured == {"auto auto", "onnxruntime fp32", "torchscript fp32", "eager fp32"}
     assert {r["row"] for r in figures["end_to_end"]} == measured
+    assert any(line.startswith("backend auto: ") for line in figures["auto_said"][1])  # decided at the run's batch
     assert all(r["gflops"] > 0 for r in figures["routes"] + figures["end_to_end"])
     assert "onnx-int8" in figures["missing"]["onnxruntime int8"]
     assert figures["peaks"]["fp32"]["gflops"] > 0
