@@ -112,6 +112,14 @@ def test_callback_previews_and_info(bundles):
     assert info["providers"] == ["CPUExecutionProvider"] and len(info["routes"]) == 5
 
 
+def test_onnx_runtime_threads_stop_spinning_when_a_run_returns(bundles):
+    """Each route's session has its own threads; left spinning, they took the cores from the
+    next route's session (docs/runtime.md, --threads)."""
+    with Sampler.from_bundle(bundles[3][1], backend="onnxruntime", precision="fp32", warmup=False) as sampler:
+        for session in sampler.backend.sessions.values():
+            assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def test_sampling_is_reproducible_and_samples_differ(bundles):
     sampler = Sampler.from_bundle(bundles[3][1], backend="onnxruntime")
     a = sampler.sample(4, seed=3, steps=5, batch=2)
