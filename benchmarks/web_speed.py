@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ssd_runtime import Sampler
+from ssd_runtime.cpu import this_cpu
 from ssd_runtime.default_model import packaged_bundle
 from ssd_runtime.web_page import headless_chromium, serve_in_thread
 
@@ -33,13 +34,6 @@ for (const [id, value] of [["seed", 0], ["steps", steps], ["count", n], ["batch"
 }
 window.ssd.run().then(() => done(window.ssd.state === "done" ? window.ssd.last : { error: window.ssd.message }));
 """
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def browser_version(browser) -> str:
@@ -87,7 +81,7 @@ def main(argv=None) -> dict:
             server.server_close()
     import onnxruntime
 
-    machine = f"{cpu_name()}, {os.cpu_count()} CPUs"
+    machine = f"{this_cpu().model or platform.processor()}, {os.cpu_count()} CPUs"
     rows = {batch: {key: statistics.median(values) for key, values in series.items()}
             for batch, series in times.items()}
     lines = [f"# The browser page against the Python runtime: packaged model, {args.steps} steps",

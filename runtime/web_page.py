@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import signal
-import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -39,8 +38,11 @@ import click
 import numpy as np
 
 from ssd_core.bundle import MANIFEST, Bundle, BundleError, load_bundle
+from ssd_core.cache import read_regular
+from ssd_core.checks import check_seed
 from ssd_core.errors import UserError, cli_errors, run_cli
 from ssd_core.files import inside, write_atomic
+from ssd_core.method import SampleNoise, draw_sizes
 
 from .default_model import packaged_bundle
 
@@ -57,6 +59,7 @@ HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-P
            "Cross-Origin-Resource-Policy": "same-origin", "X-Content-Type-Options": "nosniff",
            "Cache-Control": "no-store"}
 DEFAULT_PORT = 8765
+MAX_PAGE_FILE = 256 << 20  # bytes of a page or ONNX Runtime Web file (its largest WebAssembly: 29 MB)
 
 
 class WebError(UserError):
@@ -114,17 +117,16 @@ def bundle_files(bundle: Bundle) -> dict[str, Served]:
 
 
 def read_served(served: Served) -> bytes:
-    """A file's bytes for a response: a bundle file only while it is a regular file inside the
+    """A file's bytes for a response, read bounded and only from a regular file (never
+    through a link, never a FIFO or device): a bundle file only while it is inside the
     bundle and within its listed size; :class:`WebError` otherwise."""
     path = served.path
     if served.root is not None:
         path = inside(served.root, str(served.path.relative_to(served.root)), WebError, str(served.root))
-    if not stat.S_ISREG(path.stat().st_mode):  # never open a FIFO or device (page files too)
-        raise WebError(f"{path} is not a regular file")
-    with open(path, "rb") as handle:
-        data = handle.read(served.limit + 1 if served.limit is not None else -1)
-    if served.limit is not None and len(data) > served.limit:
-        raise WebError(f"{path} is larger than its manifest says")
+    data = read_regular(path, served.limit if served.limit is not None else MAX_PAGE_FILE)
+    if data is None:
+        raise WebError(f"{path} is not a regular file, or is larger than "
+                       + ("its manifest says" if served.limit is not None else f"{MAX_PAGE_FILE} bytes"))
     return data
 
 
@@ -137,12 +139,6 @@ def make_handler(files: dict[str, Served], log=None, warn=lambda line: None):
         sys_version = ""
 
         def do_GET(self):
-            self.respond(body=True)
-
-        def do_HEAD(self):
-            self.respond(body=False)
-
-        def respond(self, body: bool) -> None:
             served = files.get(unquote(urlsplit(self.path).path))
             if served is None:
                 return self.send_text(HTTPStatus.NOT_FOUND, "not found")
@@ -151,19 +147,16 @@ def make_handler(files: dict[str, Served], log=None, warn=lambda line: None):
             except (UserError, OSError) as err:  # the reason, with its paths, goes to the server's log only
                 warn(f"ssd-web: refused {self.path[:200]}: {str(err).splitlines()[0]}")
                 return self.send_text(HTTPStatus.FORBIDDEN, "refused: the file changed on the server (its log says how)")
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", served.content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in HEADERS.items():
-                self.send_header(key, value)
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
+            self.send(HTTPStatus.OK, served.content_type, data)
+
+        do_HEAD = do_GET  # send() leaves out the body
 
         def send_text(self, status: HTTPStatus, text: str) -> None:
-            data = (text + "\n").encode()
+            self.send(status, "text/plain; charset=utf-8", (text + "\n").encode())
+
+        def send(self, status: HTTPStatus, kind: str, data: bytes) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             for key, value in HEADERS.items():
                 self.send_header(key, value)
@@ -252,9 +245,6 @@ def main(args=None):
     run_cli(web_command, args, prog_name="ssd-web")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # --------------------------------------------------------------------------- the noise file
 NOISE_MAGIC = b"SSDNOISE"
@@ -267,9 +257,6 @@ def write_noise_file(path, bundle_path, seed: int, n: int, steps: int, first: in
     ``SSDNOISE``, a little-endian uint32 header length, a JSON header padded to 4 bytes, then
     float32 little-endian, sample after sample, each sample's draws in loop order. With it
     the page's images equal the Python runtime's within one level."""
-    from ssd_core.checks import check_seed
-    from ssd_core.method import SampleNoise, draw_sizes
-
     bundle = load_bundle(bundle_path)
     steps = bundle.space.check_steps(steps)
     sizes = draw_sizes(bundle.space.plan(steps))
@@ -281,3 +268,7 @@ def write_noise_file(path, bundle_path, seed: int, n: int, steps: int, first: in
     header += b" " * (-(len(NOISE_MAGIC) + 4 + len(header)) % 4)
     data = NOISE_MAGIC + struct.pack("<I", len(header)) + header + draws.astype("<f4").tobytes()
     return write_atomic(Path(path), data)
+
+
+if __name__ == "__main__":
+    main()

@@ -230,7 +230,7 @@ def test_the_noise_file_holds_the_python_runtimes_streams(tmp_path, tiny):
 def browser(tmp_path_factory):
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them as root)")
-    pytest.importorskip("selenium.webdriver")
+    pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
     driver = web_page.headless_chromium(tmp_path_factory.mktemp("chromium"), CHROMIUM, CHROMEDRIVER)
     yield driver
     driver.quit()
