@@ -103,11 +103,12 @@ def test_a_wrong_bundle_is_one_line_and_no_traceback(built, tmp_path, args, mess
 
 
 @needs_a_build
-def test_the_readme_cmake_and_cpp_blocks_build_and_run_as_written(built, tmp_path):
-    """README's three CMake lines and its C++ program, pasted into a project of their own."""
+def test_the_documented_cmake_and_cpp_blocks_build_and_run_as_written(built, tmp_path):
+    """docs/runtime.md's three CMake lines and its C++ program (README links them), pasted
+    into a project of their own."""
     python, _ = built
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## From C++"):]
+    page = (ROOT / "docs" / "runtime.md").read_text()
+    section = page[page.index("## From C++"):]
     cmake, cpp = section.split("```cmake")[1].split("```")[0], section.split("```cpp")[1].split("```")[0]
     assert len(cmake.strip().splitlines()) == 3
     project = tmp_path / "app"
