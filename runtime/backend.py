@@ -82,11 +82,12 @@ class Backend:
         if self.closed:
             raise BackendError(f"backend {self.name!r} is closed")
 
-    def contract(self, route: str) -> dict:
-        """The manifest's I/O contract of a route's graph (its step graph's when fused)."""
+    def contract(self, route: str, batch: int | None = None) -> dict:
+        """The manifest's I/O contract of a route's graph (its step graph's when fused); with
+        ``batch``, that of the graph fixed to that batch size."""
         r, (low, high) = self.bundle.routes[route], self.bundle.batch_range
-        contract = route_contract(route, r.in_size, r.out_size, self.bundle.config.model.in_channels,
-                                  low if low == high else "batch")
+        axis = batch if batch is not None else low if low == high else "batch"
+        contract = route_contract(route, r.in_size, r.out_size, self.bundle.config.model.in_channels, axis)
         return step_contract(contract) if self.fused else contract
 
     def check_outputs(self, route: str, outputs, batch: int):

@@ -106,7 +106,8 @@ class Sampler:
 
         ``backend`` with ``options``: how to run it, a :class:`BackendOptions` or its fields by
         keyword. ``backend``: auto (default; on the CPU the fastest installed backend that
-        runs ``precision``, timed at ``timing_batch`` (default the bundle's largest batch);
+        runs ``precision``, timed at ``timing_batch``, the batch the caller will sample at
+        (default the bundle's largest batch; the warm-up runs at it too, else at the smallest);
         the pick and why is ``sampler.backend.choice``, also said to ``say``, default
         stderr; ``untimed``: a fixed pick instead of the timing, as the shards of one run
         need), onnxruntime, openvino, torchscript or tensorrt. ``precision``: auto (default:
@@ -137,7 +138,8 @@ class Sampler:
                                            **options))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
-                sampler.backend.warmup(sampler.batch_range[0])
+                low, high = sampler.batch_range
+                sampler.backend.warmup(min(max(timing_batch, low), high) if timing_batch else low)
         return sampler
 
     def close(self) -> None:

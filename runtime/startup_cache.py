@@ -31,7 +31,8 @@ from ssd_core.files import cache_root
 
 from .cpu import CpuInfo
 
-FORMAT = 2  # bump when the key or the answer changes meaning (2: timings in blocks per backend)
+FORMAT = 3  # bump when the key or the answer changes meaning (2: timings in blocks per backend;
+#             3: OpenVINO compiled per batch size, so its timings changed)
 MAX_ENTRY = 4096  # bytes: an answer is a name and a few medians
 MAX_COMPILED = 1 << 30  # bytes of one compiled model read at most
 MAX_COMPILED_FOLDER = 1 << 30  # bytes of compiled models kept, least recently used deleted first

@@ -70,6 +70,48 @@ def test_openvino_refuses_a_tampered_graph_by_its_hash(bundles, tmp_path):
         Sampler.from_bundle(copy, backend="openvino")
 
 
+# --------------------------------------------------------------------------- batch sizes
+def test_openvino_compiles_each_graph_for_the_batch_it_runs(bundles):
+    """The batch axis is fixed per compile (a dynamic one runs far slower); a short last chunk
+    gets its own compile, and the images are ONNX Runtime's."""
+    bundle = bundles[3][1]
+    with Sampler.from_bundle(bundle, backend="onnxruntime") as sampler:
+        reference = sampler.sample_float(5, seed=2, steps=6, batch=2)
+    with Sampler.from_bundle(bundle, backend="openvino", warmup=False) as sampler:
+        ours = sampler.sample_float(5, seed=2, steps=6, batch=2)  # chunks of 2, 2 and 1
+        backend = sampler.backend
+        assert backend.batch_sizes == [2, 1]
+        assert sorted(backend.compiled) == sorted((route, b) for route in sampler.bundle.routes for b in (2, 1))
+        for (route, batch), model in backend.compiled.items():
+            assert all(port.get_partial_shape()[0] == batch for port in model.inputs if port.get_any_name() != "coef")
+    assert np.abs(ours - reference).max() < 1e-3
+
+
+def test_openvino_keeps_a_few_batch_sizes_compiled_the_oldest_going_first(bundles):
+    with Sampler.from_bundle(bundles[1][1], backend="openvino", warmup=False) as sampler:
+        for batch in range(1, openvino_backend.BATCH_SIZES_KEPT + 2):
+            sampler.sample_float(batch, seed=0, steps=4, batch=batch)
+        kept = list(range(2, openvino_backend.BATCH_SIZES_KEPT + 2))
+        assert sampler.backend.batch_sizes == kept
+        assert {batch for _, batch in sampler.backend.compiled} == set(kept) == {b for _, b in sampler.backend.requests}
+
+
+def test_openvino_checks_the_files_again_before_compiling_a_later_batch_size(bundles, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundles[1][1], copy)
+    with Sampler.from_bundle(copy, backend="openvino") as sampler:
+        sampler.sample_float(1, seed=0, steps=4, batch=1)
+        weights = copy / "onnx" / "weights.bin"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1  # same size, another sha256: the new batch size's compile would read it
+        weights.write_bytes(bytes(data))
+        with pytest.raises(BundleError, match="sha256"):
+            sampler.sample_float(2, seed=0, steps=4, batch=2)
+        assert sampler.backend.batch_sizes == [1]
+
+
 # --------------------------------------------------------------------------- precisions
 class FakeCore(ov.Core):
     """OpenVINO's Core with the CPU's OPTIMIZATION_CAPABILITIES replaced."""
@@ -260,10 +302,10 @@ def test_threads_default_to_the_physical_cores_in_every_backend(bundles):
     with Sampler.from_bundle(bundles[1][1], backend="onnxruntime", warmup=False) as sampler:
         session = next(iter(sampler.backend.sessions.values()))
         assert session.get_session_options().intra_op_num_threads == cores
-    with Sampler.from_bundle(bundles[1][1], backend="openvino", warmup=False) as sampler:
+    with Sampler.from_bundle(bundles[1][1], backend="openvino") as sampler:  # the warm-up compiles
         compiled = next(iter(sampler.backend.compiled.values()))
         assert compiled.get_property("INFERENCE_NUM_THREADS") == cores
-    with Sampler.from_bundle(bundles[1][1], backend="openvino", threads=1, warmup=False) as sampler:
+    with Sampler.from_bundle(bundles[1][1], backend="openvino", threads=1) as sampler:
         assert next(iter(sampler.backend.compiled.values())).get_property("INFERENCE_NUM_THREADS") == 1
 
 

@@ -136,6 +136,9 @@ def test_compiled_models_are_imported_the_second_time_with_the_same_images(bundl
     np.testing.assert_array_equal(first, second)
     openvino_sample(bundles[3][1], threads=1)  # other options: other entries, compiled afresh
     assert len(imported) == routes and len(entries("openvino", ".blob")) == 2 * routes
+    with Sampler.from_bundle(bundles[3][1], backend="openvino", fused=False, warmup=False) as sampler:
+        sampler.sample_float(3, seed=3, steps=6, batch=3)  # another batch size: other entries too
+    assert len(imported) == routes and len(entries("openvino", ".blob")) == 3 * routes
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "swap two entries"])
