@@ -57,7 +57,7 @@ FIRST_STEP = """
 import sys, json
 from ssd_runtime import Sampler
 options = json.loads(sys.argv[2])
-with Sampler.from_bundle(sys.argv[1], say=lambda line: None, **options) as sampler:
+with Sampler.from_bundle(sys.argv[1], say=lambda line: None, timing_batch=1, **options) as sampler:  # as ssd-run --batch 1
     def first(index, *_):
         if index == 0:
             print("first step", flush=True)

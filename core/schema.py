@@ -119,6 +119,8 @@ def convert(kind, value, where: str, bounds):
             fail(where, f"expected a list, got {_show(value)}")
         _check_length(value, where, bounds)
         item = args[0]
+        if item is float and _plain_floats(value, bounds):  # a manifest's long arrays: checked in one pass
+            return tuple(value) if origin is tuple else list(value)
         converted = [convert(item, v, f"{where}[{i}]", bounds) for i, v in enumerate(value)]
         return tuple(converted) if origin is tuple else converted
     if origin is dict:
@@ -130,6 +132,13 @@ def convert(kind, value, where: str, bounds):
         return {convert(str, k, where, keys): convert(args[1], v, f"{where}.{k}", values)
                 for k, v in value.items()}
     return _convert_leaf(kind, value, where, bounds)
+
+
+def _plain_floats(value, bounds) -> bool:
+    """Whether every item is a finite Python float and no bound applies to them, so that
+    :func:`_convert_leaf` would return each unchanged (anything else takes the full check)."""
+    return not any(key in bounds for key in ("lo", "hi", "choices")) and all(
+        type(v) is float and math.isfinite(v) for v in value)
 
 
 def _check_length(value, where: str, bounds) -> None:

@@ -365,3 +365,21 @@ def test_resume_of_what_is_not_a_run_says_what_it_is(tmp_path, capsys, kind, pat
 
     path = Path("/dev/zero") if kind == "device" else tmp_path / "none"
     assert_one_line_error(call(train_main, ["--resume", "--out", path], capsys), "nothing to resume: .*" + pattern)
+
+
+def test_long_float_lists_are_checked_as_strictly_as_any_number():
+    """The one-pass path for a manifest's long arrays (``schema._plain_floats``) lets through
+    exactly what the per-item check would."""
+    from ssd_core.config import ConfigError
+    from ssd_core.schema import convert
+
+    assert convert(list[float], [0.5, 1.0], "abar", {}) == [0.5, 1.0]
+    assert convert(tuple[float, ...], [0.5, 2], "abar", {}) == (0.5, 2.0)  # an integer: the full path
+    for bad, pattern in [([0.5, float("nan")], r"abar\[1\]: expected a finite number"),
+                         ([float("inf")], r"abar\[0\]: expected a finite number"),
+                         ([0.5, True], r"abar\[1\]: expected a number, got True"),
+                         ([0.5, "1"], r"abar\[1\]: expected a number")]:
+        with pytest.raises(ConfigError, match=pattern):
+            convert(list[float], bad, "abar", {})
+    with pytest.raises(ConfigError, match=r"abar\[1\]: 2\.0 is out of range"):
+        convert(list[float], [0.5, 2.0], "abar", {"lo": 0.0, "hi": 1.0})
