@@ -15,7 +15,7 @@ only and the update stays the runtime's numpy fp32 one (docs/runtime.md, "Backen
 from __future__ import annotations
 
 import importlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ssd_core.bundle import OUTPUT_NAME, STEP_OUTPUTS, Bundle
 from ssd_core.errors import install_hint
@@ -36,8 +36,9 @@ NATIVE = {  # precision -> (OPTIMIZATION_CAPABILITIES entry, why it is refused w
 
 class OpenVINOBackend(Backend):
     """OpenVINO on the CPU: per batch size, one compiled model and infer request per route
-    (its step graph's where fused), compiled when that batch size first runs;
-    :meth:`close` drops the requests, the compiled models and the Core.
+    (its step graph's where fused), compiled in the background from the warm-up or the
+    first call at that batch size on (:meth:`prepare`); :meth:`close` stops the compiles
+    and drops the requests, the compiled models and the Core.
 
     Each graph is compiled with its batch axis fixed to the batch it runs at. OpenVINO's
     CPU plugin runs a dynamic batch axis much slower: the shipped model's ``keep_32`` at
@@ -60,7 +61,9 @@ class OpenVINOBackend(Backend):
         super().__init__(bundle, device, False if route_only else
                          use_step_graphs(bundle, self.file_format, fused))
         self.core, self.compiled, self.requests, self.outputs = ov.Core(), {}, {}, {}  # by (route, batch)
-        self.batch_sizes: list[int] = []  # those compiled, oldest first
+        self.pending: dict[tuple[str, int], Future] = {}  # compiles not yet waited for, by (route, batch)
+        self.batch_sizes: list[int] = []  # those compiled or being compiled, oldest first
+        self.pool: ThreadPoolExecutor | None = None
         with closing_on_error(self):
             check_native(self.core, precision)
             self.config = {"INFERENCE_PRECISION_HINT": HINTS[precision]}
@@ -71,7 +74,10 @@ class OpenVINOBackend(Backend):
             self._verify()
 
     def prepare(self, batch: int) -> None:
-        """Compile every route for ``batch`` unless it is compiled already."""
+        """Start compiling every route for ``batch`` unless that is done: in the background,
+        two at a time (OpenVINO compiles and imports without the GIL), in the bundle's route
+        order, which is the order a run first needs them; each route's first call waits for
+        its own (:meth:`_ready`)."""
         self.check_open()
         if batch in self.batch_sizes:
             return
@@ -80,21 +86,36 @@ class OpenVINOBackend(Backend):
         if len(self.batch_sizes) >= BATCH_SIZES_KEPT:
             self._drop(self.batch_sizes[0])
         self.just_checked, self.batch_sizes = False, [*self.batch_sizes, batch]
-        ov, names = _import_openvino(), list(STEP_OUTPUTS) if self.fused else [OUTPUT_NAME]
-        try:
-            # OpenVINO imports and compiles without the GIL: two at once take 0.91x the time
-            # of one after another to the first step (warm cache, shipped model, 2 cores)
-            with ThreadPoolExecutor(2) as pool:
-                compiled = list(pool.map(lambda route: self._compile(route, batch), self.entries))
-            for route, model in zip(self.entries, compiled):
-                self.compiled[route, batch] = model
-                check_declared_io(declared(ov, model.inputs), declared(ov, model.outputs),
-                                  self.contract(route, batch), self.files[route])
-                self.requests[route, batch] = model.create_infer_request()
-                self.outputs[route, batch] = [model.output(output) for output in names]
-        except BaseException:  # a graph that fails drops the others of this batch size
-            self._drop(batch)
-            raise
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(2, thread_name_prefix="openvino-compile")
+        for route in self.entries:
+            self.pending[route, batch] = self.pool.submit(self._compile, route, batch)
+
+    def warmup(self, batch: int) -> None:
+        """Start compiling every route for ``batch`` and return. A compiled model's kernels
+        are built when it is compiled or imported, so its first call costs only about 5 ms
+        more than later ones (shipped model); waiting here for every route would hold the
+        first step back by the routes it does not need yet (0.5 s of a 0.9 s warm start)."""
+        self.prepare(batch)
+
+    def _ready(self, route: str, batch: int):
+        """``route``'s infer request at ``batch``, waiting for its compile the first time; a
+        compile that failed drops that batch size's other routes and raises its one line."""
+        key = (route, batch)
+        if key not in self.requests:
+            self.prepare(batch)
+            ov = _import_openvino()
+            try:
+                model = self.pending.pop(key).result()
+                check_declared_io(declared(ov, model.inputs), declared(ov, model.outputs), self.contract(route, batch),
+                                  self.files[route])
+            except BaseException:
+                self._drop(batch)
+                raise
+            names = list(STEP_OUTPUTS) if self.fused else [OUTPUT_NAME]
+            self.compiled[key], self.requests[key] = model, model.create_infer_request()
+            self.outputs[key] = [model.output(name) for name in names]
+        return self.requests[key]
 
     def _verify(self) -> None:
         """Hash-check every graph and the shared weights, compiled from or not."""
@@ -126,17 +147,24 @@ class OpenVINOBackend(Backend):
         return compiled
 
     def _drop(self, batch: int) -> None:
-        """Release what was compiled for ``batch``."""
-        for store in (self.requests, self.outputs, self.compiled):
-            for route in self.entries:
+        """Release what was compiled for ``batch`` (a compile still running is let finish and
+        its result dropped; one not started is cancelled)."""
+        for route in self.entries:
+            future = self.pending.pop((route, batch), None)
+            if future is not None:
+                future.cancel()
+            for store in (self.requests, self.outputs, self.compiled):
                 store.pop((route, batch), None)
         if batch in self.batch_sizes:
             self.batch_sizes.remove(batch)
 
     def _release(self) -> None:
-        """Drop the infer requests, then the compiled models (and the weights they hold),
-        then the Core."""
-        release_all([self.requests.clear, self.outputs.clear, self.compiled.clear, self.batch_sizes.clear])
+        """Stop the compiles (waiting for those running), then drop the infer requests, the
+        compiled models (and the weights they hold) and the Core."""
+        pool, self.pool = self.pool, None
+        stop = (lambda: pool.shutdown(wait=True, cancel_futures=True)) if pool is not None else (lambda: None)
+        release_all([stop, self.pending.clear, self.requests.clear, self.outputs.clear, self.compiled.clear,
+                     self.batch_sizes.clear])
         self.core = None
 
     def providers(self) -> list[str]:
@@ -152,9 +180,9 @@ class OpenVINOBackend(Backend):
     def _run(self, route, feeds):
         self.check_open()
         batch = feeds["x"].shape[0]
-        self.prepare(batch)
+        request = self._ready(route, batch)
         try:
-            results = self.requests[route, batch].infer(feeds)  # outputs copied: the next call reuses its buffers
+            results = request.infer(feeds)  # outputs copied: the next call reuses its buffers
             outputs = [results[port] for port in self.outputs[route, batch]]
         except Exception as err:  # OpenVINO's own exception types: one line naming the file
             raise run_error(self.files[route], "OpenVINO", err) from None

@@ -81,7 +81,8 @@ def test_openvino_compiles_each_graph_for_the_batch_it_runs(bundles):
         ours = sampler.sample_float(5, seed=2, steps=6, batch=2)  # chunks of 2, 2 and 1
         backend = sampler.backend
         assert backend.batch_sizes == [2, 1]
-        assert sorted(backend.compiled) == sorted((route, b) for route in sampler.bundle.routes for b in (2, 1))
+        every = {(route, b) for route in sampler.bundle.routes for b in (2, 1)}
+        assert {b for _, b in backend.compiled} == {2, 1} and set(backend.compiled) | set(backend.pending) == every
         for (route, batch), model in backend.compiled.items():
             assert all(port.get_partial_shape()[0] == batch for port in model.inputs if port.get_any_name() != "coef")
     assert np.abs(ours - reference).max() < 1e-3
@@ -185,8 +186,9 @@ def test_a_graph_openvino_cannot_compile_is_one_line_naming_it(bundles, monkeypa
         raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:1\nsecond line")
 
     monkeypatch.setattr(ov.Core, "compile_model", fails)
-    with pytest.raises(BundleError) as err:
-        Sampler.from_bundle(bundles[1][1], backend="openvino")
+    with Sampler.from_bundle(bundles[1][1], backend="openvino") as sampler:  # compiles in the background
+        with pytest.raises(BundleError) as err:
+            sampler.sample_float(1, seed=0, steps=4, batch=1)
     assert str(err.value).startswith("OpenVINO cannot load onnx/") and "\n" not in str(err.value)
 
 
@@ -302,10 +304,12 @@ def test_threads_default_to_the_physical_cores_in_every_backend(bundles):
     with Sampler.from_bundle(bundles[1][1], backend="onnxruntime", warmup=False) as sampler:
         session = next(iter(sampler.backend.sessions.values()))
         assert session.get_session_options().intra_op_num_threads == cores
-    with Sampler.from_bundle(bundles[1][1], backend="openvino") as sampler:  # the warm-up compiles
+    with Sampler.from_bundle(bundles[1][1], backend="openvino") as sampler:
+        sampler.sample_float(1, seed=0, steps=4, batch=1)
         compiled = next(iter(sampler.backend.compiled.values()))
         assert compiled.get_property("INFERENCE_NUM_THREADS") == cores
     with Sampler.from_bundle(bundles[1][1], backend="openvino", threads=1) as sampler:
+        sampler.sample_float(1, seed=0, steps=4, batch=1)
         assert next(iter(sampler.backend.compiled.values())).get_property("INFERENCE_NUM_THREADS") == 1
 
 
@@ -328,6 +332,27 @@ def test_openvino_close_releases_compiled_models_and_bundle_files(bundles):
 
 
 @needs_proc
+def test_openvino_closed_while_compiling_stops_the_compiles_and_holds_nothing(bundles, monkeypatch):
+    import threading
+
+    bundle = bundles[3][1]
+    before = held(bundle)
+    started, real = threading.Event(), ov.Core.compile_model
+
+    def slow(self, *args, **kwargs):
+        started.set()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ov.Core, "compile_model", slow)
+    sampler = Sampler.from_bundle(bundle, backend="openvino")  # the warm-up starts the compiles and returns
+    assert started.wait(30) and sampler.backend.pending
+    sampler.close()
+    assert not sampler.backend.pending and sampler.backend.pool is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("openvino-compile")]
+    assert held(bundle) == before
+
+
+@needs_proc
 def test_openvino_a_later_graph_failing_drops_the_earlier_ones(bundles, monkeypatch):
     bundle = bundles[3][1]
     before = held(bundle)
@@ -341,6 +366,9 @@ def test_openvino_a_later_graph_failing_drops_the_earlier_ones(bundles, monkeypa
         return compiled
 
     monkeypatch.setattr(ov.Core, "compile_model", second_fails)
+    sampler = Sampler.from_bundle(bundle, backend="openvino")  # the compiles run in the background
     with pytest.raises(BundleError, match="OpenVINO cannot load .*out of memory"):
-        Sampler.from_bundle(bundle, backend="openvino")
+        sampler.sample_float(1, seed=0, steps=6, batch=1)
+    assert sampler.backend.batch_sizes == [] and not sampler.backend.compiled and not sampler.backend.pending
+    sampler.close()
     assert held(bundle) == before and all(ref() is None for ref in made)
