@@ -77,7 +77,9 @@ class OpenVINOBackend(Backend):
         """Start compiling every route for ``batch`` unless that is done: in the background,
         two at a time (OpenVINO compiles and imports without the GIL), in the bundle's route
         order, which is the order a run first needs them; each route's first call waits for
-        its own (:meth:`_ready`)."""
+        its own (:meth:`_ready`). Compiles of other batch sizes still queued are set aside
+        (an API caller that warmed up at one size and samples at another waits for none of
+        them) and run when a call needs them."""
         self.check_open()
         if batch in self.batch_sizes:
             return
@@ -88,6 +90,9 @@ class OpenVINOBackend(Backend):
         self.just_checked, self.batch_sizes = False, [*self.batch_sizes, batch]
         if self.pool is None:
             self.pool = ThreadPoolExecutor(2, thread_name_prefix="openvino-compile")
+        for key, future in list(self.pending.items()):  # the new size goes first: others' queued
+            if future.cancel():                          # compiles wait until a call needs them
+                del self.pending[key]
         for route in self.entries:
             self.pending[route, batch] = self.pool.submit(self._compile, route, batch)
 
@@ -106,7 +111,11 @@ class OpenVINOBackend(Backend):
             self.prepare(batch)
             ov = _import_openvino()
             try:
-                model = self.pending.pop(key).result()
+                future = self.pending.pop(key, None)
+                if future is None:  # set aside for a newer batch size: compiled now, the files checked again
+                    self._verify()
+                    future, self.just_checked = self.pool.submit(self._compile, route, batch), False
+                model = future.result()
                 check_declared_io(declared(ov, model.inputs), declared(ov, model.outputs), self.contract(route, batch),
                                   self.files[route])
             except BaseException:

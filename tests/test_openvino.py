@@ -97,6 +97,29 @@ def test_openvino_keeps_a_few_batch_sizes_compiled_the_oldest_going_first(bundle
         assert {batch for _, batch in sampler.backend.compiled} == set(kept) == {b for _, b in sampler.backend.requests}
 
 
+def test_a_new_batch_size_goes_before_the_queued_compiles_of_another(bundles, monkeypatch):
+    import time
+
+    order, real = [], openvino_backend.OpenVINOBackend._compile
+
+    def recording(self, route, batch):
+        order.append((route, batch))
+        if batch == 1:
+            time.sleep(0.3)  # the warm-up's compiles still running when batch 2 is asked for
+        return real(self, route, batch)
+
+    monkeypatch.setattr(openvino_backend.OpenVINOBackend, "_compile", recording)
+    bundle = bundles[3][1]
+    with Sampler.from_bundle(bundle, backend="openvino") as sampler:  # warms up at batch 1, in the background
+        sampler.sample_float(2, seed=0, steps=6, batch=2)
+        first_of_2 = next(i for i, (_, batch) in enumerate(order) if batch == 2)
+        assert first_of_2 <= 2  # only the two compiles already running went first
+        ours = sampler.sample_float(1, seed=0, steps=6, batch=1)  # the set-aside ones compile when needed
+    with Sampler.from_bundle(bundle, backend="onnxruntime") as sampler:
+        reference = sampler.sample_float(1, seed=0, steps=6, batch=1)
+    assert np.abs(ours - reference).max() < 1e-3
+
+
 def test_openvino_checks_the_files_again_before_compiling_a_later_batch_size(bundles, tmp_path):
     import shutil
 
