@@ -1,9 +1,10 @@
 """The OpenVINO backend: the bundle's ONNX graphs compiled by ``openvino.Core`` for the CPU.
 
 OpenVINO reads our ONNX files directly, the shared weights file ``weights.bin`` relative to
-each graph. Every file is hash-checked through the bundle first, like ONNX Runtime's. The
-compiled models are cached (``ssd_runtime.startup_cache``): a later run on this machine
-imports them instead of compiling (0.34 against 1.47 s for the shipped model's five routes).
+each graph. Every file is hash-checked through the bundle first, like ONNX Runtime's. Each
+graph is compiled for the batch size it runs at, in the background (:class:`OpenVINOBackend`),
+and the compiled models are cached (``ssd_runtime.startup_cache``): a later run on this
+machine imports them instead of compiling.
 
 Precision (``INFERENCE_PRECISION_HINT``): fp32 is f32, exact; bf16 and fp16 only where the
 CPU runs them natively (OpenVINO's ``OPTIMIZATION_CAPABILITIES``), never an emulated path;
