@@ -36,6 +36,7 @@ from ssd_core.samples import SampleRequest
 
 from .backend import Backend, BackendError, closing_on_error
 from .registry import BackendOptions, check_flag, make_backend
+from .registry import timing_batch as batch_within_range
 
 # callback(step_index, total_steps, t, resolution) after every network call
 StepCallback = Callable[[int, int, int, int], None]
@@ -138,8 +139,8 @@ class Sampler:
                                            **options))
         if warmup:
             with closing_on_error(sampler):  # a failed warmup releases the backend
-                low, high = sampler.batch_range
-                sampler.backend.warmup(min(max(timing_batch, low), high) if timing_batch else low)
+                sampler.backend.warmup(batch_within_range(bundle, timing_batch) if timing_batch
+                                       else sampler.batch_range[0])
         return sampler
 
     def close(self) -> None:
